@@ -1,0 +1,307 @@
+"""The engine: one thread owns the model and runs every request.
+
+Callers `submit()` a prompt and get a RequestHandle immediately. The engine thread
+admits requests into prefix-cache slots, then works round-robin: each turn gives one
+request one unit of work (a prefill chunk or one decode step), so a short completion
+that arrives during a long translation gets its first token after at most one chunk
+of the other's work, not after it ends. Cancellation and deadlines are checked before
+every unit.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import ContextLengthError, EngineStoppedError, ModelError, RequestError
+from ..kv_cache import KVCache
+from ..loader import LoadedModel
+from ..sampling import sample
+from ..stopping import StopStringMatcher
+from ..tokenizer import IncrementalDetokenizer
+from .prefix_cache import PrefixCache, Slot
+from .request import GenerationResult, Request, RequestHandle, SamplingParams
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE_BYTES = 1 << 30
+
+
+@dataclass
+class _Active:
+    """Engine-side state of one admitted request."""
+
+    handle: RequestHandle
+    slot: Slot
+    cached: int  # prompt tokens reused from the prefix cache
+    pos: int  # next position to compute (= len(slot.tokens))
+    detok: IncrementalDetokenizer
+    stops: StopStringMatcher
+    stop_ids: frozenset[int]
+    generator: torch.Generator | None
+    generated: list[int] = field(default_factory=list)
+    pending: int | None = None  # sampled, not yet fed through the model
+    first_token_at: float | None = None
+    text: list[str] = field(default_factory=list)
+
+    @property
+    def request(self) -> Request:
+        return self.handle.request
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    waiting: int
+    running: int
+    slots: int
+    busy_slots: int
+    cache_bytes: int
+    cache_budget_bytes: int
+    evictions: int
+    completed: int
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, cache_bytes: int = DEFAULT_CACHE_BYTES,
+                 prefill_chunk: int = 512) -> None:
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        cfg = loaded.config
+        dtype = loaded.dtype
+        device = self.model.embed.weight.device
+        self.prefill_chunk = prefill_chunk
+        self.cache = PrefixCache(
+            make_cache=lambda cap: KVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
+                                           cap, dtype, device),
+            bytes_per_token=cfg.kv_bytes_per_token(torch.finfo(dtype).bits // 8),
+            budget_bytes=cache_bytes,
+            max_positions=self.model.max_positions)
+        self._cv = threading.Condition()
+        self._inbox: deque[RequestHandle] = deque()
+        self._waiting: deque[RequestHandle] = deque()
+        self._active: deque[_Active] = deque()
+        self._completed = 0
+        self._stop = False
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="codevista-engine",
+                                            daemon=True)
+            self._thread.start()
+        return self
+
+    def shutdown(self, timeout: float | None = 10.0) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def __enter__(self) -> Engine:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- public API ----------------------------------------------------------------------
+    def submit(self, prompt: str | list[int], params: SamplingParams | None = None,
+               add_special_tokens: bool = True) -> RequestHandle:
+        """Queue a request; returns at once. `prompt` is text or token ids."""
+        if not self.running:
+            raise EngineStoppedError("the engine is not running; call start()")
+        params = params or SamplingParams()
+        ids = (self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+               if isinstance(prompt, str) else list(prompt))
+        if not ids:
+            raise RequestError("the prompt is empty")
+        vocab = self.loaded.config.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise RequestError(f"prompt token ids must be in [0, {vocab})")
+        needed = len(ids) + params.max_new_tokens
+        if needed > self.model.max_positions or not self.cache.fits_alone(needed):
+            raise ContextLengthError(
+                f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) "
+                f"exceeds the model's context or the KV cache budget "
+                f"({self.model.max_positions} positions)")
+        handle = RequestHandle(Request(ids, params), self._notify)
+        with self._cv:
+            self._inbox.append(handle)
+            self._cv.notify()
+        return handle
+
+    def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
+                 timeout: float | None = None) -> GenerationResult:
+        """Submit and wait: the blocking convenience used by scripts and tests."""
+        return self.submit(prompt, params).result(timeout)
+
+    def stats(self) -> EngineStats:
+        with self._cv:
+            return EngineStats(
+                waiting=len(self._inbox) + len(self._waiting), running=len(self._active),
+                slots=len(self.cache.slots), busy_slots=sum(s.busy for s in self.cache.slots),
+                cache_bytes=self.cache.used_bytes, cache_budget_bytes=self.cache.budget_bytes,
+                evictions=self.cache.evictions, completed=self._completed)
+
+    def _notify(self) -> None:
+        with self._cv:
+            self._cv.notify()
+
+    # -- engine thread -------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            torch.set_grad_enabled(False)
+            while True:
+                with self._cv:
+                    while (not self._stop and not self._inbox and not self._active
+                           and not self._waiting):
+                        self._cv.wait()
+                    if self._stop:
+                        break
+                    self._waiting.extend(self._inbox)
+                    self._inbox.clear()
+                self._admit()
+                if not self._active:
+                    with self._cv:  # waiting for cache room that running requests hold
+                        if not self._inbox and not self._stop:
+                            self._cv.wait(0.05)
+                    continue
+                state = self._active[0]
+                self._active.rotate(-1)
+                self._step(state)
+        finally:
+            self._fail_all(EngineStoppedError("the engine stopped"))
+
+    def _admit(self) -> None:
+        still: deque[RequestHandle] = deque()
+        while self._waiting:
+            handle = self._waiting.popleft()
+            req = handle.request
+            if req.cancelled.is_set():
+                self._finish_unadmitted(handle, "cancelled")
+                continue
+            got = self.cache.acquire(req.prompt_ids,
+                                     len(req.prompt_ids) + req.params.max_new_tokens)
+            if got is None:
+                still.append(handle)
+                continue
+            slot, cached = got
+            p = req.params
+            stop_ids = (frozenset() if p.ignore_eos else
+                        frozenset(p.stop_token_ids) if p.stop_token_ids is not None
+                        else self.loaded.stop_token_ids)
+            gen = None
+            if p.temperature > 0:
+                gen = torch.Generator()
+                gen.manual_seed(p.seed if p.seed is not None else req.id)
+            self._active.append(_Active(
+                handle=handle, slot=slot, cached=cached, pos=cached,
+                detok=IncrementalDetokenizer(self.tokenizer, p.skip_special_tokens),
+                stops=StopStringMatcher(list(p.stop)), stop_ids=stop_ids, generator=gen))
+        self._waiting = still
+
+    def _step(self, st: _Active) -> None:
+        req = st.request
+        if req.cancelled.is_set():
+            return self._finish(st, "cancelled")
+        deadline = req.deadline
+        if deadline is not None and time.monotonic() >= deadline:
+            return self._finish(st, "deadline")
+        try:
+            prompt = req.prompt_ids
+            if st.pos < len(prompt):
+                end = min(len(prompt), st.pos + self.prefill_chunk)
+                logits = self._forward(st, prompt[st.pos:end])
+                if end < len(prompt):
+                    return  # more prefill chunks to go
+            else:
+                assert st.pending is not None
+                logits = self._forward(st, [st.pending])
+            p = req.params
+            token = sample(logits[-1], p.temperature, p.top_k, p.top_p, st.generator)
+        except ModelError as e:
+            return self._finish(st, "error", e)
+        except Exception as e:  # a bug or out-of-memory: report it, keep serving others
+            log.exception("request %d failed", req.id)
+            return self._finish(st, "error", ModelError(f"generation failed: {e}"))
+        self._accept(st, token)
+
+    def _forward(self, st: _Active, tokens: list[int]) -> torch.Tensor:
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.model.embed.weight.device)
+        try:
+            logits = self.model(ids, st.slot.cache, st.pos)
+        except BaseException:
+            # K/V may be half written: the slot's content is no longer trustworthy.
+            st.slot.tokens = st.slot.tokens[:st.pos]
+            raise
+        st.slot.tokens.extend(tokens)
+        st.pos += len(tokens)
+        return logits
+
+    def _accept(self, st: _Active, token: int) -> None:
+        if st.first_token_at is None:
+            st.first_token_at = time.monotonic()
+        if token in st.stop_ids:
+            return self._finish(st, "stop")
+        st.generated.append(token)
+        st.pending = token
+        shown = st.stops.feed(st.detok.push(token))
+        if shown:
+            st.text.append(shown)
+            st.handle._push(shown)
+        if st.stops.stopped:
+            return self._finish(st, "stop")
+        if len(st.generated) >= st.request.params.max_new_tokens:
+            return self._finish(st, "length")
+
+    def _finish(self, st: _Active, reason: str, error: ModelError | None = None) -> None:
+        if not st.stops.stopped:
+            rest = st.stops.feed(st.detok.flush())
+            rest += "" if st.stops.stopped else st.stops.flush()
+            if rest:
+                st.text.append(rest)
+                st.handle._push(rest)
+        self._active.remove(st)
+        self.cache.release(st.slot)
+        self._completed += 1
+        req = st.request
+        now = time.monotonic()
+        result = GenerationResult(
+            text="".join(st.text), token_ids=list(st.generated), finish_reason=reason,
+            prompt_tokens=len(req.prompt_ids), cached_tokens=st.cached,
+            ttft_s=None if st.first_token_at is None else st.first_token_at - req.submitted,
+            total_s=now - req.submitted, error=error)
+        log.debug("request %d: %s, %d prompt (%d cached), %d generated", req.id, reason,
+                  result.prompt_tokens, st.cached, result.generated_tokens)
+        st.handle._finish(result)
+
+    def _finish_unadmitted(self, handle: RequestHandle, reason: str,
+                           error: ModelError | None = None) -> None:
+        req = handle.request
+        self._completed += 1
+        handle._finish(GenerationResult(
+            text="", token_ids=[], finish_reason=reason, prompt_tokens=len(req.prompt_ids),
+            cached_tokens=0, ttft_s=None, total_s=time.monotonic() - req.submitted,
+            error=error))
+
+    def _fail_all(self, error: ModelError) -> None:
+        for st in list(self._active):
+            self._finish(st, "error", error)
+        with self._cv:
+            pending = list(self._waiting) + list(self._inbox)
+            self._waiting.clear()
+            self._inbox.clear()
+        for handle in pending:
+            self._finish_unadmitted(handle, "error", error)

@@ -1,0 +1,174 @@
+"""Generation requests, their parameters, results, and the caller's handle.
+
+The engine thread pushes events into a handle; callers read them either blocking
+(`for delta in handle`) or from an asyncio loop (`async for delta in handle.astream()`)
+without ever blocking the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+
+from ..errors import ModelError, RequestError
+
+_ids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # <= 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] | None = None  # None: the model's eos ids
+    ignore_eos: bool = False
+    deadline_s: float | None = None  # wall-clock budget from submission
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise RequestError(f"max_new_tokens must be >= 1, got {self.max_new_tokens!r}")
+        if not self.temperature >= 0:
+            raise RequestError(f"temperature must be >= 0, got {self.temperature!r}")
+        if self.top_k < 0:
+            raise RequestError(f"top_k must be >= 0, got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            raise RequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.deadline_s is not None and not self.deadline_s > 0:
+            raise RequestError(f"deadline must be positive, got {self.deadline_s!r}")
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" | "length" | "cancelled" | "deadline" | "error"
+    prompt_tokens: int
+    cached_tokens: int  # prompt tokens whose KV came from the prefix cache
+    ttft_s: float | None  # submission -> first token sampled
+    total_s: float
+    error: ModelError | None = None
+
+    @property
+    def generated_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+_DONE = object()
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    id: int = field(default_factory=lambda: next(_ids))
+    submitted: float = field(default_factory=time.monotonic)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def deadline(self) -> float | None:
+        p = self.params.deadline_s
+        return None if p is None else self.submitted + p
+
+
+class RequestHandle:
+    """What `Engine.submit` returns: a stream of text deltas, then a GenerationResult."""
+
+    def __init__(self, request: Request, wake_engine: Callable[[], None]) -> None:
+        self.request = request
+        self._wake_engine = wake_engine
+        self._events: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._done = threading.Event()
+        self._result: GenerationResult | None = None
+        self._waker: Callable[[], None] | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def id(self) -> int:
+        return self.request.id
+
+    def cancel(self) -> None:
+        """Ask the engine to stop this request; it does so before its next decode step."""
+        self.request.cancelled.set()
+        self._wake_engine()
+
+    # -- called by the engine thread --------------------------------------------------
+    def _push(self, delta: str) -> None:
+        self._events.put(delta)
+        self._wake()
+
+    def _finish(self, result: GenerationResult) -> None:
+        self._result = result
+        self._events.put(_DONE)
+        self._done.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        with self._lock:
+            waker = self._waker
+        if waker is not None:
+            try:
+                waker()
+            except RuntimeError:  # the consumer's loop has closed
+                pass
+
+    # -- called by consumers ----------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def __iter__(self) -> Iterator[str]:
+        while True:
+            if self._done.is_set() and self._events.empty():
+                return  # another reader already took the end marker
+            item = self._events.get()
+            if item is _DONE:
+                return
+            assert isinstance(item, str)
+            yield item
+
+    def result(self, timeout: float | None = None) -> GenerationResult:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.id} did not finish within {timeout} s")
+        assert self._result is not None
+        return self._result
+
+    async def astream(self) -> AsyncIterator[str]:
+        """Deltas as they arrive, awaited on the running loop (never blocks it)."""
+        loop = asyncio.get_running_loop()
+        ready = asyncio.Event()
+        with self._lock:
+            self._waker = lambda: loop.call_soon_threadsafe(ready.set)
+        try:
+            while True:
+                while True:
+                    try:
+                        item = self._events.get_nowait()
+                    except queue.Empty:
+                        if self._done.is_set():
+                            return  # another reader already took the end marker
+                        break
+                    if item is _DONE:
+                        return
+                    assert isinstance(item, str)
+                    yield item
+                await ready.wait()
+                ready.clear()
+        finally:
+            with self._lock:
+                self._waker = None
+
+    async def aresult(self) -> GenerationResult:
+        """Wait for the result from asyncio (consumes any deltas not yet read)."""
+        async for _ in self.astream():
+            pass
+        assert self._result is not None
+        return self._result

@@ -1,0 +1,196 @@
+"""Decoder-only transformer for the Llama, Qwen2 and Starcoder2 families.
+
+Matches the `transformers` implementations `LlamaForCausalLM`, `Qwen2ForCausalLM` and
+`Starcoder2ForCausalLM` (pre-norm blocks, rotate-half RoPE, GQA), with two layout
+changes for speed: q/k/v are one projection (`wqkv`) and, for gated MLPs, gate and up
+are one projection (`w_gate_up`). The loader concatenates the checkpoint's tensors.
+
+Batch size is one sequence per call; the engine interleaves sequences.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import DecoderConfig
+from .kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+def make_norm(cfg: DecoderConfig) -> nn.Module:
+    if cfg.norm == "rms":
+        return RMSNorm(cfg.hidden_size, cfg.norm_eps)
+    return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+
+
+def activation(name: str, x: torch.Tensor) -> torch.Tensor:
+    if name == "silu":
+        return F.silu(x)
+    if name in ("gelu_pytorch_tanh", "gelu_new"):
+        return F.gelu(x, approximate="tanh")
+    return F.gelu(x)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DecoderConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.window = cfg.layer_windows[layer]
+        self.wqkv = nn.Linear(cfg.hidden_size, cfg.q_dim + 2 * cfg.kv_dim, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(cfg.q_dim, cfg.hidden_size, bias=cfg.o_bias)
+        self.scale = 1.0 / math.sqrt(cfg.head_dim)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
+                pos: int, mask: torch.Tensor | None) -> torch.Tensor:
+        T = x.shape[0]
+        qkv = self.wqkv(x)  # (T, q_dim + 2 kv_dim)
+        q, k, v = qkv.split([self.n_heads * self.head_dim, self.n_kv * self.head_dim,
+                             self.n_kv * self.head_dim], dim=-1)
+        q = q.view(T, self.n_heads, self.head_dim).transpose(0, 1)  # (H, T, D)
+        k = k.view(T, self.n_kv, self.head_dim).transpose(0, 1)  # (KV, T, D)
+        v = v.view(T, self.n_kv, self.head_dim).transpose(0, 1)  # (KV, T, D)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        keys, values = cache.update(self.layer, pos, k, v)  # (KV, L, D)
+        L = keys.shape[1]
+        if self.window is not None and T == 1 and L > self.window:
+            keys, values = keys[:, L - self.window:], values[:, L - self.window:]
+        group = self.n_heads // self.n_kv
+        if T == 1:
+            # Decode: fold the query heads of each KV group into the time axis, so K and V
+            # are used as they are, never repeated. No mask: every cached key is visible.
+            qg = q.reshape(self.n_kv, group, self.head_dim)  # (KV, G, D)
+            y = F.scaled_dot_product_attention(qg, keys, values, scale=self.scale)
+            y = y.reshape(self.n_heads, 1, self.head_dim)  # (H, 1, D)
+        else:
+            y = F.scaled_dot_product_attention(
+                q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0), attn_mask=mask,
+                is_causal=mask is None, scale=self.scale, enable_gqa=group > 1).squeeze(0)
+        y = y.transpose(0, 1).reshape(T, self.n_heads * self.head_dim)  # (T, H*D)
+        return self.wo(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.gated = cfg.mlp == "gated"
+        self.act = cfg.hidden_act
+        self.inter = cfg.intermediate_size
+        if self.gated:
+            self.w_gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size,
+                                       bias=cfg.mlp_bias)
+        else:
+            self.w_up = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.w_down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            gate, up = self.w_gate_up(x).split(self.inter, dim=-1)
+            return self.w_down(activation(self.act, gate) * up)
+        return self.w_down(activation(self.act, self.w_up(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: DecoderConfig, layer: int) -> None:
+        super().__init__()
+        self.attn_norm = make_norm(cfg)
+        self.attn = Attention(cfg, layer)
+        self.mlp_norm = make_norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
+                pos: int, mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, pos, mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rope_cos: torch.Tensor | None = None
+        self.rope_sin: torch.Tensor | None = None
+
+    def tie_weights(self) -> None:
+        if self.cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def setup_rope(self, max_positions: int | None = None) -> None:
+        """Precompute cos/sin for every position (float32 math, as the reference does)."""
+        cfg = self.cfg
+        n = max_positions or cfg.max_position_embeddings
+        device = self.embed.weight.device
+        dim = cfg.head_dim
+        inv_freq = 1.0 / (cfg.rope_theta ** (
+            torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim))
+        inv_freq = inv_freq / cfg.rope_scaling_factor
+        positions = torch.arange(n, device=device, dtype=torch.float)
+        freqs = torch.outer(positions, inv_freq)  # (n, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (n, D)
+        dtype = self.embed.weight.dtype
+        self.rope_cos = emb.cos().to(dtype)
+        self.rope_sin = emb.sin().to(dtype)
+
+    @property
+    def max_positions(self) -> int:
+        return 0 if self.rope_cos is None else self.rope_cos.shape[0]
+
+    def _mask(self, pos: int, T: int, window: int | None, device: torch.device
+              ) -> torch.Tensor | None:
+        """Boolean (T, pos+T) mask, True where a query may attend; None for plain causal."""
+        if pos == 0 and window is None:
+            return None
+        q = torch.arange(pos, pos + T, device=device).unsqueeze(1)
+        k = torch.arange(pos + T, device=device).unsqueeze(0)
+        allowed = k <= q
+        if window is not None:
+            allowed &= k > q - window
+        return allowed
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, cache: KVCache, pos: int,
+                all_logits: bool = False) -> torch.Tensor:
+        """Run `tokens` (T,) at positions pos..pos+T-1, filling `cache`.
+
+        Returns logits (T, vocab) if `all_logits`, else (1, vocab) for the last position.
+        """
+        assert self.rope_cos is not None and self.rope_sin is not None, "call setup_rope()"
+        T = tokens.shape[0]
+        x = self.embed(tokens)  # (T, hidden)
+        cos = self.rope_cos[pos:pos + T]  # (T, D), broadcasts over heads
+        sin = self.rope_sin[pos:pos + T]
+        masks: dict[int | None, torch.Tensor | None] = {}
+        for layer in self.layers:
+            window = layer.attn.window
+            if T > 1 and window not in masks:
+                masks[window] = self._mask(pos, T, window, x.device)
+            x = layer(x, cos, sin, cache, pos, masks.get(window))
+        if not all_logits:
+            x = x[-1:]
+        return self.lm_head(self.norm(x)).float()
