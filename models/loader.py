@@ -26,7 +26,7 @@ from .errors import (
     UnsafeCheckpointError,
 )
 from .tokenizer import Tokenizer
-from .transformer import Transformer
+from .transformer import Linear, Transformer
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class LoadedModel:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed.weight.dtype
+        return self.model.dtype
 
 
 def weight_files(directory: Path) -> dict[str, Path]:
@@ -181,20 +181,26 @@ def _hf_names(cfg: DecoderConfig, i: int) -> dict[str, list[str]]:
 
 
 def hf_name_table(cfg: DecoderConfig) -> dict[str, list[str]]:
-    """The full table: codevista parameter name -> HF tensor names, in concatenation order."""
-    table: dict[str, list[str]] = {"embed.weight": ["model.embed_tokens.weight"]}
+    """The full table: codevista parameter name -> HF tensor names, in concatenation order.
+
+    The weights of `Linear` modules are the (concatenated) HF tensors in packed layout.
+    """
+    table: dict[str, list[str]] = {}
+    if cfg.tie_word_embeddings:
+        table["lm_head.weight"] = ["model.embed_tokens.weight"]
+    else:
+        table["embed.weight"] = ["model.embed_tokens.weight"]
+        table["lm_head.weight"] = ["lm_head.weight"]
     for i in range(cfg.num_layers):
         table.update(_hf_names(cfg, i))
     table["norm.weight"] = ["model.norm.weight"]
     if cfg.norm == "layer":
         table["norm.bias"] = ["model.norm.bias"]
-    if not cfg.tie_word_embeddings:
-        table["lm_head.weight"] = ["lm_head.weight"]
     return table
 
 
-def _part_shapes(cfg: DecoderConfig, hf_name: str, total: tuple[int, ...]) -> tuple[int, ...]:
-    """The shape one HF tensor must have, given the fused parameter's shape."""
+def _part_shape(cfg: DecoderConfig, hf_name: str, total: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape one HF tensor must have, given the concatenated (HF-layout) shape."""
     rest = total[1:]
     if ".q_proj." in hf_name:
         return (cfg.q_dim, *rest)
@@ -209,19 +215,24 @@ def load_weights(model: Transformer, directory: Path, dtype: torch.dtype) -> Non
     cfg = model.cfg
     reader = _Reader(weight_files(directory))
     params = dict(model.named_parameters())
-    table = hf_name_table(cfg)
+    modules = dict(model.named_modules())
     state: dict[str, torch.Tensor] = {}
+    table = hf_name_table(cfg)
     for ours, sources in table.items():
-        shape = tuple(params[ours].shape)
-        parts = [reader.get(src, _part_shapes(cfg, src, shape) if len(sources) > 1 else shape,
-                            dtype) for src in sources]
-        state[ours] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        owner = modules[ours.rsplit(".", 1)[0]]
+        linear = isinstance(owner, Linear) and ours.endswith(".weight")
+        hf_shape = ((owner.out_features, owner.in_features) if linear
+                    else tuple(params[ours].shape))
+        parts = [reader.get(src, _part_shape(cfg, src, hf_shape) if len(sources) > 1
+                            else hf_shape, dtype) for src in sources]
+        tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        state[ours] = owner.pack(tensor) if linear else tensor
+        del parts, tensor
     used = {src for sources in table.values() for src in sources}
     extra = sorted(set(reader.names) - used - {"lm_head.weight"})
     if extra:
         log.debug("ignoring %d tensors not used by the model: %s", len(extra), extra[:5])
     model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise MissingWeightError(f"parameters left without weights: {missing[:5]}")

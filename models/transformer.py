@@ -5,6 +5,13 @@ Matches the `transformers` implementations `LlamaForCausalLM`, `Qwen2ForCausalLM
 changes for speed: q/k/v are one projection (`wqkv`) and, for gated MLPs, gate and up
 are one projection (`w_gate_up`). The loader concatenates the checkpoint's tensors.
 
+Linear weights are stored as column blocks, (blocks, in, out / blocks), one block per
+CPU thread, and applied with one batched matmul: in decoding, a matrix-vector product
+is bound by memory bandwidth, and each thread streaming its own contiguous block reads
+far faster than one large GEMV (measured with MKL on 2 cores, Qwen2.5-Coder-0.5B shape:
+a decode step 113-144 ms -> 76-92 ms; prefill unchanged). With tied embeddings the LM
+head's matrix serves as the embedding table too (a column lookup).
+
 Batch size is one sequence per call; the engine interleaves sequences.
 """
 
@@ -18,6 +25,48 @@ from torch import nn
 
 from .config import DecoderConfig
 from .kv_cache import KVCache
+
+
+def default_blocks() -> int:
+    """Column blocks for linear weights: one per intra-op thread (at most 8)."""
+    return max(1, min(8, torch.get_num_threads()))
+
+
+class Linear(nn.Module):
+    """y = x @ W.T + bias for an HF-layout W (out, in), stored as (blocks, in, out / blocks)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, blocks: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.blocks = blocks if out_features % blocks == 0 else 1
+        self.weight = nn.Parameter(
+            torch.empty(self.blocks, in_features, out_features // self.blocks))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    def pack(self, w: torch.Tensor) -> torch.Tensor:
+        """HF layout (out, in) -> ours (blocks, in, out / blocks)."""
+        n = self.out_features // self.blocks
+        return w.t().reshape(self.in_features, self.blocks, n).permute(1, 0, 2).contiguous()
+
+    def unpack(self) -> torch.Tensor:
+        """Ours -> HF layout (out, in)."""
+        return self.weight.permute(0, 2, 1).reshape(self.out_features, self.in_features)
+
+    def columns(self, idx: torch.Tensor) -> torch.Tensor:
+        """Rows of the HF-layout weight W[idx] (len(idx), in), e.g. embedding vectors."""
+        n = self.out_features // self.blocks
+        return self.weight[idx // n, :, idx % n]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        T = x.shape[0]
+        if self.blocks == 1:
+            y = x @ self.weight[0]  # (T, out)
+        else:
+            y = torch.bmm(x.expand(self.blocks, T, self.in_features), self.weight)  # (B, T, n)
+            y = y.transpose(0, 1).reshape(T, self.out_features)  # (T, out)
+        if self.bias is not None:
+            y += self.bias
+        return y
 
 
 class RMSNorm(nn.Module):
@@ -53,13 +102,13 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: DecoderConfig, layer: int) -> None:
+    def __init__(self, cfg: DecoderConfig, layer: int, blocks: int) -> None:
         super().__init__()
         self.layer = layer
         self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.window = cfg.layer_windows[layer]
-        self.wqkv = nn.Linear(cfg.hidden_size, cfg.q_dim + 2 * cfg.kv_dim, bias=cfg.qkv_bias)
-        self.wo = nn.Linear(cfg.q_dim, cfg.hidden_size, bias=cfg.o_bias)
+        self.wqkv = Linear(cfg.hidden_size, cfg.q_dim + 2 * cfg.kv_dim, cfg.qkv_bias, blocks)
+        self.wo = Linear(cfg.q_dim, cfg.hidden_size, cfg.o_bias, blocks)
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
@@ -81,8 +130,9 @@ class Attention(nn.Module):
         if T == 1:
             # Decode: fold the query heads of each KV group into the time axis, so K and V
             # are used as they are, never repeated. No mask: every cached key is visible.
-            qg = q.reshape(self.n_kv, group, self.head_dim)  # (KV, G, D)
-            y = F.scaled_dot_product_attention(qg, keys, values, scale=self.scale)
+            qg = q.reshape(1, self.n_kv, group, self.head_dim)  # (1, KV, G, D)
+            y = F.scaled_dot_product_attention(qg, keys.unsqueeze(0), values.unsqueeze(0),
+                                               scale=self.scale)
             y = y.reshape(self.n_heads, 1, self.head_dim)  # (H, 1, D)
         else:
             y = F.scaled_dot_product_attention(
@@ -93,17 +143,17 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: DecoderConfig) -> None:
+    def __init__(self, cfg: DecoderConfig, blocks: int) -> None:
         super().__init__()
         self.gated = cfg.mlp == "gated"
         self.act = cfg.hidden_act
         self.inter = cfg.intermediate_size
         if self.gated:
-            self.w_gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size,
-                                       bias=cfg.mlp_bias)
+            self.w_gate_up = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, cfg.mlp_bias,
+                                    blocks)
         else:
-            self.w_up = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.w_down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+            self.w_up = Linear(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, blocks)
+        self.w_down = Linear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
@@ -113,12 +163,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: DecoderConfig, layer: int) -> None:
+    def __init__(self, cfg: DecoderConfig, layer: int, blocks: int) -> None:
         super().__init__()
         self.attn_norm = make_norm(cfg)
-        self.attn = Attention(cfg, layer)
+        self.attn = Attention(cfg, layer, blocks)
         self.mlp_norm = make_norm(cfg)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, blocks)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
                 pos: int, mask: torch.Tensor | None) -> torch.Tensor:
@@ -127,25 +177,37 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: DecoderConfig) -> None:
+    def __init__(self, cfg: DecoderConfig, blocks: int | None = None) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        blocks = blocks or default_blocks()
+        # Tied: the LM head's (hidden, vocab) matrix is the embedding table too.
+        self.embed = (None if cfg.tie_word_embeddings
+                      else nn.Embedding(cfg.vocab_size, cfg.hidden_size))
+        self.layers = nn.ModuleList(Block(cfg, i, blocks) for i in range(cfg.num_layers))
         self.norm = make_norm(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, False, blocks)
         self.rope_cos: torch.Tensor | None = None
         self.rope_sin: torch.Tensor | None = None
 
-    def tie_weights(self) -> None:
-        if self.cfg.tie_word_embeddings:
-            self.lm_head.weight = self.embed.weight
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.embed is not None:
+            return self.embed(tokens)
+        return self.lm_head.columns(tokens)  # (T, hidden)
 
     def setup_rope(self, max_positions: int | None = None) -> None:
         """Precompute cos/sin for every position (float32 math, as the reference does)."""
         cfg = self.cfg
         n = max_positions or cfg.max_position_embeddings
-        device = self.embed.weight.device
+        device = self.device
         dim = cfg.head_dim
         inv_freq = 1.0 / (cfg.rope_theta ** (
             torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim))
@@ -153,7 +215,7 @@ class Transformer(nn.Module):
         positions = torch.arange(n, device=device, dtype=torch.float)
         freqs = torch.outer(positions, inv_freq)  # (n, D/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (n, D)
-        dtype = self.embed.weight.dtype
+        dtype = self.dtype
         self.rope_cos = emb.cos().to(dtype)
         self.rope_sin = emb.sin().to(dtype)
 
@@ -182,7 +244,7 @@ class Transformer(nn.Module):
         """
         assert self.rope_cos is not None and self.rope_sin is not None, "call setup_rope()"
         T = tokens.shape[0]
-        x = self.embed(tokens)  # (T, hidden)
+        x = self.embed_tokens(tokens)  # (T, hidden)
         cos = self.rope_cos[pos:pos + T]  # (T, D), broadcasts over heads
         sin = self.rope_sin[pos:pos + T]
         masks: dict[int | None, torch.Tensor | None] = {}

@@ -68,14 +68,17 @@ class EngineStats:
 
 class Engine:
     def __init__(self, loaded: LoadedModel, cache_bytes: int = DEFAULT_CACHE_BYTES,
-                 prefill_chunk: int = 512) -> None:
+                 prefill_chunk: int = 512, warmup: bool = False,
+                 num_threads: int | None = None) -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         cfg = loaded.config
         dtype = loaded.dtype
-        device = self.model.embed.weight.device
+        device = self.model.device
         self.prefill_chunk = prefill_chunk
+        self.warmup = warmup
+        self.num_threads = num_threads or torch.get_num_threads()
         self.cache = PrefixCache(
             make_cache=lambda cap: KVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
                                            cap, dtype, device),
@@ -163,6 +166,11 @@ class Engine:
     def _run(self) -> None:
         try:
             torch.set_grad_enabled(False)
+            # Thread-pool settings are per calling thread in OpenMP: set them here, in the
+            # one thread that runs the model.
+            torch.set_num_threads(self.num_threads)
+            if self.warmup:
+                self._warmup()
             while True:
                 with self._cv:
                     while (not self._stop and not self._inbox and not self._active
@@ -183,6 +191,19 @@ class Engine:
                 self._step(state)
         finally:
             self._fail_all(EngineStoppedError("the engine stopped"))
+
+    def _warmup(self) -> None:
+        """One full prefill chunk and a decode step, so the first real request does not pay
+        for first-touch memory and kernel set-up (several seconds on a 0.5B model)."""
+        t0 = time.monotonic()
+        n = min(self.prefill_chunk, self.model.max_positions - 1)
+        cfg = self.loaded.config
+        cache = KVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, n + 1,
+                        self.model.dtype, self.model.device)
+        ids = torch.arange(n, device=self.model.device) % cfg.vocab_size
+        self.model(ids, cache, 0)
+        self.model(ids[:1], cache, n)
+        log.info("engine warm-up took %.2f s", time.monotonic() - t0)
 
     def _admit(self) -> None:
         still: deque[RequestHandle] = deque()
@@ -239,7 +260,7 @@ class Engine:
         self._accept(st, token)
 
     def _forward(self, st: _Active, tokens: list[int]) -> torch.Tensor:
-        ids = torch.tensor(tokens, dtype=torch.long, device=self.model.embed.weight.device)
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.model.device)
         try:
             logits = self.model(ids, st.slot.cache, st.pos)
         except BaseException:
@@ -256,6 +277,7 @@ class Engine:
         if token in st.stop_ids:
             return self._finish(st, "stop")
         st.generated.append(token)
+        st.handle.tokens_generated = len(st.generated)
         st.pending = token
         shown = st.stops.feed(st.detok.push(token))
         if shown:

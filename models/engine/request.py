@@ -90,6 +90,7 @@ class RequestHandle:
         self._result: GenerationResult | None = None
         self._waker: Callable[[], None] | None = None
         self._lock = threading.Lock()
+        self.tokens_generated = 0  # updated by the engine thread after each sampled token
 
     @property
     def id(self) -> int:

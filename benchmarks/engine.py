@@ -1,0 +1,210 @@
+"""Engine speed, side by side with `transformers`, on the same weights in one run.
+
+    python benchmarks/engine.py                 # random weights, exact Qwen2.5-Coder-0.5B shape
+    python benchmarks/engine.py --model DIR     # any checkpoint directory
+    python benchmarks/engine.py --quick         # tiny shape: checks the harness in seconds
+
+Each engine runs in its own subprocess (so peak RSS is its own) and prints JSON lines;
+this process prints them, then one line of ratios. Measured:
+  prefill_tps_<N>   prompt tokens per second for a cold N-token prompt (first token out)
+  ttft_cold_s       time to first token, cold, for the longest prompt
+  ttft_append_s     time to first token after appending one token to that cached prompt
+  decode_tps        tokens per second while decoding (after the first token)
+  peak_rss_mb       the process's peak resident memory
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / ".cache" / "bench"
+
+# Published config of Qwen2.5-Coder-0.5B (see shared MODELS.md).
+QWEN_05B = dict(vocab_size=151936, hidden_size=896, num_hidden_layers=24,
+                num_attention_heads=14, num_key_value_heads=2, intermediate_size=4864,
+                max_position_embeddings=32768, rope_parameters={"rope_type": "default",
+                                                               "rope_theta": 1e6},
+                rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=151643,
+                eos_token_id=151643)
+TINY = dict(QWEN_05B, vocab_size=4096, hidden_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, intermediate_size=256,
+            max_position_embeddings=4096, bos_token_id=0, eos_token_id=0)
+
+
+def make_random_checkpoint(out: Path, shape: dict) -> Path:
+    """Random weights with `shape`, saved by transformers in the HF layout, + a tokenizer."""
+    if (out / "config.json").is_file():
+        return out
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(**shape))
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = [p.read_text(errors="ignore") for p in sorted((ROOT / "models").rglob("*.py"))]
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=1000, special_tokens=["<|endoftext|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(out / "tokenizer.json"))
+    return out
+
+
+def _prompt(n: int, vocab: int) -> list[int]:
+    import torch
+
+    g = torch.Generator().manual_seed(1234)
+    return torch.randint(10, min(vocab, 150000), (n,), generator=g).tolist()
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker_codevista(model_dir: Path, lengths: list[int], decode_tokens: int,
+                     dtype: str) -> dict:
+    from codevista.models.engine import Engine, SamplingParams
+    from codevista.models.loader import load_model
+
+    t0 = time.perf_counter()
+    loaded = load_model(model_dir, dtype=dtype)
+    out: dict = {"engine": f"codevista-{dtype}", "load_s": round(time.perf_counter() - t0, 2)}
+    vocab = loaded.config.vocab_size
+    one = SamplingParams(max_new_tokens=1, ignore_eos=True)
+    with Engine(loaded, cache_bytes=8 << 30, warmup=True) as engine:
+        engine.generate(_prompt(16, vocab), one)
+        for n in lengths:
+            engine.cache.clear()
+            r = engine.generate(_prompt(n, vocab), one)
+            assert r.cached_tokens == 0
+            out[f"prefill_tps_{n}"] = round(n / r.ttft_s, 2)
+        longest = _prompt(lengths[-1], vocab)
+        out["ttft_cold_s"] = round(lengths[-1] / out[f"prefill_tps_{lengths[-1]}"], 3)
+        times = []
+        for extra in range(3):  # the cached prompt grows by one token each time
+            r = engine.generate(longest + [11 + i for i in range(extra + 1)], one)
+            assert r.cached_tokens == len(longest) + extra
+            times.append(r.ttft_s)
+        out["ttft_append_s"] = round(statistics.median(times), 4)
+        engine.cache.clear()
+        r = engine.generate(_prompt(64, vocab), SamplingParams(max_new_tokens=decode_tokens + 1,
+                                                               ignore_eos=True))
+        out["decode_tps"] = round(decode_tokens / (r.total_s - r.ttft_s), 2)
+    out["peak_rss_mb"] = round(_peak_rss_mb(), 1)
+    return out
+
+
+def worker_transformers(model_dir: Path, lengths: list[int], decode_tokens: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out: dict = {"engine": "transformers-float32",
+                 "load_s": round(time.perf_counter() - t0, 2)}
+    vocab = model.config.vocab_size
+
+    def gen(ids: list[int], new: int) -> float:
+        x = torch.tensor([ids])
+        t = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(x, do_sample=False, max_new_tokens=new, min_new_tokens=new,
+                           pad_token_id=0)
+        return time.perf_counter() - t
+
+    gen(_prompt(512, vocab), 2)  # warm-up, as the codevista engine does at start
+    for n in lengths:
+        out[f"prefill_tps_{n}"] = round(n / gen(_prompt(n, vocab), 1), 2)
+    out["ttft_cold_s"] = round(lengths[-1] / out[f"prefill_tps_{lengths[-1]}"], 3)
+    # transformers has no cross-request prefix cache; reuse its KV cache by hand.
+    longest = _prompt(lengths[-1], vocab)
+    with torch.inference_mode():
+        cache = DynamicCache(config=model.config)
+        model(torch.tensor([longest]), past_key_values=cache, use_cache=True)
+        t = time.perf_counter()
+        logits = model(torch.tensor([[11]]), past_key_values=cache, use_cache=True).logits
+        int(logits[0, -1].argmax())
+        out["ttft_append_s"] = round(time.perf_counter() - t, 4)
+    first = gen(_prompt(64, vocab), 1)
+    total = gen(_prompt(64, vocab), decode_tokens + 1)
+    out["decode_tps"] = round(decode_tokens / (total - first), 2)
+    out["peak_rss_mb"] = round(_peak_rss_mb(), 1)
+    return out
+
+
+def best(runs: list[dict]) -> dict:
+    """Per metric, the best of several runs (highest rate, lowest time or memory)."""
+    out = dict(runs[0])
+    for key in out:
+        values = [r[key] for r in runs]
+        if "_tps" in key:
+            out[key] = max(values)
+        elif key.endswith("_s") or key.endswith("_mb"):
+            out[key] = min(values)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", type=Path, help="checkpoint directory (default: random 0.5B)")
+    ap.add_argument("--quick", action="store_true", help="tiny random model, short prompts")
+    ap.add_argument("--lengths", default=None, help="prompt lengths, e.g. 512,2048")
+    ap.add_argument("--decode-tokens", type=int, default=64)
+    ap.add_argument("--repeat", type=int, default=2,
+                    help="runs per engine, alternated; the best of each metric is kept "
+                         "(shared machines are noisy)")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--worker", choices=["codevista", "transformers"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    lengths = [int(x) for x in (args.lengths or ("64,256" if args.quick else "512,2048")
+                                ).split(",")]
+    if args.worker:
+        if args.worker == "codevista":
+            res = worker_codevista(args.model, lengths, args.decode_tokens, args.dtype)
+        else:
+            res = worker_transformers(args.model, lengths, args.decode_tokens)
+        print(json.dumps(res), flush=True)
+        return
+    model = args.model or make_random_checkpoint(
+        CACHE / ("tiny-random" if args.quick else "qwen2.5-coder-0.5b-shape-random"),
+        TINY if args.quick else QWEN_05B)
+    runs: dict[str, list[dict]] = {"codevista": [], "transformers": []}
+    for _ in range(args.repeat):
+        for name in runs:
+            cmd = [sys.executable, __file__, "--worker", name, "--model", str(model),
+                   "--lengths", ",".join(map(str, lengths)),
+                   "--decode-tokens", str(args.decode_tokens), "--dtype", args.dtype]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+            if proc.returncode != 0:
+                sys.stderr.write(proc.stderr)
+                raise SystemExit(f"{name} worker failed")
+            runs[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    results = {name: best(r) for name, r in runs.items()}
+    for name, res in results.items():
+        print(json.dumps({"model": model.name, "runs": args.repeat, **res}), flush=True)
+    cv, hf = results["codevista"], results["transformers"]
+    ratios = {"ratios": "codevista / transformers",
+              "decode_speedup": round(cv["decode_tps"] / hf["decode_tps"], 2),
+              **{f"prefill_speedup_{n}": round(cv[f"prefill_tps_{n}"] / hf[f"prefill_tps_{n}"], 2)
+                 for n in lengths},
+              "ttft_cold_speedup": round(hf["ttft_cold_s"] / cv["ttft_cold_s"], 2),
+              "ttft_append_over_decode_step": round(cv["ttft_append_s"] * cv["decode_tps"], 2),
+              "peak_rss_ratio": round(cv["peak_rss_mb"] / hf["peak_rss_mb"], 2)}
+    print(json.dumps(ratios), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""Engine invariants: prefix cache, eviction, streaming, stops, cancellation, deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+import torch
+
+from codevista.models.engine import Engine, SamplingParams
+from codevista.models.errors import ContextLengthError, RequestError
+from tiny_models import VOCAB
+
+
+def _ids(n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(4, VOCAB, (n,), generator=g).tolist()
+
+
+def test_prefix_hit_gives_same_tokens_as_cold_run_and_reports_reuse(loaded_qwen):
+    prompt = _ids(100, seed=10)
+    longer = prompt + _ids(5, seed=11)
+    greedy = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    with Engine(loaded_qwen) as cold:
+        cold_result = cold.generate(longer, greedy)
+    assert cold_result.cached_tokens == 0
+    with Engine(loaded_qwen) as warm:
+        first = warm.generate(prompt, greedy)
+        assert first.cached_tokens == 0
+        again = warm.generate(longer, greedy)
+        same = warm.generate(longer, greedy)
+    assert again.cached_tokens == len(prompt)  # the first prompt's K/V were reused
+    assert same.cached_tokens == len(longer) - 1  # all but the last token
+    assert again.token_ids == cold_result.token_ids
+    assert same.token_ids == cold_result.token_ids
+
+
+def test_one_appended_token_recomputes_only_the_new_tokens(engine):
+    prompt = _ids(300, seed=12)
+    engine.generate(prompt, SamplingParams(max_new_tokens=4, ignore_eos=True))
+    for extra in range(1, 4):
+        prompt = prompt + [7]
+        r = engine.generate(prompt, SamplingParams(max_new_tokens=2, ignore_eos=True))
+        assert r.cached_tokens == len(prompt) - 1
+
+
+def test_eviction_keeps_cache_under_budget(loaded_qwen):
+    per_token = loaded_qwen.config.kv_bytes_per_token(4)
+    budget = per_token * 256 * 2  # room for two 256-token slots
+    with Engine(loaded_qwen, cache_bytes=budget) as eng:
+        for seed in range(6):
+            eng.generate(_ids(120, seed=100 + seed), SamplingParams(max_new_tokens=8))
+            stats = eng.stats()
+            assert stats.cache_bytes <= budget
+        assert stats.evictions >= 4
+        assert stats.busy_slots == 0 and stats.running == 0
+        # A prompt evicted long ago is cold again; the most recent one is still cached.
+        assert eng.generate(_ids(120, seed=100), SamplingParams(max_new_tokens=2)
+                            ).cached_tokens == 0
+        assert eng.generate(_ids(120, seed=105), SamplingParams(max_new_tokens=2)
+                            ).cached_tokens == 119
+
+
+def test_too_long_request_is_a_clear_error(loaded_qwen):
+    per_token = loaded_qwen.config.kv_bytes_per_token(4)
+    with Engine(loaded_qwen, cache_bytes=per_token * 256) as eng:
+        with pytest.raises(ContextLengthError):
+            eng.submit(_ids(200, seed=1), SamplingParams(max_new_tokens=100))
+        assert eng.generate(_ids(10, seed=1), SamplingParams(max_new_tokens=3)).text is not None
+
+
+@pytest.mark.parametrize("bad", [dict(max_new_tokens=0), dict(temperature=-1.0),
+                                 dict(top_p=0.0), dict(top_k=-2)])
+def test_bad_sampling_params_raise(bad):
+    with pytest.raises(RequestError):
+        SamplingParams(**bad)
+
+
+def test_bad_prompt_ids_raise(engine):
+    with pytest.raises(RequestError):
+        engine.submit([VOCAB + 5])
+    with pytest.raises(RequestError):
+        engine.submit("")
+
+
+def test_streamed_deltas_join_to_result_and_full_decode(engine, loaded_qwen):
+    for seed in range(5):
+        params = SamplingParams(max_new_tokens=60, temperature=1.5, seed=seed,
+                                ignore_eos=True)
+        handle = engine.submit(_ids(20, seed=seed), params)
+        deltas = list(handle)
+        result = handle.result()
+        assert "".join(deltas) == result.text
+        assert result.text == loaded_qwen.tokenizer.decode(result.token_ids)
+
+
+def test_sampling_is_seeded_and_greedy_is_deterministic(engine):
+    prompt = _ids(30, seed=3)
+    a = engine.generate(prompt, SamplingParams(max_new_tokens=20, temperature=0.8, seed=1,
+                                               top_k=50, top_p=0.9))
+    b = engine.generate(prompt, SamplingParams(max_new_tokens=20, temperature=0.8, seed=1,
+                                               top_k=50, top_p=0.9))
+    assert a.token_ids == b.token_ids
+    g1 = engine.generate(prompt, SamplingParams(max_new_tokens=20))
+    g2 = engine.generate(prompt, SamplingParams(max_new_tokens=20))
+    assert g1.token_ids == g2.token_ids
+
+
+def test_stop_string_truncates_text_and_stream(engine):
+    prompt = _ids(30, seed=5)
+    base = engine.generate(prompt, SamplingParams(max_new_tokens=40, ignore_eos=True))
+    text = base.text
+    assert len(text) > 12
+    stop = text[8:12]
+    cut = text.find(stop)
+    handle = engine.submit(prompt, SamplingParams(max_new_tokens=40, ignore_eos=True,
+                                                  stop=(stop,)))
+    streamed = "".join(handle)
+    result = handle.result()
+    assert result.finish_reason == "stop"
+    assert result.text == streamed == text[:cut]
+
+
+def test_stop_token_ends_generation_before_it(engine):
+    prompt = _ids(30, seed=6)
+    base = engine.generate(prompt, SamplingParams(max_new_tokens=20, ignore_eos=True))
+    stop_id = base.token_ids[5]
+    first = base.token_ids.index(stop_id)
+    r = engine.generate(prompt, SamplingParams(max_new_tokens=20, stop_token_ids=(stop_id,)))
+    assert r.finish_reason == "stop"
+    assert r.token_ids == base.token_ids[:first]
+
+
+def test_cancel_stops_within_one_step_and_frees_the_slot(engine):
+    handle = engine.submit(_ids(10, seed=7), SamplingParams(max_new_tokens=3000,
+                                                            ignore_eos=True))
+    while handle.tokens_generated < 5:
+        time.sleep(0.001)
+    seen = handle.tokens_generated
+    handle.cancel()
+    result = handle.result(timeout=10)
+    assert result.finish_reason == "cancelled"
+    assert result.generated_tokens <= seen + 1
+    stats = engine.stats()
+    assert stats.running == 0 and stats.busy_slots == 0
+    # The engine carries on: the next request works.
+    assert engine.generate(_ids(10, seed=8), SamplingParams(max_new_tokens=5,
+                                                            ignore_eos=True)
+                           ).finish_reason == "length"
+
+
+def test_cancel_before_admission(engine):
+    blocker = engine.submit(_ids(10, seed=9), SamplingParams(max_new_tokens=2000,
+                                                             ignore_eos=True))
+    h = engine.submit(_ids(10, seed=10), SamplingParams(max_new_tokens=2000))
+    h.cancel()
+    blocker.cancel()
+    assert h.result(timeout=10).finish_reason == "cancelled"
+    assert blocker.result(timeout=10).finish_reason == "cancelled"
+
+
+def test_deadline_ends_the_request(engine):
+    r = engine.generate(_ids(10, seed=11), SamplingParams(max_new_tokens=3000,
+                                                          ignore_eos=True, deadline_s=0.05))
+    assert r.finish_reason == "deadline"
+    assert 0 < r.generated_tokens < 3000
+
+
+def test_short_request_is_not_stuck_behind_a_long_one(engine):
+    long = engine.submit(_ids(10, seed=12), SamplingParams(max_new_tokens=3000,
+                                                           ignore_eos=True))
+    while long.tokens_generated < 3:
+        time.sleep(0.001)
+    short = engine.generate(_ids(12, seed=13), SamplingParams(max_new_tokens=5,
+                                                              ignore_eos=True))
+    assert short.finish_reason == "length"
+    assert not long.done  # the short one finished while the long one was running
+    long.cancel()
+    assert long.result(timeout=10).finish_reason == "cancelled"
+
+
+def test_concurrent_requests_sharing_a_prefix_match_sequential(loaded_qwen):
+    prompt = _ids(200, seed=14)
+    params = SamplingParams(max_new_tokens=16, ignore_eos=True)
+    with Engine(loaded_qwen) as eng:
+        expected = eng.generate(prompt + [5], params).token_ids
+        eng.cache.clear()
+        handles = [eng.submit(prompt + [5], params) for _ in range(3)]
+        results = [h.result(timeout=30) for h in handles]
+    assert all(r.token_ids == expected for r in results)
+
+
+async def test_async_stream_does_not_block_the_loop(engine):
+    handle = engine.submit(_ids(10, seed=15), SamplingParams(max_new_tokens=200,
+                                                             ignore_eos=True))
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not handle.done:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    tick_task = asyncio.create_task(ticker())
+    deltas = [d async for d in handle.astream()]
+    await tick_task
+    result = await handle.aresult()
+    assert "".join(deltas) == result.text
+    assert result.generated_tokens == 200
+    assert ticks > 0
+
+
+def test_submit_from_many_threads(engine):
+    results = []
+
+    def worker(seed: int) -> None:
+        results.append(engine.generate(_ids(15, seed=seed), SamplingParams(max_new_tokens=6,
+                                                                           ignore_eos=True)))
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(results) == 6 and all(r.generated_tokens == 6 for r in results)
