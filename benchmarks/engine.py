@@ -161,6 +161,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", type=Path, help="checkpoint directory (default: random 0.5B)")
     ap.add_argument("--quick", action="store_true", help="tiny random model, short prompts")
+    ap.add_argument("--cache", type=Path, default=CACHE, help="where random models are kept")
     ap.add_argument("--lengths", default=None, help="prompt lengths, e.g. 512,2048")
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=2,
@@ -179,7 +180,7 @@ def main() -> None:
         print(json.dumps(res), flush=True)
         return
     model = args.model or make_random_checkpoint(
-        CACHE / ("tiny-random" if args.quick else "qwen2.5-coder-0.5b-shape-random"),
+        args.cache / ("tiny-random" if args.quick else "qwen2.5-coder-0.5b-shape-random"),
         TINY if args.quick else QWEN_05B)
     runs: dict[str, list[dict]] = {"codevista": [], "transformers": []}
     for _ in range(args.repeat):
@@ -193,7 +194,7 @@ def main() -> None:
                 raise SystemExit(f"{name} worker failed")
             runs[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
     results = {name: best(r) for name, r in runs.items()}
-    for name, res in results.items():
+    for res in results.values():
         print(json.dumps({"model": model.name, "runs": args.repeat, **res}), flush=True)
     cv, hf = results["codevista"], results["transformers"]
     ratios = {"ratios": "codevista / transformers",

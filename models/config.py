@@ -75,7 +75,8 @@ class DecoderConfig:
             raise ConfigError(f"unknown mlp {self.mlp!r}")
         if self.hidden_act not in ACTIVATIONS:
             raise UnsupportedArchitectureError(
-                f"activation {self.hidden_act!r} is not supported (supported: {', '.join(ACTIVATIONS)})")
+                f"activation {self.hidden_act!r} is not supported "
+                f"(supported: {', '.join(ACTIVATIONS)})")
         if not self.norm_eps > 0:
             raise ConfigError(f"norm epsilon must be positive, got {self.norm_eps}")
         if not self.rope_theta > 0 or not self.rope_scaling_factor > 0:

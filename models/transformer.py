@@ -249,6 +249,7 @@ class Transformer(nn.Module):
         sin = self.rope_sin[pos:pos + T]
         masks: dict[int | None, torch.Tensor | None] = {}
         for layer in self.layers:
+            assert isinstance(layer, Block)
             window = layer.attn.window
             if T > 1 and window not in masks:
                 masks[window] = self._mask(pos, T, window, x.device)

@@ -3,7 +3,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from tiny_models import FAMILIES, make_checkpoint, train_tokenizer
 
 

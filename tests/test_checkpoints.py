@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from codevista.models import errors
 from codevista.models.loader import load_model
+from safetensors.torch import load_file, save_file
 
 
 def _copy(src: Path, dst: Path) -> Path:

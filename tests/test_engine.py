@@ -8,7 +8,6 @@ import time
 
 import pytest
 import torch
-
 from codevista.models.engine import Engine, SamplingParams
 from codevista.models.errors import ContextLengthError, RequestError
 from tiny_models import VOCAB
@@ -40,7 +39,7 @@ def test_prefix_hit_gives_same_tokens_as_cold_run_and_reports_reuse(loaded_qwen)
 def test_one_appended_token_recomputes_only_the_new_tokens(engine):
     prompt = _ids(300, seed=12)
     engine.generate(prompt, SamplingParams(max_new_tokens=4, ignore_eos=True))
-    for extra in range(1, 4):
+    for _ in range(3):
         prompt = prompt + [7]
         r = engine.generate(prompt, SamplingParams(max_new_tokens=2, ignore_eos=True))
         assert r.cached_tokens == len(prompt) - 1

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from codevista.models.engine import Engine, SamplingParams
 from codevista.models.kv_cache import KVCache
 from codevista.models.loader import load_model

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from codevista.models.stopping import StopStringMatcher
 from codevista.models.tokenizer import IncrementalDetokenizer, Tokenizer
 

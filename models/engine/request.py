@@ -146,8 +146,12 @@ class RequestHandle:
         """Deltas as they arrive, awaited on the running loop (never blocks it)."""
         loop = asyncio.get_running_loop()
         ready = asyncio.Event()
+
+        def waker() -> None:
+            loop.call_soon_threadsafe(ready.set)
+
         with self._lock:
-            self._waker = lambda: loop.call_soon_threadsafe(ready.set)
+            self._waker = waker
         try:
             while True:
                 while True:

@@ -1,0 +1,1 @@
+"""Training-side tools for the codevista models (corpus building)."""
