@@ -1,0 +1,587 @@
+"""Quality of the embedded code model, measured honestly: held-out data, greedy, seeded.
+
+    python benchmarks/quality.py --model DIR [--corpus /work/corpus] [--samples N]
+        [--langs python,java,...] [--skip bpb,line,fim,translate] [--translation-limit N]
+        [--seed 0] [--out results.json] [--markdown results.md]
+
+Prompts are built only with `codevista.models.formats` (the very functions training and
+serving use) and tokenized without added BOS/EOS tokens, as in training. Everything is
+deterministic: greedy decoding, a seeded RNG per language and metric group.
+
+Metric groups (one JSON line each on stdout; all of them in --out; a table in --markdown):
+
+bpb        Bits per byte on the held-out files (`test.jsonl` of --corpus). Per language the
+           files are shuffled with the seed and taken until --bpb-bytes UTF-8 bytes (the file
+           that crosses the budget is cut at a line end and gets no EOT). Each file is
+           `plain(lang, text) + EOT`, tokenized and split into non-overlapping windows of
+           min(max_position_embeddings, 1024) tokens; every window is scored on its own
+           (no carried context) and its first token is not scored. bits = sum(NLL) / ln 2;
+           bytes = the UTF-8 bytes of the scored tokens, taken from the byte-level BPE
+           vocabulary (each token's raw bytes; special tokens count 0 bytes but their NLL,
+           e.g. of the final EOT, is counted), falling back to len(decode([id]).encode())
+           for tokens that are not byte-level. Also reported: bits per token.
+line       Single-line completion, CodeXGLUE line-level style. Per language --samples cut
+           points: a line with >= 8 non-space characters is drawn (uniformly over all such
+           lines of the language's held-out files) and cut at a random column between the
+           end of its indentation and 3 characters before its (right-stripped) end. Prompt:
+           the token ids of `plain(lang, text_before_cut)` left-truncated to --context tokens,
+           keeping the language tag ids at the front. Greedy, stop at "\\n", at most 48 new
+           tokens. Target: the rest of the line, right-stripped. Exact match: the stripped
+           strings are equal; edit similarity: 100 * (1 - Levenshtein / max length) of the
+           stripped strings. Baseline: the previous non-blank line from the same column on.
+fim        Single-line infilling at the same cut points: prefix = up to --fim-prefix-chars
+           characters before the cut, suffix = up to --fim-suffix-chars characters from the
+           end of the cut line (it starts with that line's "\\n"), as `fim_psm` and, separately,
+           `fim_spm` (budgets by characters, about 512 and 256 tokens; halved until the prompt
+           fits the context). Greedy until EOT or "\\n", at most 48 tokens. Target: the rest
+           of the line. Exact match and edit similarity as for `line`.
+translate  Java -> C# and C# -> Java on CodeXGLUE valid (all 499 pairs unless
+           --translation-limit). Prompt `translation(src, source, tgt)`, greedy until EOT,
+           max_new_tokens = 2 * source tokens + 16 (clamped to the context; a prompt that does
+           not fit counts as an empty prediction). Exact match of the stripped strings and
+           corpus BLEU-4 x 100 on whitespace tokens, smoothed as tensorflow/nmt
+           compute_bleu(smooth=True) (see metrics.py), beside the published CodeXGLUE rows
+           (those are on the *test* split, which codevista does not have) and the naive copy
+           baseline computed here on the same valid pairs.
+
+A few real completions (some right, some wrong) are kept under "examples" in --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from codevista.models import formats
+from codevista.models.engine import Engine, SamplingParams
+from codevista.models.kv_cache import KVCache
+from codevista.models.loader import LoadedModel, load_model
+from codevista.models.train.data import read_pairs
+from metrics import bleu_strings, edit_similarity, exact_match
+
+GROUPS = ("bpb", "line", "fim", "translate")
+DEFAULT_LANGS = ("python", "java", "go", "rust", "c", "cpp", "typescript", "javascript")
+DEFAULT_PAIRS = Path("/work/shared/data/codexglue-java-cs")
+LINE_MAX_NEW = 48
+MIN_NONSPACE = 8
+MIN_LEFT = 3
+PROGRESS_EVERY = 50
+
+# CodeXGLUE code-to-code translation, published results on the test split (BLEU, accuracy),
+# as listed in shared/data/README.md.
+PUBLISHED = {
+    "java->csharp": [("naive copy", 18.54, 0.0), ("PBSMT", 43.53, 12.5),
+                     ("Transformer (from scratch)", 55.84, 33.0), ("CodeBERT", 79.92, 59.0)],
+    "csharp->java": [("naive copy", 18.69, 0.0), ("PBSMT", 40.06, 16.1),
+                     ("Transformer (from scratch)", 50.47, 37.9), ("CodeBERT", 72.14, 58.0)],
+}
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class Progress:
+    def __init__(self, label: str, total: int, every: int = PROGRESS_EVERY) -> None:
+        self.label, self.total, self.every = label, total, every
+        self.count = 0
+        self.t0 = time.monotonic()
+
+    def tick(self) -> None:
+        self.count += 1
+        if self.count % self.every == 0 or self.count == self.total:
+            log(f"  {self.label}: {self.count}/{self.total} "
+                f"({time.monotonic() - self.t0:.0f} s)")
+
+
+def pct(num: float, den: int) -> float:
+    return round(100.0 * num / den, 2) if den else 0.0
+
+
+# -- data -------------------------------------------------------------------------------
+
+def read_test(corpus: Path) -> dict[str, list[dict[str, str]]]:
+    by_lang: dict[str, list[dict[str, str]]] = {}
+    with (corpus / "test.jsonl").open(encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            by_lang.setdefault(row["lang"], []).append(row)
+    return by_lang
+
+
+@dataclass(frozen=True)
+class CutPoint:
+    lang: str
+    path: str
+    text: str  # the whole file
+    cut: int  # absolute offset of the cursor
+    line_end: int  # offset of the "\n" ending the cut line (or len(text))
+    target: str  # rest of the line, right-stripped
+    baseline: str  # previous non-blank line from the same column, right-stripped
+
+    @property
+    def before(self) -> str:
+        return self.text[:self.cut]
+
+
+def cut_points(lang: str, rows: list[dict[str, str]], n: int, rng: random.Random
+               ) -> list[CutPoint]:
+    candidates: list[tuple[int, int, int]] = []  # (file, line start, line number)
+    split_rows = [row["text"].split("\n") for row in rows]
+    for fi, lines in enumerate(split_rows):
+        pos = 0
+        for li, line in enumerate(lines):
+            if sum(not c.isspace() for c in line) >= MIN_NONSPACE:
+                candidates.append((fi, pos, li))
+            pos += len(line) + 1
+    out = []
+    for fi, start, li in rng.sample(candidates, min(n, len(candidates))):
+        lines = split_rows[fi]
+        line = lines[li].rstrip()
+        indent = len(line) - len(line.lstrip())
+        col = rng.randint(indent, len(line) - MIN_LEFT)
+        prev = next((lines[j] for j in range(li - 1, -1, -1) if lines[j].strip()), "")
+        text = rows[fi]["text"]
+        out.append(CutPoint(lang=lang, path=rows[fi].get("path", ""), text=text,
+                            cut=start + col, line_end=start + len(lines[li]),
+                            target=line[col:], baseline=prev[col:].rstrip()))
+    return out
+
+
+# -- byte lengths of tokens ---------------------------------------------------------------
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """The byte -> printable character table of byte-level BPE (GPT-2)."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+          *range(ord("®"), ord("ÿ") + 1)]
+    cs = list(bs)
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs, strict=True)}
+
+
+_BYTE_CHARS = frozenset(_bytes_to_unicode().values())
+
+
+class TokenBytes:
+    """UTF-8 byte length of each token id (0 for special tokens)."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.tok = loaded.tokenizer
+        self.cache: dict[int, int] = {}
+
+    def __call__(self, tid: int) -> int:
+        n = self.cache.get(tid)
+        if n is None:
+            n = self.cache[tid] = self._length(tid)
+        return n
+
+    def _length(self, tid: int) -> int:
+        if tid in self.tok.special_ids:
+            return 0
+        piece = self.tok.tok.id_to_token(tid)
+        if piece is None:
+            return 0
+        if all(c in _BYTE_CHARS for c in piece):
+            return len(piece)  # one character per raw byte
+        return len(self.tok.decode([tid]).encode("utf-8"))
+
+
+# -- the harness --------------------------------------------------------------------------
+
+class Harness:
+    def __init__(self, loaded: LoadedModel, args: argparse.Namespace) -> None:
+        self.loaded = loaded
+        self.args = args
+        self.tok = loaded.tokenizer
+        self.max_positions = loaded.model.max_positions
+        eot = self.tok.token_to_id(formats.EOT)
+        missing = [t for t in formats.SPECIAL_TOKENS if self.tok.token_to_id(t) is None]
+        if missing or eot is None:
+            raise SystemExit(f"the tokenizer of {loaded.path} lacks the codevista special "
+                             f"tokens {missing}: it is not a codevista model")
+        self.stop_ids = tuple(sorted(set(loaded.stop_token_ids) | {eot}))
+        self.engine: Engine | None = None
+        self.examples: list[dict[str, Any]] = []
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def generate(self, ids: list[int], max_new: int, stop: tuple[str, ...]) -> str:
+        assert self.engine is not None
+        params = SamplingParams(max_new_tokens=max_new, temperature=0.0, stop=stop,
+                                stop_token_ids=self.stop_ids)
+        result = self.engine.generate(ids, params)
+        if result.finish_reason == "error":
+            raise RuntimeError(f"generation failed: {result.error}")
+        return result.text
+
+    # -- bits per byte ------------------------------------------------------------------
+    def bpb(self, by_lang: dict[str, list[dict[str, str]]], langs: list[str]) -> dict[str, Any]:
+        cfg = self.loaded.config
+        model = self.loaded.model
+        window = min(cfg.max_position_embeddings, 1024, self.max_positions)
+        token_bytes = TokenBytes(self.loaded)
+        per_lang: dict[str, Any] = {}
+        budget = self.args.bpb_bytes
+        for lang in langs:
+            rows = list(by_lang.get(lang, []))
+            if not rows:
+                per_lang[lang] = {"files": 0, "note": "no held-out files"}
+                continue
+            random.Random(f"{self.args.seed}:bpb:{lang}").shuffle(rows)
+            texts: list[tuple[str, bool]] = []  # (text, whole file)
+            used = 0
+            for row in rows:
+                if used >= budget:
+                    break
+                raw = row["text"].encode("utf-8")
+                if used + len(raw) <= budget:
+                    texts.append((row["text"], True))
+                    used += len(raw)
+                    continue
+                part = raw[:budget - used].decode("utf-8", errors="ignore")
+                part = part[:part.rfind("\n") + 1] or part
+                texts.append((part, False))
+                used += len(part.encode("utf-8"))
+                break
+            seqs = [self.encode(formats.plain(lang, t) + (formats.EOT if whole else ""))
+                    for t, whole in texts]
+            total_windows = sum(math.ceil(len(s) / window) for s in seqs)
+            progress = Progress(f"bpb {lang}", total_windows)
+            nll = 0.0
+            scored_bytes = scored_tokens = 0
+            for ids in seqs:
+                for s in range(0, len(ids), window):
+                    win = ids[s:s + window]
+                    progress.tick()
+                    if len(win) < 2:
+                        continue
+                    cache = KVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, len(win),
+                                    model.dtype, model.device)
+                    x = torch.tensor(win, dtype=torch.long, device=model.device)
+                    logits = model(x, cache, 0, all_logits=True)
+                    logp = torch.log_softmax(logits[:-1].float(), dim=-1)
+                    nll -= logp.gather(1, x[1:, None]).sum().item()
+                    scored_tokens += len(win) - 1
+                    scored_bytes += sum(token_bytes(t) for t in win[1:])
+            bits = nll / math.log(2)
+            per_lang[lang] = {
+                "files": len(texts), "text_bytes": used, "scored_bytes": scored_bytes,
+                "scored_tokens": scored_tokens, "bits": round(bits, 1),
+                "bpb": round(bits / scored_bytes, 4) if scored_bytes else None,
+                "bits_per_token": round(bits / scored_tokens, 4) if scored_tokens else None}
+        done = [v for v in per_lang.values() if v.get("bpb") is not None]
+        return {"metric": "bpb", "window": window, "budget_bytes_per_lang": budget,
+                "per_lang": per_lang,
+                "macro_bpb": (round(sum(v["bpb"] for v in done) / len(done), 4)
+                              if done else None),
+                "micro_bpb": (round(sum(v["bits"] for v in done)
+                                    / sum(v["scored_bytes"] for v in done), 4)
+                              if done else None)}
+
+    # -- single-line completion -----------------------------------------------------------
+    def line_prompt(self, cp: CutPoint) -> list[int]:
+        tag = self.encode(formats.plain(cp.lang, ""))
+        full = self.encode(formats.plain(cp.lang, cp.before))
+        if full[:len(tag)] != tag:
+            raise RuntimeError("the language tag does not tokenize on its own")
+        budget = min(self.args.context, self.max_positions - LINE_MAX_NEW) - len(tag)
+        code = full[len(tag):]
+        return tag + code[max(0, len(code) - budget):]
+
+    def line(self, points: dict[str, list[CutPoint]]) -> dict[str, Any]:
+        per_lang: dict[str, Any] = {}
+        candidates: dict[str, list[dict[str, Any]]] = {}
+        progress = Progress("line", sum(len(v) for v in points.values()))
+        for lang, cps in points.items():
+            em = es = bem = bes = 0.0
+            for cp in cps:
+                pred = self.generate(self.line_prompt(cp), LINE_MAX_NEW, ("\n",))
+                ok = exact_match(pred, cp.target)
+                em += ok
+                es += edit_similarity(pred.strip(), cp.target.strip())
+                bem += exact_match(cp.baseline, cp.target)
+                bes += edit_similarity(cp.baseline.strip(), cp.target.strip())
+                candidates.setdefault(lang, []).append({
+                    "task": "line", "lang": lang, "path": cp.path,
+                    "prompt_tail": "\n".join(cp.before.split("\n")[-4:])[-400:],
+                    "prediction": pred, "target": cp.target, "exact_match": ok})
+                progress.tick()
+            n = len(cps)
+            per_lang[lang] = {"n": n, "exact_match": pct(em, n), "edit_sim": pct(es / 100, n),
+                              "baseline_exact_match": pct(bem, n),
+                              "baseline_edit_sim": pct(bes / 100, n)}
+        self.examples = pick_examples(candidates)
+        return {"metric": "line", "context_tokens": self.args.context,
+                "max_new_tokens": LINE_MAX_NEW, "per_lang": per_lang,
+                **macro(per_lang, ("exact_match", "edit_sim", "baseline_exact_match",
+                                   "baseline_edit_sim"))}
+
+    # -- fill in the middle -------------------------------------------------------------
+    def fim_prompt(self, cp: CutPoint, make: Any) -> list[int]:
+        pre_chars, suf_chars = self.args.fim_prefix_chars, self.args.fim_suffix_chars
+        while True:
+            prefix = cp.text[max(0, cp.cut - pre_chars):cp.cut]
+            suffix = cp.text[cp.line_end:cp.line_end + suf_chars]
+            ids = self.encode(make(cp.lang, prefix, suffix))
+            if len(ids) + LINE_MAX_NEW <= self.max_positions or pre_chars + suf_chars == 0:
+                return ids
+            pre_chars, suf_chars = pre_chars // 2, suf_chars // 2
+
+    def fim(self, points: dict[str, list[CutPoint]]) -> dict[str, Any]:
+        per_lang: dict[str, Any] = {}
+        progress = Progress("fim", 2 * sum(len(v) for v in points.values()))
+        for lang, cps in points.items():
+            row: dict[str, Any] = {"n": len(cps)}
+            for mode, make in (("psm", formats.fim_psm), ("spm", formats.fim_spm)):
+                em = es = 0.0
+                for cp in cps:
+                    pred = self.generate(self.fim_prompt(cp, make), LINE_MAX_NEW, ("\n",))
+                    em += exact_match(pred, cp.target)
+                    es += edit_similarity(pred.strip(), cp.target.strip())
+                    progress.tick()
+                row[f"{mode}_exact_match"] = pct(em, len(cps))
+                row[f"{mode}_edit_sim"] = pct(es / 100, len(cps))
+            per_lang[lang] = row
+        return {"metric": "fim", "prefix_chars": self.args.fim_prefix_chars,
+                "suffix_chars": self.args.fim_suffix_chars, "per_lang": per_lang,
+                **macro(per_lang, ("psm_exact_match", "psm_edit_sim", "spm_exact_match",
+                                   "spm_edit_sim"))}
+
+    # -- translation ------------------------------------------------------------------------
+    def translate(self, pairs: list[tuple[str, str]]) -> dict[str, Any]:
+        out: dict[str, Any] = {"metric": "translate", "split": "valid", "n": len(pairs)}
+        directions = (("java", "csharp", 0, 1), ("csharp", "java", 1, 0))
+        progress = Progress("translate", 2 * len(pairs))
+        for src_lang, tgt_lang, si, ti in directions:
+            sources = [p[si] for p in pairs]
+            refs = [p[ti] for p in pairs]
+            preds: list[str] = []
+            reasons: Counter[str] = Counter()
+            for src in sources:
+                ids = self.encode(formats.translation(src_lang, src, tgt_lang))
+                room = self.max_positions - len(ids)
+                if room < 1:
+                    preds.append("")
+                    reasons["prompt_too_long"] += 1
+                else:
+                    max_new = min(2 * len(self.encode(src)) + 16, room)
+                    preds.append(self.generate(ids, max_new, ()).strip())
+                progress.tick()
+            n = len(refs)
+            em = sum(exact_match(p, r) for p, r in zip(preds, refs, strict=True))
+            copy_em = sum(exact_match(s, r) for s, r in zip(sources, refs, strict=True))
+            out[f"{src_lang}->{tgt_lang}"] = {
+                "bleu": round(bleu_strings(refs, preds), 2), "exact_match": pct(em, n),
+                "naive_copy_bleu": round(bleu_strings(refs, sources), 2),
+                "naive_copy_exact_match": pct(copy_em, n),
+                "skipped": dict(reasons),
+                "published_test": [{"system": s, "bleu": b, "exact_match": a}
+                                   for s, b, a in PUBLISHED[f"{src_lang}->{tgt_lang}"]]}
+        return out
+
+
+def macro(per_lang: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    rows = [v for v in per_lang.values() if v.get("n")]
+    return {f"macro_{k}": round(sum(v[k] for v in rows) / len(rows), 2) if rows else None
+            for k in keys}
+
+
+def pick_examples(candidates: dict[str, list[dict[str, Any]]], limit: int = 6
+                  ) -> list[dict[str, Any]]:
+    """Up to `limit` completions: the first right and first wrong one of each language,
+    alternating right and wrong, spread over languages."""
+    right = [next(c for c in cs if c["exact_match"]) for cs in candidates.values()
+             if any(c["exact_match"] for c in cs)]
+    wrong = [next(c for c in cs if not c["exact_match"]) for cs in candidates.values()
+             if any(not c["exact_match"] for c in cs)]
+    half = limit // 2
+    take_right = min(len(right), max(half, limit - len(wrong)))
+    take_wrong = min(len(wrong), limit - take_right)
+    out = []
+    for i in range(max(take_right, take_wrong)):
+        if i < take_right:
+            out.append(right[i])
+        if i < take_wrong:
+            out.append(wrong[i])
+    return out
+
+
+# -- reporting ------------------------------------------------------------------------------
+
+def markdown(results: dict[str, Any]) -> str:
+    md = [f"# Quality of `{results['model']}`", "",
+          f"Held-out data, greedy decoding, seed {results['settings']['seed']}. "
+          "See benchmarks/quality.py for the exact definitions.", ""]
+    if "bpb" in results:
+        r = results["bpb"]
+        md += ["## Bits per byte (held-out test files)", "",
+               f"Windows of {r['window']} tokens scored independently; macro "
+               f"{r['macro_bpb']}, micro {r['micro_bpb']}.", "",
+               "| lang | files | bytes scored | tokens | bits/byte | bits/token |",
+               "|---|---|---|---|---|---|"]
+        for lang, v in r["per_lang"].items():
+            if v.get("files"):
+                md.append(f"| {lang} | {v['files']} | {v['scored_bytes']} | "
+                          f"{v['scored_tokens']} | {v['bpb']} | {v['bits_per_token']} |")
+            else:
+                md.append(f"| {lang} | 0 | - | - | - | - |")
+        md.append("")
+    if "line" in results:
+        r = results["line"]
+        md += ["## Single-line completion (rest of the line, greedy)", "",
+               "| lang | n | exact match % | edit sim % | baseline EM % | baseline ES % |",
+               "|---|---|---|---|---|---|"]
+        for lang, v in r["per_lang"].items():
+            md.append(f"| {lang} | {v['n']} | {v['exact_match']} | {v['edit_sim']} | "
+                      f"{v['baseline_exact_match']} | {v['baseline_edit_sim']} |")
+        md += [f"| **macro** | | {r['macro_exact_match']} | {r['macro_edit_sim']} | "
+               f"{r['macro_baseline_exact_match']} | {r['macro_baseline_edit_sim']} |", "",
+               "Baseline: the previous non-blank line from the same column.", ""]
+    if "fim" in results:
+        r = results["fim"]
+        md += ["## Single-line fill-in-the-middle (same cut points)", "",
+               "| lang | n | PSM EM % | PSM ES % | SPM EM % | SPM ES % |",
+               "|---|---|---|---|---|---|"]
+        for lang, v in r["per_lang"].items():
+            md.append(f"| {lang} | {v['n']} | {v['psm_exact_match']} | {v['psm_edit_sim']} | "
+                      f"{v['spm_exact_match']} | {v['spm_edit_sim']} |")
+        md += [f"| **macro** | | {r['macro_psm_exact_match']} | {r['macro_psm_edit_sim']} | "
+               f"{r['macro_spm_exact_match']} | {r['macro_spm_edit_sim']} |", ""]
+    if "translate" in results:
+        r = results["translate"]
+        a, b = r["java->csharp"], r["csharp->java"]
+        md += ["## Java <-> C# translation (CodeXGLUE)", "",
+               f"codevista and the computed naive copy: valid split, {r['n']} pairs. "
+               "Published rows: CodeXGLUE test split (not comparable one to one).", "",
+               "| system | Java -> C# BLEU | Acc % | C# -> Java BLEU | Acc % |",
+               "|---|---|---|---|---|",
+               f"| **codevista** (valid) | {a['bleu']} | {a['exact_match']} | "
+               f"{b['bleu']} | {b['exact_match']} |",
+               f"| naive copy (valid, computed) | {a['naive_copy_bleu']} | "
+               f"{a['naive_copy_exact_match']} | {b['naive_copy_bleu']} | "
+               f"{b['naive_copy_exact_match']} |"]
+        for pa, pb in zip(a["published_test"], b["published_test"], strict=True):
+            md.append(f"| {pa['system']} (test, published) | {pa['bleu']} | "
+                      f"{pa['exact_match']} | {pb['bleu']} | {pb['exact_match']} |")
+        md.append("")
+    return "\n".join(md)
+
+
+def model_info(loaded: LoadedModel) -> dict[str, Any]:
+    cfg = loaded.config
+    return {"path": str(loaded.path), "family": cfg.family,
+            "parameters": sum(p.numel() for p in loaded.model.parameters()),
+            "layers": cfg.num_layers, "hidden": cfg.hidden_size, "vocab": cfg.vocab_size,
+            "max_position_embeddings": cfg.max_position_embeddings,
+            "dtype": str(loaded.dtype).removeprefix("torch.")}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, type=Path, help="checkpoint directory (HF layout)")
+    p.add_argument("--corpus", type=Path, default=Path("/work/corpus"),
+                   help="folder with test.jsonl (held-out files)")
+    p.add_argument("--pairs", type=Path, default=DEFAULT_PAIRS,
+                   help="CodeXGLUE Java-C# folder (valid.java / valid.cs)")
+    p.add_argument("--langs", default=",".join(DEFAULT_LANGS))
+    p.add_argument("--skip", default="", help=f"comma list of {','.join(GROUPS)}")
+    p.add_argument("--samples", type=int, default=100, help="cut points per language")
+    p.add_argument("--context", type=int, default=768, help="prompt tokens, line completion")
+    p.add_argument("--fim-prefix-chars", type=int, default=2048)
+    p.add_argument("--fim-suffix-chars", type=int, default=1024)
+    p.add_argument("--bpb-bytes", type=int, default=150_000, help="bytes per language")
+    p.add_argument("--translation-limit", type=int, default=None, help="first N valid pairs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    p.add_argument("--out", type=Path, default=None, help="write all results as JSON")
+    p.add_argument("--markdown", type=Path, default=None, help="write a Markdown table")
+    args = p.parse_args(argv)
+    skip = {s for s in args.skip.split(",") if s}
+    if skip - set(GROUPS):
+        p.error(f"unknown group(s) in --skip: {', '.join(sorted(skip - set(GROUPS)))}")
+    args.groups = [g for g in GROUPS if g not in skip]
+    args.lang_list = [x for x in args.langs.split(",") if x]
+    for lang in args.lang_list:
+        if lang not in formats.LANGUAGES:
+            p.error(f"unknown language {lang!r}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    t0 = time.monotonic()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    loaded = load_model(args.model)
+    harness = Harness(loaded, args)
+    results: dict[str, Any] = {
+        "model": loaded.name, "model_info": model_info(loaded),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                     if k not in ("lang_list",)}}
+
+    def emit(group: str, r: dict[str, Any], started: float) -> None:
+        r["elapsed_s"] = round(time.monotonic() - started, 1)
+        results[group] = r
+        print(json.dumps(r), flush=True)
+
+    by_lang = read_test(args.corpus) if {"bpb", "line", "fim"} & set(args.groups) else {}
+    if "bpb" in args.groups:
+        log("bits per byte ...")
+        started = time.monotonic()
+        emit("bpb", harness.bpb(by_lang, args.lang_list), started)
+
+    gen_groups = {"line", "fim", "translate"} & set(args.groups)
+    if gen_groups:
+        points: dict[str, list[CutPoint]] = {}
+        for lang in args.lang_list:
+            rows = by_lang.get(lang, [])
+            if rows:
+                rng = random.Random(f"{args.seed}:line:{lang}")
+                points[lang] = cut_points(lang, rows, args.samples, rng)
+            elif {"line", "fim"} & gen_groups:
+                log(f"  {lang}: no held-out files, skipped")
+        with Engine(loaded, num_threads=args.threads) as engine:
+            harness.engine = engine
+            if "line" in gen_groups:
+                log("single-line completion ...")
+                started = time.monotonic()
+                emit("line", harness.line(points), started)
+            if "fim" in gen_groups:
+                log("fill in the middle ...")
+                started = time.monotonic()
+                emit("fim", harness.fim(points), started)
+            if "translate" in gen_groups:
+                log("translation ...")
+                started = time.monotonic()
+                pairs = read_pairs(args.pairs, "valid")[:args.translation_limit]
+                emit("translate", harness.translate(pairs), started)
+    results["examples"] = harness.examples
+    results["elapsed_s"] = round(time.monotonic() - t0, 1)
+    table = markdown(results)
+    if args.markdown:
+        args.markdown.write_text(table + "\n", encoding="utf-8")
+    else:
+        print(table, flush=True)
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""The training recipe of the embedded default model: resumable, seeded, CPU by default.
+
+    python -m codevista.models.train.train prepare --corpus DIR --pairs DIR --run DIR
+    python -m codevista.models.train.train train --run DIR [--steps N] [--device cpu|cuda]
+
+`prepare` fits the tokenizer and tokenizes the train and valid mixes (see data.py);
+`train` runs AdamW with warm-up and cosine decay, checkpoints every --save-every steps
+(safetensors for weights and optimizer state, JSON for the rest; never pickle), resumes
+from the last checkpoint after any interruption, and exports an HF checkpoint directory
+(`RUN/latest-hf`) plus a loss plot (`RUN/loss.png`) at every checkpoint. Batches are drawn
+from a generator seeded by (seed, step), so a resumed run sees the same data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import build_samples, tokenize
+from .model import CodeLM, ModelShape, export_hf
+from .plot import plot_losses
+
+log = logging.getLogger("codevista.train")
+
+# Bytes of each language's train files rendered into the mix (about 3.3 bytes per token).
+LANG_BYTES = {"python": 24, "java": 14, "javascript": 8, "typescript": 6, "go": 10,
+              "rust": 10, "c": 8, "cpp": 8}
+
+
+def prepare(args: argparse.Namespace) -> None:
+    from .tokenizer import train_tokenizer
+
+    run: Path = args.run
+    run.mkdir(parents=True, exist_ok=True)
+    tok_dir = run / "tokenizer"
+    train_tokenizer(args.corpus, args.pairs, tok_dir, vocab=args.vocab, seed=args.seed)
+    budgets = {k: int(v * args.scale * 1e6) for k, v in LANG_BYTES.items()}
+    for split, passes in (("train", args.pair_passes), ("valid", 1)):
+        b = budgets if split == "train" else {k: 2_000_000 for k in budgets}
+        samples = build_samples(args.corpus, args.pairs, split, b, passes, args.seed)
+        n_tokens, n_samples = tokenize(samples, tok_dir / "tokenizer.json", run / split)
+        log.info("%s: %d samples, %.1fM tokens", split, n_samples, n_tokens / 1e6)
+    (run / "prepare.json").write_text(json.dumps(
+        {"corpus": str(args.corpus), "pairs": str(args.pairs), "vocab": args.vocab,
+         "scale": args.scale, "pair_passes": args.pair_passes, "seed": args.seed,
+         "lang_bytes": budgets}, indent=1))
+
+
+class Batches:
+    """Sequences starting at sample boundaries, packed to seq_len+1 tokens."""
+
+    def __init__(self, prefix: Path, seq_len: int) -> None:
+        self.tokens = np.load(f"{prefix}.tokens.npy", mmap_mode="r")
+        starts = np.load(f"{prefix}.starts.npy")
+        self.starts = starts[starts + seq_len + 1 <= len(self.tokens)]
+        self.seq_len = seq_len
+
+    def get(self, rng: np.random.Generator, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        picks = rng.choice(self.starts, size=batch)
+        rows = np.stack([self.tokens[s:s + self.seq_len + 1] for s in picks]).astype(np.int64)
+        t = torch.from_numpy(rows)
+        return t[:, :-1], t[:, 1:]
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int, floor: float) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
+
+
+def save_checkpoint(run: Path, model: CodeLM, opt: torch.optim.AdamW, state: dict) -> None:
+    from safetensors.torch import save_file
+
+    tmp = run / "ckpt.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()},
+              str(tmp / "model.safetensors"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    optim: dict[str, torch.Tensor] = {}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            st = opt.state.get(p)
+            if st:
+                for key in ("exp_avg", "exp_avg_sq"):
+                    optim[f"{key}.{names[id(p)]}"] = st[key].contiguous()
+                optim[f"step.{names[id(p)]}"] = torch.as_tensor(st["step"]).reshape(1).float()
+    save_file(optim, str(tmp / "optim.safetensors"))
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    final = run / "ckpt"
+    old = run / "ckpt.old"
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(run: Path, model: CodeLM, opt: torch.optim.AdamW) -> dict | None:
+    from safetensors.torch import load_file
+
+    ckpt = run / "ckpt"
+    if not (ckpt / "state.json").is_file():
+        return None
+    model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+    optim = load_file(str(ckpt / "optim.safetensors"))
+    for n, p in model.named_parameters():
+        if f"exp_avg.{n}" in optim:
+            opt.state[p] = {"exp_avg": optim[f"exp_avg.{n}"].to(p.device),
+                            "exp_avg_sq": optim[f"exp_avg_sq.{n}"].to(p.device),
+                            "step": optim[f"step.{n}"].reshape(()).to(p.device)}
+    return json.loads((ckpt / "state.json").read_text())
+
+
+@torch.no_grad()
+def evaluate(model: CodeLM, valid: Batches, batch: int, device: str, n: int = 4) -> float:
+    model.eval()
+    rng = np.random.default_rng(12345)
+    losses = []
+    for _ in range(n):
+        x, y = valid.get(rng, batch)
+        losses.append(float(model(x.to(device), y.to(device))[1]))
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def train(args: argparse.Namespace) -> None:
+    run: Path = args.run
+    device = args.device
+    torch.manual_seed(args.seed)
+    eos_id = 0  # <|endoftext|> is the first special token
+    vocab = json.loads((run / "prepare.json").read_text())["vocab"]
+    shape = ModelShape(vocab_size=vocab, hidden_size=args.dim, num_layers=args.layers,
+                       num_heads=args.heads, num_kv_heads=args.kv_heads,
+                       intermediate_size=args.ffn)
+    model = CodeLM(shape).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95),
+                            weight_decay=0.1, eps=1e-8)
+    state = load_checkpoint(run, model, opt) or {
+        "step": 0, "tokens": 0, "train_loss": [], "valid_loss": [], "seconds": 0.0,
+        "shape": asdict(shape), "args": {k: str(v) for k, v in vars(args).items()},
+        "device": device}
+    if state["shape"] != asdict(shape):
+        raise SystemExit(f"checkpoint shape {state['shape']} differs from {asdict(shape)}")
+    log.info("model: %.2fM parameters; resuming at step %d", model.num_parameters() / 1e6,
+             state["step"])
+    train_data = Batches(run / "train", args.seq_len)
+    valid_data = Batches(run / "valid", args.seq_len)
+    step_fn = torch.compile(model) if args.compile else model
+    t_last = time.time()
+    running: list[float] = []
+    while state["step"] < args.steps:
+        step = state["step"]
+        lr = lr_at(step, args.steps, args.lr, args.warmup, args.lr / 10)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        rng = np.random.default_rng([args.seed, step])
+        x, y = train_data.get(rng, args.batch)
+        _, loss = step_fn(x.to(device), y.to(device))
+        assert loss is not None
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        running.append(float(loss.detach()))
+        state["step"] = step + 1
+        state["tokens"] += args.batch * args.seq_len
+        if state["step"] % args.log_every == 0:
+            now = time.time()
+            dt = now - t_last
+            state["seconds"] += dt
+            t_last = now
+            avg = sum(running) / len(running)
+            state["train_loss"].append([state["step"], avg])
+            running = []
+            tps = args.log_every * args.batch * args.seq_len / dt
+            print(f"step {state['step']}/{args.steps} loss {avg:.3f} lr {lr:.2e} "
+                  f"{tps:.0f} tok/s", file=sys.stderr, flush=True)
+        if state["step"] % args.save_every == 0 or state["step"] == args.steps:
+            vl = evaluate(model, valid_data, args.batch, device)
+            state["valid_loss"].append([state["step"], vl])
+            print(f"step {state['step']} valid loss {vl:.3f}", file=sys.stderr, flush=True)
+            save_checkpoint(run, model, opt, state)
+            export_hf(model, run / "latest-hf.tmp", run / "tokenizer", eos_id)
+            shutil.rmtree(run / "latest-hf", ignore_errors=True)
+            (run / "latest-hf.tmp").rename(run / "latest-hf")
+            plot_losses({"train": [tuple(p) for p in state["train_loss"]],
+                         "valid": [tuple(p) for p in state["valid_loss"]]},
+                        run / "loss.png", f"codevista default model ({device})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prepare")
+    p.add_argument("--corpus", type=Path, required=True)
+    p.add_argument("--pairs", type=Path, required=True)
+    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--scale", type=float, default=1.0, help="multiplies LANG_BYTES")
+    p.add_argument("--pair-passes", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    t = sub.add_parser("train")
+    t.add_argument("--run", type=Path, required=True)
+    t.add_argument("--steps", type=int, default=3000)
+    t.add_argument("--batch", type=int, default=16)
+    t.add_argument("--seq-len", type=int, default=512)
+    t.add_argument("--dim", type=int, default=256)
+    t.add_argument("--layers", type=int, default=8)
+    t.add_argument("--heads", type=int, default=8)
+    t.add_argument("--kv-heads", type=int, default=4)
+    t.add_argument("--ffn", type=int, default=704)
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--warmup", type=int, default=100)
+    t.add_argument("--log-every", type=int, default=10)
+    t.add_argument("--save-every", type=int, default=100)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--compile", action="store_true")
+    t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("CODEVISTA_LOG", "INFO"), stream=sys.stderr)
+    prepare(args) if args.cmd == "prepare" else train(args)
+
+
+if __name__ == "__main__":
+    main()
