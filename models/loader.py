@@ -31,6 +31,8 @@ from .transformer import Linear, Transformer
 log = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# The embedded default code model, shipped inside the package (see its MODEL_CARD.md).
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default" / "code"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

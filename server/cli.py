@@ -12,8 +12,12 @@ from . import logging_setup
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="stream a model's continuation of a prompt to stdout")
-    p.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
+    p.add_argument("--model", default=None,
+                   help="Hugging Face checkpoint directory (default: the embedded model)")
     p.add_argument("--prompt", required=True, help="prompt text ('-' reads stdin)")
+    p.add_argument("--language", default=None,
+                   help="the prompt's language (python, java, ...): models that have "
+                        "language-tag tokens, as the embedded one does, get the tag first")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=None,
                    help="0 = greedy (default: generation_config.json, else greedy)")
@@ -28,11 +32,19 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from codevista.models import formats
     from codevista.models.engine import Engine, SamplingParams
-    from codevista.models.loader import load_model
+    from codevista.models.loader import DEFAULT_MODEL_DIR, load_model
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    loaded = load_model(args.model, dtype=args.dtype)
+    loaded = load_model(args.model or DEFAULT_MODEL_DIR, dtype=args.dtype)
+    if args.language is not None:
+        if args.language not in formats.LANGUAGES:
+            print(f"codevista: error: unknown language {args.language!r} (known: "
+                  f"{', '.join(formats.LANGUAGES)})", file=sys.stderr)
+            return 2
+        if loaded.tokenizer.token_to_id(formats.lang_tag(args.language)) is not None:
+            prompt = formats.plain(args.language, prompt)
     d = loaded.defaults
     params = SamplingParams(
         max_new_tokens=args.max_tokens,
@@ -59,12 +71,46 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the language server (stdio by default)")
+    p.add_argument("--tcp", type=int, default=None, metavar="PORT",
+                   help="listen on 127.0.0.1:PORT instead of stdio (for debugging)")
+    p.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .app import server
+
+    if args.tcp is not None:
+        server.start_tcp("127.0.0.1", args.tcp)
+    else:
+        server.start_io()
+    return 0
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="type into a document through the language server and "
+                                    "watch the ghost text stream in")
+    p.add_argument("--model", default=None, help="checkpoint directory (default: embedded)")
+    p.add_argument("--cps", type=float, default=8.0, help="typing speed, characters/second")
+    p.add_argument("--chars", type=int, default=0, help="type only the first N characters")
+    p.set_defaults(func=_demo)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import main as demo_main
+
+    return demo_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="codevista", description=__doc__)
     parser.add_argument("--log-level", default=os.environ.get("CODEVISTA_LOG", "WARNING"))
     parser.add_argument("--log-file", default=None)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    _add_serve(sub)
+    _add_demo(sub)
     return parser
 
 

@@ -1,0 +1,250 @@
+"""The codevista language server (pygls): wiring only; features live in features/.
+
+Protocol extensions (documented in README):
+- streaming ghost text: a client advertising `experimental.codevista.streaming = true`
+  may send a `partialResultToken` with `textDocument/inlineCompletion`; the server sends
+  `$/progress {token, value: {items: [{insertText}], isIncomplete: true}}` (each value
+  replaces the previous one) before the final response;
+- `codevista/status` notifications: {state: loading|ready|error, model, message}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import Any
+
+import attrs
+from lsprotocol import types
+from pygls.exceptions import JsonRpcException, JsonRpcInvalidParams
+from pygls.lsp.server import LanguageServer
+from pygls.protocol import LanguageServerProtocol
+
+from .backend import LocalBackend
+from .documents import Snapshot, to_offset
+from .errors import DocumentNotOpenError, to_jsonrpc
+from .features.completion import CompletionService
+from .settings import Settings, parse_settings
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+ACCEPT_COMMAND = "codevista.didAcceptCompletion"
+STATS_COMMAND = "codevista.stats"
+
+
+@attrs.define
+class StreamingInlineCompletionParams(types.InlineCompletionParams):
+    """InlineCompletionParams plus the partialResultToken of our streaming extension."""
+
+    partial_result_token: int | str | None = attrs.field(default=None)
+
+
+@attrs.define
+class StreamingInlineCompletionRequest(types.InlineCompletionRequest):
+    params: StreamingInlineCompletionParams = attrs.field(kw_only=True)
+
+
+_IGNORED = object()
+
+
+class Protocol(LanguageServerProtocol):
+    """Answers requests whose params do not fit their type with InvalidParams, where the
+    stock protocol would drop them and leave the client waiting forever."""
+
+    def get_message_type(self, method: str) -> Any:  # type: ignore[override]
+        if method == types.TEXT_DOCUMENT_INLINE_COMPLETION:
+            return StreamingInlineCompletionRequest
+        return super().get_message_type(method)
+
+    def structure_message(self, data: dict[str, Any]) -> Any:
+        try:
+            return super().structure_message(data)
+        except JsonRpcException:
+            if "jsonrpc" in data and "method" in data and "id" in data:
+                self._send_response(data["id"], error=JsonRpcInvalidParams(
+                    f"invalid params for {data['method']}").to_response_error())
+                return _IGNORED
+            raise
+
+    def handle_message(self, message: Any) -> None:
+        if message is _IGNORED:
+            return
+        super().handle_message(message)
+
+
+class CodevistaServer(LanguageServer):
+    def __init__(self) -> None:
+        super().__init__("codevista", VERSION, protocol_cls=Protocol)
+        self.settings = Settings()
+        self.backend = LocalBackend()
+        self.completions = CompletionService(self.backend, lambda: self.settings)
+        self.accepted = 0
+        self.load_task: asyncio.Task[None] | None = None
+
+    # -- helpers -------------------------------------------------------------------------
+    @property
+    def encoding(self) -> str:
+        enc = self.workspace.position_encoding or types.PositionEncodingKind.Utf16
+        return str(enc.value if hasattr(enc, "value") else enc)
+
+    def streaming_client(self) -> bool:
+        exp = self.client_capabilities.experimental
+        return isinstance(exp, dict) and bool((exp.get("codevista") or {}).get("streaming"))
+
+    def snapshot(self, uri: str, position: types.Position) -> Snapshot:
+        if uri not in self.workspace.text_documents:
+            raise DocumentNotOpenError(f"document {uri} is not open")
+        doc = self.workspace.get_text_document(uri)
+        offset = to_offset(doc.source, position.line, position.character, self.encoding)
+        return Snapshot(uri=uri, version=doc.version, text=doc.source,
+                        language_id=doc.language_id or "", offset=offset)
+
+    def status(self, message: str = "") -> None:
+        b = self.backend
+        self.protocol.notify("codevista/status", {
+            "state": b.state, "model": b.model_name, "message": message or (b.error or "")})
+
+    def apply_settings(self, raw: Any) -> None:
+        new, errors = parse_settings(raw, self.settings)
+        for e in errors:
+            self.window_show_message(types.ShowMessageParams(
+                type=types.MessageType.Warning, message=f"codevista: {e}"))
+        old, self.settings = self.settings, new
+        if (new.model_path, new.dtype) != (old.model_path, old.dtype) or self.load_task is None:
+            self.start_load()
+
+    def start_load(self) -> None:
+        if self.load_task is not None and not self.load_task.done():
+            self.load_task.cancel()
+        self.load_task = asyncio.ensure_future(self._load())
+
+    async def _load(self) -> None:
+        token = str(uuid.uuid4())
+        progress = False
+        window = self.client_capabilities.window
+        if window is not None and window.work_done_progress:
+            try:
+                await self.work_done_progress.create_async(token)
+                progress = True
+            except Exception:  # the client declined: status notifications still go out
+                log.info("client refused a progress token")
+
+        def report(message: str) -> None:
+            if progress:
+                self.work_done_progress.report(token, types.WorkDoneProgressReport(
+                    message=message))
+            self.status(message)
+
+        if progress:
+            self.work_done_progress.begin(token, types.WorkDoneProgressBegin(
+                title="codevista", message="loading model", cancellable=False))
+        await self.backend.load(self.settings.model_path, self.settings.dtype, report)
+        if progress:
+            self.work_done_progress.end(token, types.WorkDoneProgressEnd(
+                message=self.backend.state))
+        self.status()
+        if self.backend.state == "error":
+            self.window_show_message(types.ShowMessageParams(
+                type=types.MessageType.Error,
+                message=f"codevista: the model could not be loaded: {self.backend.error}"))
+
+
+server = CodevistaServer()
+
+
+@server.feature(types.INITIALIZED)
+def initialized(ls: CodevistaServer, params: types.InitializedParams) -> None:
+    ls.apply_settings(getattr(ls, "_init_options", None))
+
+
+@server.feature(types.INITIALIZE)
+def initialize(ls: CodevistaServer, params: types.InitializeParams) -> None:
+    ls._init_options = params.initialization_options  # type: ignore[attr-defined]
+
+
+@server.feature(types.WORKSPACE_DID_CHANGE_CONFIGURATION)
+def did_change_configuration(ls: CodevistaServer,
+                             params: types.DidChangeConfigurationParams) -> None:
+    ls.apply_settings(params.settings)
+
+
+@server.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())
+async def inline_completion(ls: CodevistaServer, params: StreamingInlineCompletionParams
+                            ) -> types.InlineCompletionList | None:
+    try:
+        uri = params.text_document.uri
+        sel = params.context.selected_completion_info if params.context else None
+        if sel is not None:
+            # The user has a completion item selected: continue after its text.
+            snap = ls.snapshot(uri, sel.range.start)
+            end = ls.snapshot(uri, sel.range.end).offset
+            snap = Snapshot(uri, snap.version, snap.prefix + sel.text + snap.text[end:],
+                            snap.language_id, snap.offset + len(sel.text))
+            rng, lead = sel.range, sel.text
+        else:
+            snap = ls.snapshot(uri, params.position)
+            rng, lead = types.Range(params.position, params.position), ""
+        if not ls.settings.language_enabled(snap.language_id):
+            return None
+        token = params.partial_result_token if ls.streaming_client() else None
+
+        def on_partial(text: str) -> None:
+            if token is not None:
+                ls.progress(types.ProgressParams(token=token, value={
+                    "items": [{"insertText": lead + text}], "isIncomplete": True}))
+
+        text = await ls.completions.complete(snap, on_partial)
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:
+        raise to_jsonrpc(e) from e
+    if text is None:
+        ls.status("the model is not ready")
+        return None
+    if not text:
+        return types.InlineCompletionList(items=[])
+    return types.InlineCompletionList(items=[
+        types.InlineCompletionItem(insert_text=lead + text, range=rng)])
+
+
+@server.feature(types.TEXT_DOCUMENT_COMPLETION,
+                types.CompletionOptions(trigger_characters=[".", "(", " "]))
+async def completion(ls: CodevistaServer, params: types.CompletionParams
+                     ) -> types.CompletionList | None:
+    """Fallback for clients without inline completion: one item holding the suggestion."""
+    try:
+        snap = ls.snapshot(params.text_document.uri, params.position)
+        if not ls.settings.language_enabled(snap.language_id):
+            return None
+        text = await ls.completions.complete(snap)
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:
+        raise to_jsonrpc(e) from e
+    if not text:
+        return None
+    first = text.split("\n", 1)[0].strip() or text.strip()
+    return types.CompletionList(is_incomplete=True, items=[types.CompletionItem(
+        label=first[:60], kind=types.CompletionItemKind.Snippet, detail="codevista",
+        insert_text=text, insert_text_format=types.InsertTextFormat.PlainText,
+        sort_text="0")])
+
+
+@server.command(ACCEPT_COMMAND)
+def did_accept(ls: CodevistaServer, *args: Any) -> None:
+    """Acceptance events stay in this process (counted, logged); nothing leaves it."""
+    ls.accepted += 1
+    log.info("completion accepted (%d so far)", ls.accepted)
+
+
+@server.command(STATS_COMMAND)
+def stats(ls: CodevistaServer, *args: Any) -> dict[str, Any]:
+    return {**ls.completions.stats.as_dict(), "accepted": ls.accepted,
+            "model": ls.backend.model_name, "state": ls.backend.state}
+
+
+@server.feature(types.SHUTDOWN)
+def shutdown(ls: CodevistaServer, *args: Any) -> None:
+    ls.backend.close()

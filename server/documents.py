@@ -1,0 +1,94 @@
+"""Document positions and snapshots.
+
+LSP positions count characters in the negotiated encoding (UTF-16 code units unless the
+client chose UTF-8 or UTF-32). Conversion is strict: a line past the end of the document,
+a character past the end of its line, or a position inside a surrogate pair (or inside a
+UTF-8 sequence) is an error the client hears about, never a silent clamp.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_EOL = re.compile(r"\r\n|\r|\n")
+
+
+class PositionError(ValueError):
+    """A position that does not exist in the document."""
+
+
+def _units(ch: str, encoding: str) -> int:
+    cp = ord(ch)
+    if encoding == "utf-8":
+        return 1 if cp < 0x80 else 2 if cp < 0x800 else 3 if cp < 0x10000 else 4
+    if encoding == "utf-32":
+        return 1
+    return 2 if cp >= 0x10000 else 1
+
+
+def line_starts(text: str) -> list[int]:
+    """Offsets where each line begins (a trailing newline starts one more, empty line)."""
+    return [0, *(m.end() for m in _EOL.finditer(text))]
+
+
+def line_content(text: str, starts: list[int], line: int) -> str:
+    end = starts[line + 1] if line + 1 < len(starts) else len(text)
+    return text[starts[line]:end].rstrip("\r\n")
+
+
+def to_offset(text: str, line: int, character: int, encoding: str = "utf-16") -> int:
+    """String index of an LSP position; PositionError if the position does not exist."""
+    starts = line_starts(text)
+    if line < 0 or character < 0:
+        raise PositionError(f"negative position {line}:{character}")
+    if line >= len(starts):
+        raise PositionError(f"line {line} is past the end of the document "
+                            f"({len(starts)} lines)")
+    content = line_content(text, starts, line)
+    units = 0
+    for i, ch in enumerate(content):
+        if units == character:
+            return starts[line] + i
+        units += _units(ch, encoding)
+        if units > character:
+            raise PositionError(f"character {character} of line {line} is inside a "
+                                f"character ({encoding} units)")
+    if units == character:
+        return starts[line] + len(content)
+    raise PositionError(f"character {character} is past the end of line {line} "
+                        f"({units} {encoding} units)")
+
+
+def to_position(text: str, offset: int, encoding: str = "utf-16") -> tuple[int, int]:
+    starts = line_starts(text)
+    line = max(i for i, s in enumerate(starts) if s <= offset)
+    col = sum(_units(ch, encoding) for ch in text[starts[line]:offset])
+    return line, col
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """An immutable view of a document at one cursor position."""
+
+    uri: str
+    version: int | None
+    text: str
+    language_id: str
+    offset: int
+
+    @property
+    def prefix(self) -> str:
+        return self.text[:self.offset]
+
+    @property
+    def suffix(self) -> str:
+        return self.text[self.offset:]
+
+    @property
+    def line_prefix(self) -> str:
+        return self.prefix.rsplit("\n", 1)[-1]
+
+    @property
+    def line_suffix(self) -> str:
+        return self.suffix.split("\n", 1)[0]

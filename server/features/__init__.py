@@ -1,0 +1,1 @@
+"""LSP features: thin handlers that delegate to one service each."""

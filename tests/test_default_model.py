@@ -1,0 +1,58 @@
+"""The embedded default model: shipped in the HF layout, loaded alike by transformers and
+codevista (same greedy tokens), used by the CLI when no model is given."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from codevista.models import formats
+from codevista.models.engine import Engine, SamplingParams
+from codevista.models.loader import DEFAULT_MODEL_DIR, load_model
+from tiny_models import load_reference
+
+PROMPTS = [
+    formats.plain("python", "def fibonacci(n):\n    "),
+    formats.fim_spm("python", "def area(r):\n    return ", "\n\nprint(area(2))\n"),
+    formats.translation("java", "public int add(int a, int b) { return a + b; }", "csharp"),
+]
+
+
+def test_shipped_files_and_size():
+    names = {p.name for p in DEFAULT_MODEL_DIR.iterdir()}
+    assert {"config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors",
+            "generation_config.json", "MODEL_CARD.md"} <= names
+    total = sum(p.stat().st_size for p in DEFAULT_MODEL_DIR.iterdir())
+    assert total <= 60 * 1024 * 1024
+
+
+def test_special_tokens_are_single_ids():
+    tok = load_model(DEFAULT_MODEL_DIR).tokenizer
+    for token in formats.SPECIAL_TOKENS:
+        ids = tok.encode(token)
+        assert len(ids) == 1 and tok.token_to_id(token) == ids[0]
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_transformers_and_codevista_agree_greedily(prompt):
+    loaded = load_model(DEFAULT_MODEL_DIR)
+    ids = loaded.tokenizer.encode(prompt)
+    ref = load_reference(DEFAULT_MODEL_DIR)
+    with torch.no_grad():
+        out = ref.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=32,
+                           min_new_tokens=32, pad_token_id=0)
+    with Engine(loaded) as engine:
+        ours = engine.generate(ids, SamplingParams(max_new_tokens=32, ignore_eos=True))
+    assert ours.token_ids == out[0, len(ids):].tolist()
+
+
+def test_cli_uses_the_embedded_model_by_default():
+    proc = subprocess.run(
+        [sys.executable, "-m", "codevista.server.cli", "generate", "--language", "python",
+         "--prompt", "import os\n\ndef main():\n    ", "--max-tokens", "16",
+         "--temperature", "0"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip()

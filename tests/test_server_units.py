@@ -1,0 +1,87 @@
+"""Units of the language server: positions, settings, prompts, post-processing."""
+
+from __future__ import annotations
+
+import pytest
+
+from codevista.models.tokenizer import Tokenizer
+from codevista.server.documents import PositionError, Snapshot, line_starts, to_offset
+from codevista.server.postprocess import Policy, finish
+from codevista.server.prompts import ANCHOR_LINES, build_prompt, detect_family
+from codevista.server.settings import Settings, parse_settings
+
+TEXT = "a = 1\r\nb = '日本🎉!'\n\nend"
+
+
+def test_line_starts_handle_crlf_and_trailing_lines():
+    assert line_starts(TEXT) == [0, 7, 18, 19]
+    assert line_starts("x\n") == [0, 2]
+
+
+@pytest.mark.parametrize("enc,char,expected", [
+    ("utf-16", 10, 16), ("utf-8", 16, 16), ("utf-32", 9, 16), ("utf-16", 7, 14)])
+def test_positions_in_each_encoding(enc, char, expected):
+    assert to_offset(TEXT, 1, char, enc) == expected
+
+
+@pytest.mark.parametrize("line,char,enc", [
+    (1, 8, "utf-16"),  # inside the surrogate pair of the emoji
+    (1, 6, "utf-8"),  # inside the UTF-8 bytes of 日
+    (0, 6, "utf-16"),  # past the end of line 0 (the \r\n is not part of it)
+    (4, 0, "utf-16"),  # past the last line
+    (0, -1, "utf-16")])
+def test_impossible_positions_raise(line, char, enc):
+    with pytest.raises(PositionError):
+        to_offset(TEXT, line, char, enc)
+
+
+def test_settings_apply_good_fields_and_report_bad_ones():
+    s, errors = parse_settings({"codevista": {"maxTokens": 32, "temperature": 5,
+                                              "languages": {"markdown": False}, "x": 1}},
+                               Settings())
+    assert s.max_tokens == 32 and s.temperature == 0.0
+    assert not s.language_enabled("markdown") and s.language_enabled("python")
+    assert len(errors) == 2 and any("temperature" in e for e in errors)
+    same, errors = parse_settings("nonsense", s)
+    assert same == s and errors
+
+
+def _snap(text: str, cursor: str = "|") -> Snapshot:
+    i = text.index(cursor)
+    return Snapshot("file:///t.py", 1, text.replace(cursor, "", 1), "python", i)
+
+
+def test_single_line_mid_line_and_block_at_line_end():
+    mid = Policy.for_snapshot(_snap("x = foo(|)\n"))
+    assert mid.single_line and mid.cut("a, b)\nmore") == ("a, b)", True)
+    block = Policy.for_snapshot(_snap("def f(x):\n    |\n"))
+    kept, done = block.cut("if x:\n        return 1\n    return 2\ndef g():\n")
+    assert kept == "if x:\n        return 1\n    return 2" and done
+
+
+def test_block_after_an_opening_line_is_its_body():
+    p = Policy.for_snapshot(_snap("def f(x):|"))
+    kept, done = p.cut("\n    return x\n\nprint(f(1))\n")
+    assert done and kept == "\n    return x\n"
+
+
+def test_finish_trims_suffix_repeat_trailing_space_and_neighbour_repeats():
+    assert finish("a, b)", _snap("x = foo(|)\n")) == "a, b"
+    assert finish("total += 1   \n", _snap("for i in r:\n    |")) == "total += 1"
+    assert finish("y = 2", _snap("y = 2\n|\nz = 3")) == ""
+    assert finish("   ", _snap("x = |")) == ""
+
+
+def test_prompt_start_is_stable_while_typing(tokenizer_dir):
+    tok = Tokenizer.from_dir(tokenizer_dir)
+    family = detect_family(tok)
+    assert family.name == "qwen"  # the tiny tokenizer has <|fim_prefix|> ... tokens
+    body = "".join(f"value_{i} = compute({i})\n" for i in range(400))
+    starts = set()
+    for typed in ("r", "re", "ret", "retu"):
+        snap = Snapshot("file:///t.py", 1, body + typed, "python", len(body) + len(typed))
+        prompt = build_prompt(family, tok, snap, 512)
+        assert len(prompt.ids) <= 512
+        starts.add(snap.prefix[len(snap.prefix) - prompt.prefix_chars:][:40])
+    assert len(starts) == 1  # the window begins at the same anchored line each time
+    assert ANCHOR_LINES > 1
