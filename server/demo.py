@@ -88,8 +88,9 @@ async def run(args: argparse.Namespace) -> int:
             continue
         t = driver.partials[pending[0]]
         suggestion = result.items[0].insert_text if result and result.items else ""
+        final = t.final if t.final is not None else time.perf_counter()
         lat = (f"first {1000 * (t.first_partial - t.sent):.0f} ms, "
-               if t.first_partial else "") + f"final {1000 * (t.final - t.sent):.0f} ms"
+               if t.first_partial else "") + f"final {1000 * (final - t.sent):.0f} ms"
         ghost = suggestion.replace("\n", "\\n")
         ghost = f"{DIM}{ghost}{RESET}" if tty else f"«{ghost}»"
         out.write(("\r\033[K" if tty else "") + f"{typed}{ghost}    [{lat}]\n")

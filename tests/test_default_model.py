@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-
 from codevista.models import formats
 from codevista.models.engine import Engine, SamplingParams
 from codevista.models.loader import DEFAULT_MODEL_DIR, load_model

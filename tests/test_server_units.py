@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from codevista.models.tokenizer import Tokenizer
 from codevista.server.documents import PositionError, Snapshot, line_starts, to_offset
 from codevista.server.postprocess import Policy, finish
