@@ -91,6 +91,23 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self.tok.token_to_id(token)
 
+    def token_texts(self) -> list[str | None]:
+        """Each id's text on its own (None for special tokens and for pieces of a
+        multi-byte character), computed once."""
+        cached = getattr(self, "_token_texts", None)
+        if cached is None:
+            n = self.max_id() + 1
+            texts = self.tok.decode_batch([[i] for i in range(n)], skip_special_tokens=False)
+            cached = [None if (i in self.special_ids or not t or REPLACEMENT in t) else t
+                      for i, t in enumerate(texts)]
+            self._token_texts: list[str | None] = cached
+        return cached
+
+    def ids_consistent_with(self, text: str) -> list[int]:
+        """Ids whose text starts with `text` or is a prefix of it (token healing)."""
+        return [i for i, t in enumerate(self.token_texts())
+                if t is not None and (t.startswith(text) or text.startswith(t))]
+
 
 class IncrementalDetokenizer:
     """Yields text deltas for ids appended one at a time.

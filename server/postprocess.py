@@ -2,6 +2,7 @@
 
 Multi-line policy: with text after the cursor on its line, one line; at the end of a line
 or on a blank line, a block that ends at the dedent closing it (or a blank-line gap).
+A block also ends where the model starts repeating the line before.
 Clean-up: no trailing whitespace, no repeat of the text after the cursor, no line that
 just repeats a neighbouring line.
 """
@@ -55,6 +56,9 @@ class Policy:
                     return "\n".join(kept), True
             else:
                 blank_run = 0
+                previous = [k for k in kept if k.strip()]
+                if complete and previous and line.strip() == previous[-1].strip():
+                    return "\n".join(kept), True  # a model looping on one line
             kept.append(line)
             if len(kept) >= MAX_BLOCK_LINES and complete:
                 return "\n".join(kept), True

@@ -224,3 +224,11 @@ def test_submit_from_many_threads(engine):
     for t in threads:
         t.join(30)
     assert len(results) == 6 and all(r.generated_tokens == 6 for r in results)
+
+
+def test_required_prefix_forces_the_start_of_the_output(engine, loaded_qwen):
+    tok = loaded_qwen.tokenizer
+    for required in ("return", "    sel", "x"):
+        r = engine.generate(tok.encode("def f(a, b):\n"),
+                            SamplingParams(max_new_tokens=12, required_prefix=required))
+        assert r.text.startswith(required), (required, r.text)

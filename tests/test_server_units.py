@@ -84,3 +84,9 @@ def test_prompt_start_is_stable_while_typing(tokenizer_dir):
         starts.add(snap.prefix[len(snap.prefix) - prompt.prefix_chars:][:40])
     assert len(starts) == 1  # the window begins at the same anchored line each time
     assert ANCHOR_LINES > 1
+
+
+def test_block_stops_when_the_model_repeats_a_line():
+    p = Policy.for_snapshot(_snap("|"))
+    kept, done = p.cut("import os\nimport os\nimport os\n")
+    assert done and kept == "import os"

@@ -46,6 +46,7 @@ class _Active:
     generator: torch.Generator | None
     generated: list[int] = field(default_factory=list)
     pending: int | None = None  # sampled, not yet fed through the model
+    required: str = ""  # text the output must still begin with (token healing)
     first_token_at: float | None = None
     text: list[str] = field(default_factory=list)
 
@@ -91,6 +92,7 @@ class Engine:
         self._active: deque[_Active] = deque()
         self._completed = 0
         self._stop = False
+        self._healing_ids: dict[str, torch.Tensor] = {}
         self._thread: threading.Thread | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -230,7 +232,8 @@ class Engine:
             self._active.append(_Active(
                 handle=handle, slot=slot, cached=cached, pos=cached,
                 detok=IncrementalDetokenizer(self.tokenizer, p.skip_special_tokens),
-                stops=StopStringMatcher(list(p.stop)), stop_ids=stop_ids, generator=gen))
+                stops=StopStringMatcher(list(p.stop)), stop_ids=stop_ids, generator=gen,
+                required=p.required_prefix))
         self._waiting = still
 
     def _step(self, st: _Active) -> None:
@@ -251,7 +254,10 @@ class Engine:
                 assert st.pending is not None
                 logits = self._forward(st, [st.pending])
             p = req.params
-            token = sample(logits[-1], p.temperature, p.top_k, p.top_p, st.generator)
+            row = logits[-1]
+            if st.required:
+                row = self._constrain(row, st.required)
+            token = sample(row, p.temperature, p.top_k, p.top_p, st.generator)
         except ModelError as e:
             return self._finish(st, "error", e)
         except Exception as e:  # a bug or out-of-memory: report it, keep serving others
@@ -271,9 +277,27 @@ class Engine:
         st.pos += len(tokens)
         return logits
 
+    def _constrain(self, row: torch.Tensor, required: str) -> torch.Tensor:
+        """Only tokens consistent with the text the output must begin with."""
+        allowed = self._healing_ids.get(required)
+        if allowed is None:
+            ids = self.tokenizer.ids_consistent_with(required)
+            allowed = torch.tensor([i for i in ids if i < row.shape[0]], dtype=torch.long)
+            if len(self._healing_ids) > 256:
+                self._healing_ids.clear()
+            self._healing_ids[required] = allowed
+        if allowed.numel() == 0:
+            return row
+        masked = torch.full_like(row, float("-inf"))
+        masked[allowed] = row[allowed]
+        return masked
+
     def _accept(self, st: _Active, token: int) -> None:
         if st.first_token_at is None:
             st.first_token_at = time.monotonic()
+        if st.required:
+            text = self.tokenizer.token_texts()[token] or ""
+            st.required = st.required[len(text):] if st.required.startswith(text) else ""
         if token in st.stop_ids:
             return self._finish(st, "stop")
         st.generated.append(token)

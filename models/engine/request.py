@@ -32,6 +32,9 @@ class SamplingParams:
     ignore_eos: bool = False
     deadline_s: float | None = None  # wall-clock budget from submission
     skip_special_tokens: bool = True
+    # Token healing: the generated text must begin with this (the caller removed it from
+    # the end of the prompt so the model can choose the token that covers it).
+    required_prefix: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:

@@ -92,13 +92,17 @@ class CompletionService:
             else settings.max_tokens,
             temperature=settings.temperature,
             stop_token_ids=backend.stop_ids(family.stop_tokens),
-            deadline_s=30.0)
+            deadline_s=30.0, required_prefix=prompt.heal)
         gen = backend.submit(prompt.ids, params)
         self.inflight[snap.uri] = gen
-        raw, sent = "", None
+        heal = prompt.heal
+        generated, raw, sent = "", "", None
         try:
             async for delta in gen.astream():
-                raw += delta
+                generated += delta
+                if len(generated) < len(heal):
+                    continue  # still re-generating the healed text
+                raw = generated[len(heal):] if generated.startswith(heal) else ""
                 kept, done = policy.cut(raw)
                 if on_partial is not None:
                     partial = kept.rstrip(" \t")

@@ -127,9 +127,10 @@ def expected_completion(engine, text: str, offset: int, language: str = "python"
     policy = Policy.for_snapshot(snap)
     stops = set(engine.loaded.stop_token_ids)
     stops.update(i for t in family.stop_tokens if (i := tok.token_to_id(t)) is not None)
-    raw = engine.generate(prompt.ids, SamplingParams(
+    out = engine.generate(prompt.ids, SamplingParams(
         max_new_tokens=min(max_tokens, 48) if policy.single_line else max_tokens,
-        stop_token_ids=tuple(sorted(stops)))).text
+        stop_token_ids=tuple(sorted(stops)), required_prefix=prompt.heal)).text
+    raw = out[len(prompt.heal):] if out.startswith(prompt.heal) else ""
     return finish(policy.cut(raw)[0], snap)
 
 
