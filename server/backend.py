@@ -35,6 +35,7 @@ class Backend(Protocol):
     model_name: str
     tokenizer: Tokenizer | None
     family: Family | None
+    max_positions: int
 
     async def load(self, model_path: str | None, dtype: str,
                    report: Callable[[str], None]) -> None: ...
@@ -86,6 +87,10 @@ class LocalBackend:
         if self.engine is None:
             raise ModelError("no model is loaded")
         return self.engine.submit(prompt_ids, params)
+
+    @property
+    def max_positions(self) -> int:
+        return self.loaded.model.max_positions if self.loaded is not None else 0
 
     def stop_ids(self, stop_tokens: tuple[str, ...]) -> tuple[int, ...]:
         assert self.loaded is not None and self.tokenizer is not None

@@ -84,12 +84,14 @@ class CompletionService:
             previous.cancel()  # superseded by this newer request
         settings = self.settings()
         family = backend.family
-        prompt = build_prompt(family, backend.tokenizer, snap, settings.context_tokens,
-                              path=snap.uri)
         policy = Policy.for_snapshot(snap)
+        max_new = min(settings.max_tokens, 48) if policy.single_line else settings.max_tokens
+        max_new = min(max_new, backend.max_positions // 2)
+        # The prompt budget never exceeds what the model was built for.
+        budget = min(settings.context_tokens, backend.max_positions - max_new)
+        prompt = build_prompt(family, backend.tokenizer, snap, budget, path=snap.uri)
         params = SamplingParams(
-            max_new_tokens=min(settings.max_tokens, 48) if policy.single_line
-            else settings.max_tokens,
+            max_new_tokens=max_new,
             temperature=settings.temperature,
             stop_token_ids=backend.stop_ids(family.stop_tokens),
             deadline_s=30.0, required_prefix=prompt.heal)

@@ -123,8 +123,10 @@ def expected_completion(engine, text: str, offset: int, language: str = "python"
     tok = engine.tokenizer
     family = detect_family(tok)
     snap = Snapshot(uri=uri, version=1, text=text, language_id=language, offset=offset)
-    prompt = build_prompt(family, tok, snap, 1024, path=uri)
     policy = Policy.for_snapshot(snap)
+    max_new = min(max_tokens, 48) if policy.single_line else max_tokens
+    budget = min(1024, engine.model.max_positions - max_new)
+    prompt = build_prompt(family, tok, snap, budget, path=uri)
     stops = set(engine.loaded.stop_token_ids)
     stops.update(i for t in family.stop_tokens if (i := tok.token_to_id(t)) is not None)
     out = engine.generate(prompt.ids, SamplingParams(
