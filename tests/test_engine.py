@@ -232,3 +232,17 @@ def test_required_prefix_forces_the_start_of_the_output(engine, loaded_qwen):
         r = engine.generate(tok.encode("def f(a, b):\n"),
                             SamplingParams(max_new_tokens=12, required_prefix=required))
         assert r.text.startswith(required), (required, r.text)
+
+
+async def test_result_after_leaving_the_stream_early(engine):
+    """Breaking out of astream() and then awaiting aresult() must not hang."""
+    handle = engine.submit(_ids(10, seed=16), SamplingParams(max_new_tokens=500,
+                                                             ignore_eos=True))
+    seen = 0
+    async for _ in handle.astream():
+        seen += 1
+        if seen == 5:
+            handle.cancel()
+            break
+    result = await asyncio.wait_for(handle.aresult(), 10)
+    assert result.finish_reason == "cancelled"

@@ -171,8 +171,11 @@ class RequestHandle:
                 await ready.wait()
                 ready.clear()
         finally:
+            # A consumer that broke out of its loop is finalised later: it must not
+            # unregister the waker of a newer consumer (e.g. aresult()).
             with self._lock:
-                self._waker = None
+                if self._waker is waker:
+                    self._waker = None
 
     async def aresult(self) -> GenerationResult:
         """Wait for the result from asyncio (consumes any deltas not yet read)."""
