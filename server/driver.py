@@ -30,6 +30,7 @@ class Timing:
     final: float | None = None
     text: str = ""
     cancelled: bool = False
+    error: str = ""
 
 
 @dataclass
@@ -116,6 +117,7 @@ class Driver:
             t.final = time.perf_counter()
             if f.cancelled() or f.exception() is not None:
                 t.cancelled = True
+                t.error = "cancelled" if f.cancelled() else str(f.exception())
             elif f.result() is not None and f.result().items:
                 t.text = f.result().items[0].insert_text
         wrapped.add_done_callback(done)
