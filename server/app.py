@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from typing import Any
 
@@ -82,6 +83,7 @@ class CodevistaServer(LanguageServer):
         self.completions = CompletionService(self.backend, lambda: self.settings)
         self.accepted = 0
         self.load_task: asyncio.Task[None] | None = None
+        self.edited: dict[str, float] = {}  # uri -> last open/edit time
 
     # -- helpers -------------------------------------------------------------------------
     @property
@@ -100,6 +102,13 @@ class CodevistaServer(LanguageServer):
         offset = to_offset(doc.source, position.line, position.character, self.encoding)
         return Snapshot(uri=uri, version=doc.version, text=doc.source,
                         language_id=doc.language_id or "", offset=offset)
+
+    def other_documents(self, uri: str, language_id: str) -> list[tuple[str, str]]:
+        """Other open documents of the same language, most recently edited first."""
+        docs = self.workspace.text_documents
+        order = sorted((u for u in self.edited if u != uri and u in docs),
+                       key=lambda u: -self.edited[u])
+        return [(u, docs[u].source) for u in order if docs[u].language_id == language_id]
 
     def status(self, message: str = "") -> None:
         b = self.backend
@@ -164,6 +173,22 @@ def initialize(ls: CodevistaServer, params: types.InitializeParams) -> None:
     ls._init_options = params.initialization_options  # type: ignore[attr-defined]
 
 
+@server.feature(types.TEXT_DOCUMENT_DID_OPEN)
+def did_open(ls: CodevistaServer, params: types.DidOpenTextDocumentParams) -> None:
+    ls.edited[params.text_document.uri] = time.monotonic()
+
+
+@server.feature(types.TEXT_DOCUMENT_DID_CHANGE)
+def did_change(ls: CodevistaServer, params: types.DidChangeTextDocumentParams) -> None:
+    ls.edited[params.text_document.uri] = time.monotonic()
+
+
+@server.feature(types.TEXT_DOCUMENT_DID_CLOSE)
+def did_close(ls: CodevistaServer, params: types.DidCloseTextDocumentParams) -> None:
+    ls.edited.pop(params.text_document.uri, None)
+    ls.completions.shown.pop(params.text_document.uri, None)
+
+
 @server.feature(types.WORKSPACE_DID_CHANGE_CONFIGURATION)
 def did_change_configuration(ls: CodevistaServer,
                              params: types.DidChangeConfigurationParams) -> None:
@@ -195,7 +220,8 @@ async def inline_completion(ls: CodevistaServer, params: StreamingInlineCompleti
                 ls.progress(types.ProgressParams(token=token, value={
                     "items": [{"insertText": lead + text}], "isIncomplete": True}))
 
-        text = await ls.completions.complete(snap, on_partial)
+        text = await ls.completions.complete(
+            snap, on_partial, others=ls.other_documents(uri, snap.language_id))
     except asyncio.CancelledError:
         raise
     except Exception as e:
@@ -218,7 +244,8 @@ async def completion(ls: CodevistaServer, params: types.CompletionParams
         snap = ls.snapshot(params.text_document.uri, params.position)
         if not ls.settings.language_enabled(snap.language_id):
             return None
-        text = await ls.completions.complete(snap)
+        text = await ls.completions.complete(
+            snap, others=ls.other_documents(snap.uri, snap.language_id))
     except asyncio.CancelledError:
         raise
     except Exception as e:

@@ -70,6 +70,9 @@ def finish(text: str, snap: Snapshot) -> str:
     lines = [line.rstrip() for line in text.split("\n")]
     while lines and not lines[-1].strip():
         lines.pop()
+    if lines and snap.line_prefix and not snap.line_prefix.strip():
+        # The cursor sits after the indentation already typed: the first line needs none.
+        lines[0] = lines[0].lstrip(" \t")
     text = "\n".join(lines)
     if not text.strip():
         return ""

@@ -78,6 +78,7 @@ class Prompt:
     prefix_chars: int  # characters of the document before the cursor in the prompt
     suffix_chars: int
     heal: str = ""  # text cut from the end of the prefix; the output must start with it
+    context_chars: int = 0  # characters of other documents' snippets before the prefix
 
 
 def healing_text(tok: Tokenizer, prefix: str) -> str:
@@ -105,8 +106,41 @@ def _first_line(lines: list[str], max_chars: int) -> int:
     return 0
 
 
+LINE_COMMENT = {"python": "#", "ruby": "#", "shellscript": "#", "r": "#", "perl": "#",
+                "lua": "--", "sql": "--", "haskell": "--"}
+
+
+def context_block(family: Family, language_id: str, others: list[tuple[str, str]],
+                  max_chars: int) -> str:
+    """Snippets of other open documents (most recently edited first) as text that goes
+    before the prefix: the family's file separator where it has one, else a comment
+    naming the file. Each document contributes its first lines (imports, signatures)."""
+    if not others or max_chars <= 0:
+        return ""
+    sep = {"qwen": "<|file_sep|>", "starcoder": "<file_sep>"}.get(family.name)
+    comment = LINE_COMMENT.get(language_id, "//")
+    parts: list[str] = []
+    left = max_chars
+    for uri, text in others:
+        header = f"{sep}{uri}\n" if sep else f"{comment} from {uri}:\n"
+        room = left - len(header) - 1
+        if room < 80:
+            break
+        body = text[:room]
+        if len(body) < len(text):
+            body = body[: body.rfind("\n") + 1] if "\n" in body else ""
+        if not body.strip():
+            continue
+        parts.append(header + body.rstrip("\n") + "\n")
+        left -= len(parts[-1])
+    if not parts:
+        return ""
+    return "".join(parts) + (f"{sep}current\n" if sep else "\n")
+
+
 def build_prompt(family: Family, tok: Tokenizer, snap: Snapshot, budget: int,
-                 path: str = "", heal_tokens: bool = True) -> Prompt:
+                 path: str = "", heal_tokens: bool = True,
+                 others: list[tuple[str, str]] | None = None) -> Prompt:
     suffix_budget = budget // 4 if family.name != "plain" else 0
     suffix = snap.suffix
     if suffix_budget:
@@ -117,16 +151,25 @@ def build_prompt(family: Family, tok: Tokenizer, snap: Snapshot, budget: int,
     else:
         suffix = ""
     lines = snap.prefix.split("\n")
-    first = _first_line(lines, int((budget - suffix_budget) * CHARS_PER_TOKEN))
+    prefix_chars = int((budget - suffix_budget) * CHARS_PER_TOKEN)
+    first = _first_line(lines, prefix_chars)
+    # Other documents fill what the current file leaves of the prefix budget (at most a
+    # quarter of it); they change only when those documents do, so the cache survives.
+    used = len(snap.prefix) - sum(len(x) + 1 for x in lines[:first])
+    context = context_block(family, snap.language_id, others or [],
+                            min(prefix_chars // 4, prefix_chars - used))
     while True:
         prefix = "\n".join(lines[first:])
         heal = healing_text(tok, prefix) if heal_tokens else ""
-        ids = tok.encode(family.render(snap.language_id, prefix[:len(prefix) - len(heal)],
-                                       suffix, path), add_special_tokens=False)
+        body = context + prefix[:len(prefix) - len(heal)]
+        ids = tok.encode(family.render(snap.language_id, body, suffix, path),
+                         add_special_tokens=False)
         if len(ids) <= budget:
             return Prompt(ids=ids, prefix_chars=len(prefix), suffix_chars=len(suffix),
-                          heal=heal)
-        if first < len(lines) - 1:
+                          heal=heal, context_chars=len(context))
+        if context:
+            context = ""  # the file itself matters more than its neighbours
+        elif first < len(lines) - 1:
             first = min(len(lines) - 1, (first // ANCHOR_LINES + 1) * ANCHOR_LINES)
         elif suffix:
             suffix = suffix[: len(suffix) // 2]  # one huge line: shrink the suffix first

@@ -90,3 +90,22 @@ def test_block_stops_when_the_model_repeats_a_line():
     p = Policy.for_snapshot(_snap("|"))
     kept, done = p.cut("import os\nimport os\nimport os\n")
     assert done and kept == "import os"
+
+
+def test_other_documents_come_first_within_budget(tokenizer_dir):
+    from codevista.server.prompts import Family, context_block
+
+    tok = Tokenizer.from_dir(tokenizer_dir)
+    family = detect_family(tok)
+    others = [("file:///recent.py", "def helper(x):\n    return x * 2\n"),
+              ("file:///older.py", "CONSTANT = 42\n" * 200)]
+    block = context_block(family, "python", others, 300)
+    assert block.startswith("<|file_sep|>file:///recent.py\n")
+    assert block.index("recent.py") < block.index("older.py") and len(block) <= 320
+    plain = context_block(Family("codevista", True), "python", others[:1], 300)
+    assert plain.startswith("# from file:///recent.py:\ndef helper")
+    snap = Snapshot("file:///t.py", 1, "x = hel", "python", 7)
+    with_ctx = build_prompt(family, tok, snap, 512, others=others)
+    assert with_ctx.context_chars > 0 and len(with_ctx.ids) <= 512
+    tight = build_prompt(family, tok, snap, 40, others=others)
+    assert tight.context_chars == 0 and len(tight.ids) <= 40  # dropped before the file

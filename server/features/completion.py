@@ -66,7 +66,8 @@ class CompletionService:
         return None
 
     async def complete(self, snap: Snapshot,
-                       on_partial: Callable[[str], None] | None = None) -> str | None:
+                       on_partial: Callable[[str], None] | None = None,
+                       others: list[tuple[str, str]] | None = None) -> str | None:
         """The suggestion for `snap` ("" for nothing worth showing), or None if no model."""
         self.stats.requests += 1
         rest = self._type_through(snap)
@@ -89,7 +90,8 @@ class CompletionService:
         max_new = min(max_new, backend.max_positions // 2)
         # The prompt budget never exceeds what the model was built for.
         budget = min(settings.context_tokens, backend.max_positions - max_new)
-        prompt = build_prompt(family, backend.tokenizer, snap, budget, path=snap.uri)
+        prompt = build_prompt(family, backend.tokenizer, snap, budget, path=snap.uri,
+                              others=others)
         params = SamplingParams(
             max_new_tokens=max_new,
             temperature=settings.temperature,

@@ -113,7 +113,8 @@ def expected_engine(e2e_model: Path):
 
 
 def expected_completion(engine, text: str, offset: int, language: str = "python",
-                        max_tokens: int = 24, uri: str = "file:///x.py") -> str:
+                        max_tokens: int = 24, uri: str = "file:///x.py",
+                        others: list[tuple[str, str]] | None = None) -> str:
     """The engine's own greedy completion for the prompt the server builds, post-processed."""
     from codevista.models.engine import SamplingParams
     from codevista.server.documents import Snapshot
@@ -126,7 +127,7 @@ def expected_completion(engine, text: str, offset: int, language: str = "python"
     policy = Policy.for_snapshot(snap)
     max_new = min(max_tokens, 48) if policy.single_line else max_tokens
     budget = min(1024, engine.model.max_positions - max_new)
-    prompt = build_prompt(family, tok, snap, budget, path=uri)
+    prompt = build_prompt(family, tok, snap, budget, path=uri, others=others)
     stops = set(engine.loaded.stop_token_ids)
     stops.update(i for t in family.stop_tokens if (i := tok.token_to_id(t)) is not None)
     out = engine.generate(prompt.ids, SamplingParams(

@@ -113,6 +113,7 @@ async def test_utf16_positions_with_cjk_and_emoji(client, expected_engine):
 
 
 async def test_two_documents_at_once(client, expected_engine):
+    """Both answered, each with the other open document as context."""
     await wait_ready(client)
     docs = {"file:///one.py": "def one():\n    return ", "file:///two.py": "class Two:\n    "}
     for uri, text in docs.items():
@@ -120,7 +121,9 @@ async def test_two_documents_at_once(client, expected_engine):
     results = await asyncio.gather(*(
         inline(client, uri, 1, len(text.split("\n")[1])) for uri, text in docs.items()))
     for (uri, text), result in zip(docs.items(), results, strict=True):
-        expected = expected_completion(expected_engine, text, len(text), uri=uri)
+        others = [(u, t) for u, t in docs.items() if u != uri]
+        expected = expected_completion(expected_engine, text, len(text), uri=uri,
+                                       others=others)
         assert [i.insert_text for i in result.items] == ([expected] if expected else [])
 
 
