@@ -112,21 +112,12 @@ _CODE = {
 
 
 def _tokenizer(out: Path) -> None:
-    """As tests/tiny_models.train_tokenizer, but with every codevista special token."""
-    from codevista.models.formats import EOT, SPECIAL_TOKENS
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """The tiny test tokenizer, with every codevista special token."""
+    from codevista.models.formats import SPECIAL_TOKENS
+    from tiny_models import train_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=360, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
     texts = [c.format(i=i) for c in _CODE.values() for i in range(20)]
-    tok.train_from_iterator(texts, trainer)
-    out.mkdir(parents=True, exist_ok=True)
-    tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({"eos_token": EOT, "bos_token": None}))
+    train_tokenizer(out, special=SPECIAL_TOKENS, texts=texts, vocab_size=360)
 
 
 def test_quality_harness_end_to_end(tmp_path):

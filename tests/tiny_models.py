@@ -34,16 +34,17 @@ fn main() { let x = vec![1, 2, 3]; println!("{:?}", x); }
 """
 
 
-def train_tokenizer(out: Path) -> Path:
+def train_tokenizer(out: Path, special: list[str] | None = None, texts: list[str] | None = None,
+                    vocab_size: int = 320) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIAL,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special or SPECIAL,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
-    tok.train_from_iterator([_TEXT] * 20, trainer)
+    tok.train_from_iterator(texts or [_TEXT] * 20, trainer)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "tokenizer.json"
     tok.save(str(path))

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..transformer import RMSNorm, rotate_half
+
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -50,21 +52,6 @@ class ModelShape:
             "bos_token_id": None, "eos_token_id": eos_id, "pad_token_id": eos_id,
             "torch_dtype": "float32",
         }
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 class SelfAttention(nn.Module):
