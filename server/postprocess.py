@@ -2,7 +2,7 @@
 
 Multi-line policy: with text after the cursor on its line, one line; at the end of a line
 or on a blank line, a block that ends at the dedent closing it (or a blank-line gap).
-A block also ends where the model starts repeating the line before.
+A block also ends where the model starts repeating the last one to three lines.
 Clean-up: no trailing whitespace, no repeat of the text after the cursor, no line that
 just repeats a neighbouring line.
 """
@@ -14,6 +14,15 @@ from dataclasses import dataclass
 from .documents import Snapshot
 
 MAX_BLOCK_LINES = 12
+
+
+def _repeat_period(lines: list[str], longest: int = 3) -> int:
+    """p if the last p non-blank lines repeat the p before them (a model looping), else 0."""
+    body = [line.strip() for line in lines if line.strip()]
+    for p in range(1, longest + 1):
+        if len(body) >= 2 * p and body[-p:] == body[-2 * p:-p]:
+            return p
+    return 0
 
 
 def _indent(line: str) -> int:
@@ -56,10 +65,12 @@ class Policy:
                     return "\n".join(kept), True
             else:
                 blank_run = 0
-                previous = [k for k in kept if k.strip()]
-                if complete and previous and line.strip() == previous[-1].strip():
-                    return "\n".join(kept), True  # a model looping on one line
             kept.append(line)
+            if complete:
+                period = _repeat_period(kept)
+                if period:  # the model is looping: drop the repeated lines
+                    nonblank = [i for i, k in enumerate(kept) if k.strip()]
+                    return "\n".join(kept[:nonblank[-period]]).rstrip("\n"), True
             if len(kept) >= MAX_BLOCK_LINES and complete:
                 return "\n".join(kept), True
         return "\n".join(kept), False

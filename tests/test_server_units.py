@@ -109,3 +109,16 @@ def test_other_documents_come_first_within_budget(tokenizer_dir):
     assert with_ctx.context_chars > 0 and len(with_ctx.ids) <= 512
     tight = build_prompt(family, tok, snap, 40, others=others)
     assert tight.context_chars == 0 and len(tight.ids) <= 40  # dropped before the file
+
+
+def test_block_stops_when_the_model_repeats_a_group_of_lines():
+    p = Policy.for_snapshot(_snap("def f(file):\n    |"))
+    kept, done = p.cut("if not file:\n        return None\n    if not file:\n        return None\n"
+                       "    x = 1\n")
+    assert done and kept == "if not file:\n        return None"
+
+
+def test_repeat_with_blank_lines_between():
+    p = Policy.for_snapshot(_snap("|"))
+    kept, done = p.cut("a = 1\n\nb = 2\na = 1\n\nb = 2\nc\n")
+    assert done and kept == "a = 1\n\nb = 2"
