@@ -66,6 +66,7 @@ from codevista.models.engine import Engine, SamplingParams
 from codevista.models.kv_cache import KVCache
 from codevista.models.loader import LoadedModel, load_model
 from codevista.models.train.data import read_pairs
+from codevista.server.postprocess import end_of_definition
 from metrics import bleu_strings, edit_similarity, exact_match
 
 GROUPS = ("bpb", "line", "fim", "translate")
@@ -371,22 +372,29 @@ class Harness:
             sources = [p[si] for p in pairs]
             refs = [p[ti] for p in pairs]
             preds: list[str] = []
+            raw_preds: list[str] = []
             reasons: Counter[str] = Counter()
             for src in sources:
                 ids = self.encode(formats.translation(src_lang, src, tgt_lang))
                 room = self.max_positions - len(ids)
                 if room < 1:
                     preds.append("")
+                    raw_preds.append("")
                     reasons["prompt_too_long"] += 1
                 else:
                     max_new = min(2 * len(self.encode(src)) + 16, room)
-                    preds.append(self.generate(ids, max_new, ()).strip())
+                    raw = self.generate(ids, max_new, ()).strip()
+                    raw_preds.append(raw)
+                    # One function per line: stop where the function ends, as the
+                    # server's translation does, rather than where the model stops.
+                    preds.append(end_of_definition(raw).strip())
                 progress.tick()
             n = len(refs)
             em = sum(exact_match(p, r) for p, r in zip(preds, refs, strict=True))
             copy_em = sum(exact_match(s, r) for s, r in zip(sources, refs, strict=True))
             out[f"{src_lang}->{tgt_lang}"] = {
                 "bleu": round(bleu_strings(refs, preds), 2), "exact_match": pct(em, n),
+                "bleu_without_cut": round(bleu_strings(refs, raw_preds), 2),
                 "naive_copy_bleu": round(bleu_strings(refs, sources), 2),
                 "naive_copy_exact_match": pct(copy_em, n),
                 "skipped": dict(reasons),

@@ -105,3 +105,29 @@ def finish(text: str, snap: Snapshot) -> str:
     if first and first in (above, below) and "\n" not in text:
         return ""
     return text.rstrip()
+
+
+def end_of_definition(code: str) -> str:
+    """`code` up to the end of its first top-level definition in a brace language: the
+    brace that closes the first `{`, or a `;` before any brace (an abstract method).
+    String and character literals are skipped. The whole text if neither is found."""
+    depth, opened, quote, i = 0, False, "", 0
+    while i < len(code):
+        ch = code[i]
+        if quote:
+            if ch == "\\":
+                i += 1
+            elif ch == quote:
+                quote = ""
+        elif ch in "\"'":
+            quote = ch
+        elif ch == "{":
+            depth, opened = depth + 1, True
+        elif ch == "}":
+            depth -= 1
+            if opened and depth <= 0:
+                return code[:i + 1]
+        elif ch == ";" and not opened:
+            return code[:i + 1]
+        i += 1
+    return code

@@ -122,3 +122,13 @@ def test_repeat_with_blank_lines_between():
     p = Policy.for_snapshot(_snap("|"))
     kept, done = p.cut("a = 1\n\nb = 2\na = 1\n\nb = 2\nc\n")
     assert done and kept == "a = 1\n\nb = 2"
+
+
+def test_end_of_definition_for_brace_languages():
+    from codevista.server.postprocess import end_of_definition
+
+    assert end_of_definition('int f() { if (a) { return "}"; } return 1; } int g() {}') == \
+        'int f() { if (a) { return "}"; } return 1; }'
+    assert end_of_definition("public abstract void Run(); void x() {}") == \
+        "public abstract void Run();"
+    assert end_of_definition("no braces here") == "no braces here"
