@@ -84,6 +84,7 @@ class CodevistaServer(LanguageServer):
         self.accepted = 0
         self.load_task: asyncio.Task[None] | None = None
         self.edited: dict[str, float] = {}  # uri -> last open/edit time
+        self.init_options: Any = None  # initializationOptions, applied once initialized
 
     # -- helpers -------------------------------------------------------------------------
     @property
@@ -165,12 +166,12 @@ server = CodevistaServer()
 
 @server.feature(types.INITIALIZED)
 def initialized(ls: CodevistaServer, params: types.InitializedParams) -> None:
-    ls.apply_settings(getattr(ls, "_init_options", None))
+    ls.apply_settings(ls.init_options)
 
 
 @server.feature(types.INITIALIZE)
 def initialize(ls: CodevistaServer, params: types.InitializeParams) -> None:
-    ls._init_options = params.initialization_options  # type: ignore[attr-defined]
+    ls.init_options = params.initialization_options
 
 
 @server.feature(types.TEXT_DOCUMENT_DID_OPEN)
