@@ -6,6 +6,9 @@ Protocol extensions (documented in README):
   `$/progress {token, value: {items: [{insertText}], isIncomplete: true}}` (each value
   replaces the previous one) before the final response;
 - `codevista/status` notifications: {state: loading|ready|error, model, message}.
+- `codevista.translate` command: one argument object {uri, range?, targetLanguage,
+  sourceLanguage?, partialResultToken?}; with a token, `$/progress {token, value: {text,
+  isIncomplete: true}}` carries the translation so far (each value replaces the previous).
 """
 
 from __future__ import annotations
@@ -24,15 +27,18 @@ from pygls.protocol import LanguageServerProtocol
 
 from .backend import LocalBackend
 from .documents import Snapshot, to_offset
-from .errors import DocumentNotOpenError, to_jsonrpc
+from .errors import ArgumentError, DocumentNotOpenError, NotReadyError, to_jsonrpc
 from .features.completion import CompletionService
+from .features.translate import TranslationService
 from .settings import Settings, parse_settings
+from .translation import other_language, resolve_language, suggested_file_name
 
 log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
 ACCEPT_COMMAND = "codevista.didAcceptCompletion"
 STATS_COMMAND = "codevista.stats"
+TRANSLATE_COMMAND = "codevista.translate"
 
 
 @attrs.define
@@ -81,6 +87,7 @@ class CodevistaServer(LanguageServer):
         self.settings = Settings()
         self.backend = LocalBackend()
         self.completions = CompletionService(self.backend, lambda: self.settings)
+        self.translations = TranslationService(self.backend)
         self.accepted = 0
         self.load_task: asyncio.Task[None] | None = None
         self.edited: dict[str, float] = {}  # uri -> last open/edit time
@@ -271,6 +278,69 @@ def did_accept(ls: CodevistaServer, *args: Any) -> None:
 def stats(ls: CodevistaServer, *args: Any) -> dict[str, Any]:
     return {**ls.completions.stats.as_dict(), "accepted": ls.accepted,
             "model": ls.backend.model_name, "state": ls.backend.state}
+
+
+def _translate_args(ls: CodevistaServer, args: tuple[Any, ...]) -> dict[str, Any]:
+    if len(args) != 1 or not isinstance(args[0], dict):
+        raise ArgumentError(f"{TRANSLATE_COMMAND} takes one object {{uri, range?, "
+                            "targetLanguage, sourceLanguage?, partialResultToken?}")
+    arg = args[0]
+    uri = arg.get("uri")
+    if not isinstance(uri, str):
+        raise ArgumentError(f"{TRANSLATE_COMMAND}: 'uri' must be a string")
+    if uri not in ls.workspace.text_documents:
+        raise DocumentNotOpenError(f"document {uri} is not open")
+    target = resolve_language(arg.get("targetLanguage"))
+    doc = ls.workspace.get_text_document(uri)
+    src_id = arg.get("sourceLanguage") or doc.language_id or ""
+    if not isinstance(src_id, str):
+        raise ArgumentError(f"{TRANSLATE_COMMAND}: 'sourceLanguage' must be a string")
+    source = other_language(src_id)
+    text = doc.source
+    rng = arg.get("range")
+    if rng is not None:
+        try:
+            start, end = rng["start"], rng["end"]
+            a = to_offset(text, start["line"], start["character"], ls.encoding)
+            b = to_offset(text, end["line"], end["character"], ls.encoding)
+        except (KeyError, TypeError) as e:
+            raise ArgumentError(f"{TRANSLATE_COMMAND}: 'range' must be an LSP Range") from e
+        if a > b:
+            a, b = b, a
+        if a < b:  # an empty selection means the whole document
+            text = text[a:b]
+    token = arg.get("partialResultToken")
+    if token is not None and not isinstance(token, str | int):
+        raise ArgumentError(f"{TRANSLATE_COMMAND}: 'partialResultToken' must be a string "
+                            "or an integer")
+    return {"uri": uri, "text": text, "source": source, "target": target, "token": token}
+
+
+@server.command(TRANSLATE_COMMAND)
+async def translate(ls: CodevistaServer, *args: Any) -> dict[str, Any]:
+    """Translate a selection (or the whole document) into another language, streamed."""
+    try:
+        a = _translate_args(ls, args)
+        if ls.backend.state != "ready":
+            raise NotReadyError(f"the model is not ready ({ls.backend.state}"
+                                f"{': ' + ls.backend.error if ls.backend.error else ''})")
+        token = a["token"]
+
+        def on_partial(text: str) -> None:
+            if token is not None:
+                ls.progress(types.ProgressParams(token=token, value={
+                    "text": text, "isIncomplete": True}))
+
+        result = await ls.translations.translate(a["text"], a["source"], a["target"],
+                                                 on_partial)
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:
+        raise to_jsonrpc(e) from e
+    return {"text": result.text, "targetLanguage": a["target"].id,
+            "sourceLanguage": a["source"].id,
+            "suggestedFileName": suggested_file_name(a["uri"], a["target"]),
+            "pieces": result.pieces}
 
 
 @server.feature(types.SHUTDOWN)

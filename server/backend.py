@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Protocol
 
+from codevista.models.chat import ChatTemplate
 from codevista.models.engine import Engine, GenerationResult, SamplingParams
 from codevista.models.errors import ModelError
 from codevista.models.loader import DEFAULT_MODEL_DIR, LoadedModel, load_model
@@ -52,6 +53,7 @@ class LocalBackend:
         self.model_name = ""
         self.tokenizer: Tokenizer | None = None
         self.family: Family | None = None
+        self.chat_template: ChatTemplate | None = None
         self.engine: Engine | None = None
         self.loaded: LoadedModel | None = None
         self.cache_bytes = cache_bytes
@@ -75,10 +77,16 @@ class LocalBackend:
                 self.state, self.error = "error", f"model load failed: {e}"
                 log.exception("model load failed")
                 return
+            try:
+                template = ChatTemplate.from_dir(path)
+            except ModelError as e:  # completions still work; chat prompting does not
+                log.warning("chat template ignored: %s", e)
+                template = None
             report(f"warming up {self.model_name}")
             engine = Engine(loaded, cache_bytes=self.cache_bytes, warmup=True).start()
             self.loaded, self.engine = loaded, engine
             self.tokenizer = loaded.tokenizer
+            self.chat_template = template
             self.family = detect_family(loaded.tokenizer)
             self.state = "ready"
             log.info("model %s ready (family %s)", self.model_name, self.family.name)
@@ -105,4 +113,5 @@ class LocalBackend:
         self.loaded = None
         self.tokenizer = None
         self.family = None
+        self.chat_template = None
         self.state = "idle"

@@ -71,6 +71,95 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_translate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("translate", help="translate a source file into another language, "
+                                         "streamed to stdout")
+    p.add_argument("file", help="source file ('-' reads stdin; then --from is required)")
+    p.add_argument("--to", required=True, dest="target", help="target language (e.g. csharp, "
+                   "C#, go, rust)")
+    p.add_argument("--from", dest="source", default=None,
+                   help="source language (default: from the file's extension)")
+    p.add_argument("--model", default=None, help="checkpoint directory (default: embedded)")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--stats", action="store_true", help="pieces, tokens and time on stderr")
+    p.set_defaults(func=_translate)
+
+
+def _translate(args: argparse.Namespace) -> int:
+    import asyncio
+    from pathlib import Path
+
+    from .backend import LocalBackend
+    from .features.translate import TranslationService
+    from .translation import LANGUAGES, UnsupportedLanguageError, resolve_language
+
+    def fail(message: str) -> int:
+        print(f"codevista: error: {message}", file=sys.stderr)
+        return 2
+
+    try:
+        target = resolve_language(args.target)
+        if args.source is not None:
+            source = resolve_language(args.source, "source")
+        else:
+            ext = Path(args.file).suffix.lower()
+            by_ext = {lang.extension: lang for lang in LANGUAGES.values()}
+            by_ext.update({".h": LANGUAGES["c"], ".hpp": LANGUAGES["cpp"],
+                           ".cc": LANGUAGES["cpp"], ".mjs": LANGUAGES["javascript"],
+                           ".tsx": LANGUAGES["typescript"]})
+            if ext not in by_ext:
+                return fail(f"cannot tell the language of {args.file!r} from its extension; "
+                            "pass --from")
+            source = by_ext[ext]
+    except UnsupportedLanguageError as e:
+        return fail(str(e))
+    try:
+        code = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(
+            encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        return fail(f"cannot read {args.file}: {e}")
+
+    printed = ""
+    HOLD = 10
+
+    def on_partial(text: str) -> None:
+        # stdout only grows: lines that extend what is already printed, held back by
+        # HOLD lines because clean-up (a loop cut, say) may still revise the last ones
+        nonlocal printed
+        lines = text.split("\n")
+        stable = "\n".join(lines[:-HOLD]) + "\n" if len(lines) > HOLD else ""
+        if len(stable) > len(printed) and stable.startswith(printed):
+            sys.stdout.write(stable[len(printed):])
+            sys.stdout.flush()
+            printed = stable
+
+    async def run() -> int:
+        backend = LocalBackend()
+        await backend.load(args.model, "float32", lambda m: None)
+        try:
+            if backend.state != "ready":
+                return fail(backend.error or "the model did not load")
+            result = await TranslationService(backend).translate(
+                code, source, target, on_partial, temperature=args.temperature)
+        finally:
+            backend.close()
+        if result.text.startswith(printed):
+            sys.stdout.write(result.text[len(printed):])
+        else:  # the final clean-up revised streamed lines: print the final text whole
+            sys.stdout.write("\n" + result.text)
+        sys.stdout.flush()
+        if args.stats:
+            print(f"pieces={result.pieces} prompt_tokens={result.prompt_tokens} "
+                  f"generated={result.generated_tokens} seconds={result.seconds:.2f} "
+                  f"finish={','.join(result.finish_reasons)}", file=sys.stderr)
+        return 0
+
+    try:
+        return asyncio.run(run())
+    except ValueError as e:  # unsupported source language for this model, too long, ...
+        return fail(str(e))
+
+
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the language server (stdio by default)")
     p.add_argument("--tcp", type=int, default=None, metavar="PORT",
@@ -109,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-file", default=None)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    _add_translate(sub)
     _add_serve(sub)
     _add_demo(sub)
     return parser

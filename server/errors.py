@@ -6,17 +6,27 @@ from codevista.models.errors import ModelError, RequestError
 from pygls.exceptions import JsonRpcException, JsonRpcInternalError, JsonRpcInvalidParams
 
 from .documents import PositionError
+from .translation import UnsupportedLanguageError
 
 
 class DocumentNotOpenError(ValueError):
     """A request for a document the client never opened."""
 
 
+class ArgumentError(ValueError):
+    """A command's arguments are missing or of the wrong shape."""
+
+
+class NotReadyError(RuntimeError):
+    """No model is loaded (still loading, or the load failed)."""
+
+
 def to_jsonrpc(error: Exception) -> JsonRpcException:
     if isinstance(error, JsonRpcException):
         return error
-    if isinstance(error, PositionError | DocumentNotOpenError | RequestError):
+    if isinstance(error, PositionError | DocumentNotOpenError | RequestError | ArgumentError
+                  | UnsupportedLanguageError):
         return JsonRpcInvalidParams(str(error))
-    if isinstance(error, ModelError):
+    if isinstance(error, ModelError | NotReadyError):
         return JsonRpcInternalError(str(error))
     return JsonRpcInternalError(f"{type(error).__name__}: {error}")

@@ -145,6 +145,14 @@ def train(args: argparse.Namespace) -> None:
     shape = ModelShape(vocab_size=vocab, hidden_size=args.dim, num_layers=args.layers,
                        num_heads=args.heads, num_kv_heads=args.kv_heads,
                        intermediate_size=args.ffn)
+    saved = run / "ckpt" / "state.json"
+    if saved.is_file():
+        saved_shape = json.loads(saved.read_text())["shape"]
+        if saved_shape != asdict(shape):
+            raise SystemExit(
+                f"the checkpoint in {run} has shape {saved_shape}; pass the same "
+                "--dim/--layers/--heads/--kv-heads/--ffn to resume it "
+                f"(got {asdict(shape)})")
     model = CodeLM(shape).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95),
                             weight_decay=0.1, eps=1e-8)
