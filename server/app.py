@@ -80,6 +80,30 @@ class Protocol(LanguageServerProtocol):
             return
         super().handle_message(message)
 
+    # Commands run inside pygls' executeCommand handler as a task of their own, which a
+    # `$/cancelRequest` does not reach: long commands register their task here by the
+    # request id, and a cancellation cancels it too.
+    command_tasks: dict[Any, asyncio.Task[Any]]
+
+    def _handle_cancel_notification(self, msg_id: Any) -> None:
+        task = getattr(self, "command_tasks", {}).pop(msg_id, None)
+        if task is not None:
+            task.cancel()
+        super()._handle_cancel_notification(msg_id)
+
+    def track_command(self) -> Any:
+        """Register the running command's task under its request id; returns the id."""
+        if not hasattr(self, "command_tasks"):
+            self.command_tasks = {}
+        msg_id, task = self.msg_id, asyncio.current_task()
+        if msg_id is not None and task is not None:
+            self.command_tasks[msg_id] = task
+        return msg_id
+
+    def untrack_command(self, msg_id: Any) -> None:
+        if msg_id is not None:
+            getattr(self, "command_tasks", {}).pop(msg_id, None)
+
 
 class CodevistaServer(LanguageServer):
     def __init__(self) -> None:
@@ -319,6 +343,8 @@ def _translate_args(ls: CodevistaServer, args: tuple[Any, ...]) -> dict[str, Any
 @server.command(TRANSLATE_COMMAND)
 async def translate(ls: CodevistaServer, *args: Any) -> dict[str, Any]:
     """Translate a selection (or the whole document) into another language, streamed."""
+    protocol: Protocol = ls.protocol  # type: ignore[assignment]
+    request = protocol.track_command()
     try:
         a = _translate_args(ls, args)
         if ls.backend.state != "ready":
@@ -337,6 +363,8 @@ async def translate(ls: CodevistaServer, *args: Any) -> dict[str, Any]:
         raise
     except Exception as e:
         raise to_jsonrpc(e) from e
+    finally:
+        protocol.untrack_command(request)
     return {"text": result.text, "targetLanguage": a["target"].id,
             "sourceLanguage": a["source"].id,
             "suggestedFileName": suggested_file_name(a["uri"], a["target"]),

@@ -84,7 +84,7 @@ def other_language(language_id: str) -> Language:
 
 def suggested_file_name(uri: str, target: Language) -> str:
     """The source file's name with the target's extension (`Stack.java` -> `Stack.cs`)."""
-    path = unquote(urlparse(uri).path) if "://" in uri or uri.startswith("file:") else uri
+    path = unquote(urlparse(uri).path) if re.match(r"^[a-zA-Z][\w+.-]*:", uri) else uri
     stem = PurePosixPath(path).stem if path else ""
     if not stem or stem.startswith("Untitled"):
         stem = "translation"
@@ -196,7 +196,10 @@ def _python_lines(text: str) -> list[LineInfo]:
     return out
 
 
-_ATTACH_FORWARD = re.compile(r"^\s*(@|#\[|//|/\*|\*|#(?!include|define|import|pragma|if|end|el)|\[)")
+# Lines that belong to the definition below them: decorators, annotations, attributes
+# (`#[derive]`, `[Test]`), comments (a `#` that is not a C preprocessor line).
+_ATTACH_FORWARD = re.compile(
+    r"^\s*(@|#\[|//|/\*|\*|#(?!include|define|import|pragma|if|end|el)|\[)")
 _CLOSING = re.compile(r"^\s*[})\]]")
 _PY_CONTINUES = re.compile(r"^\s*(else|elif|except|finally)\b")
 
@@ -233,7 +236,7 @@ def split_units(text: str, language: Language, level: int = 0) -> list[str]:
             starts.append(j)
     starts.append(len(lines))
     return ["\n".join(lines[a:b]) + ("\n" if b < len(lines) else "")
-            for a, b in zip(starts, starts[1:]) if b > a]
+            for a, b in zip(starts, starts[1:], strict=False) if b > a]
 
 
 _CONTROL = re.compile(r"^\s*[}]?\s*(if|for|foreach|while|switch|try|catch|else|do|return|"
