@@ -8,9 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from codevista.models.chat import ChatTemplate, TemplateError
 from codevista.server.translation import (
     LANGUAGES,
@@ -24,6 +21,8 @@ from codevista.server.translation import (
     split_units,
     suggested_file_name,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 L = LANGUAGES
 

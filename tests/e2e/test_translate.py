@@ -7,8 +7,15 @@ import uuid
 
 import pytest
 import pytest_lsp
-from conftest import SERVER, capabilities, open_doc, raw_request, record_partials, \
-    track_status, wait_ready
+from conftest import (
+    SERVER,
+    capabilities,
+    open_doc,
+    raw_request,
+    record_partials,
+    track_status,
+    wait_ready,
+)
 from lsprotocol import types
 from pygls.exceptions import JsonRpcException
 from pytest_lsp import ClientServerConfig, LanguageClient
