@@ -34,3 +34,49 @@ def test_stats_go_to_stderr(qwen_dir):
 def test_bad_arguments_exit_nonzero():
     assert _cli("generate", "--model", "/nonexistent", "--prompt", "x").returncode != 0
     assert _cli("generate").returncode != 0
+
+
+JAVA = ("public class Box {\n    private int v;\n\n    public int get() {\n        return v;\n"
+        "    }\n\n    public void set(int x) {\n        v = x;\n    }\n}\n")
+
+
+def test_translate_streams_the_services_text_to_stdout(tmp_path):
+    import asyncio
+
+    from codevista.server.backend import LocalBackend
+    from codevista.server.features.translate import TranslationService
+    from codevista.server.translation import LANGUAGES
+
+    src = tmp_path / "Box.java"
+    src.write_text(JAVA)
+    proc = _cli("translate", str(src), "--to", "C#", "--stats")
+    assert proc.returncode == 0, proc.stderr
+    assert "pieces=4" in proc.stderr and "pieces=" not in proc.stdout
+
+    async def expected() -> str:
+        backend = LocalBackend()
+        await backend.load(None, "float32", lambda m: None)
+        try:
+            r = await TranslationService(backend).translate(JAVA, LANGUAGES["java"],
+                                                            LANGUAGES["csharp"])
+            return r.text
+        finally:
+            backend.close()
+
+    assert proc.stdout == asyncio.run(expected())
+    piped = subprocess.run([sys.executable, "-m", "codevista.server.cli", "translate", "-",
+                            "--from", "java", "--to", "cs"], input=JAVA, capture_output=True,
+                           text=True, timeout=120)
+    assert piped.returncode == 0 and piped.stdout == proc.stdout
+
+
+def test_translate_errors_are_one_line_and_exit_2(tmp_path):
+    src = tmp_path / "a.py"
+    src.write_text("x = 1\n")
+    for args, needle in [((str(src), "--to", "cobol"), "unsupported target language"),
+                         ((str(tmp_path / "a.kt"), "--to", "go"), "pass --from"),
+                         ((str(tmp_path / "missing.py"), "--to", "go"), "cannot read"),
+                         ((str(src), "--to", "go", "--model", "/nonexistent"), "error")]:
+        proc = _cli("translate", *args)
+        assert proc.returncode == 2 and needle in proc.stderr, (args, proc.stderr)
+        assert proc.stdout == ""
