@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from .errors import (
 )
 from .tokenizer import Tokenizer
 from .transformer import Linear, Transformer
+from .vision.llava import LlavaConfig, is_llava, load_vision, text_layout, tied
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,7 @@ class LoadedModel:
     tokenizer: Tokenizer
     defaults: GenerationDefaults
     stop_token_ids: frozenset[int] = field(default_factory=frozenset)
+    vision: Any = None  # a VisionEncoder for LLaVA checkpoints
 
     @property
     def name(self) -> str:
@@ -213,9 +216,14 @@ def _part_shape(cfg: DecoderConfig, hf_name: str, total: tuple[int, ...]) -> tup
     return total
 
 
-def load_weights(model: Transformer, directory: Path, dtype: torch.dtype) -> None:
+def load_weights(model: Transformer, directory: Path, dtype: torch.dtype,
+                 reader: _Reader | None = None,
+                 rename: Callable[[str], str] | None = None) -> None:
+    """Load the decoder's weights; `rename` maps a standalone checkpoint's tensor name
+    (`model.layers.0...`, `lm_head.weight`) to its name in this file (LLaVA nests them)."""
     cfg = model.cfg
-    reader = _Reader(weight_files(directory))
+    reader = reader or _Reader(weight_files(directory))
+    rename = rename or (lambda n: n)
     params = dict(model.named_parameters())
     modules = dict(model.named_modules())
     state: dict[str, torch.Tensor] = {}
@@ -225,13 +233,13 @@ def load_weights(model: Transformer, directory: Path, dtype: torch.dtype) -> Non
         linear = isinstance(owner, Linear) and ours.endswith(".weight")
         hf_shape = ((owner.out_features, owner.in_features) if linear
                     else tuple(params[ours].shape))
-        parts = [reader.get(src, _part_shape(cfg, src, hf_shape) if len(sources) > 1
+        parts = [reader.get(rename(src), _part_shape(cfg, src, hf_shape) if len(sources) > 1
                             else hf_shape, dtype) for src in sources]
         tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         state[ours] = owner.pack(tensor) if linear else tensor
         del parts, tensor
-    used = {src for sources in table.values() for src in sources}
-    extra = sorted(set(reader.names) - used - {"lm_head.weight"})
+    used = {rename(src) for sources in table.values() for src in sources}
+    extra = sorted(set(reader.names) - used - {rename("lm_head.weight")})
     if extra:
         log.debug("ignoring %d tensors not used by the model: %s", len(extra), extra[:5])
     model.load_state_dict(state, strict=False, assign=True)
@@ -251,14 +259,35 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32",
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     if isinstance(dtype, str) and dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
-    cfg = DecoderConfig.from_file(directory / "config.json")
+    raw = _read_config(directory / "config.json")
     defaults = GenerationDefaults.from_file(directory / "generation_config.json")
-    tokenizer = Tokenizer.from_dir(directory)
-    tokenizer.check_against(cfg.vocab_size, (*cfg.eos_token_ids, *defaults.eos_token_ids))
-    weight_files(directory)  # fail fast on missing or pickle-only weights
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    load_weights(model, directory, torch_dtype)
+    vision = None
+    if is_llava(raw):
+        llava = LlavaConfig.from_hf(raw)
+        files = weight_files(directory)
+        tokenizer = Tokenizer.from_dir(directory)
+        reader = _Reader(files)
+        prefix, head = text_layout(set(reader.names))
+        cfg = tied(llava.text, head)
+        tokenizer.check_against(cfg.vocab_size, (*cfg.eos_token_ids, *defaults.eos_token_ids))
+        with torch.device("meta"):
+            model = Transformer(cfg)
+
+        def rename(name: str) -> str:
+            if name == "lm_head.weight":
+                return head or prefix + "embed_tokens.weight"
+            return prefix + name.removeprefix("model.")
+
+        load_weights(model, directory, torch_dtype, reader, rename)
+        vision = load_vision(directory, llava, reader, torch_dtype)
+    else:
+        cfg = DecoderConfig.from_hf(raw)
+        tokenizer = Tokenizer.from_dir(directory)
+        tokenizer.check_against(cfg.vocab_size, (*cfg.eos_token_ids, *defaults.eos_token_ids))
+        weight_files(directory)  # fail fast on missing or pickle-only weights
+        with torch.device("meta"):
+            model = Transformer(cfg)
+        load_weights(model, directory, torch_dtype)
     model = model.to(device)
     model.setup_rope()
     model.eval()
@@ -268,4 +297,14 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32",
     log.info("loaded %s (%s, %d layers, %.1fM parameters, %s)", directory.name, cfg.family,
              cfg.num_layers, sum(p.numel() for p in model.parameters()) / 1e6, torch_dtype)
     return LoadedModel(path=directory, config=cfg, model=model, tokenizer=tokenizer,
-                       defaults=defaults, stop_token_ids=frozenset(stops))
+                       defaults=defaults, stop_token_ids=frozenset(stops), vision=vision)
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"cannot read {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} does not hold a JSON object")
+    return data

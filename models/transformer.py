@@ -237,14 +237,15 @@ class Transformer(nn.Module):
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, cache: KVCache, pos: int,
-                all_logits: bool = False) -> torch.Tensor:
-        """Run `tokens` (T,) at positions pos..pos+T-1, filling `cache`.
+                all_logits: bool = False, embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Run `tokens` (T,) at positions pos..pos+T-1, filling `cache`; `embeds` (T, hidden),
+        when given, are the input vectors instead of the tokens' embeddings (images).
 
         Returns logits (T, vocab) if `all_logits`, else (1, vocab) for the last position.
         """
         assert self.rope_cos is not None and self.rope_sin is not None, "call setup_rope()"
         T = tokens.shape[0]
-        x = self.embed_tokens(tokens)  # (T, hidden)
+        x = self.embed_tokens(tokens) if embeds is None else embeds.to(self.dtype)
         cos = self.rope_cos[pos:pos + T]  # (T, D), broadcasts over heads
         sin = self.rope_sin[pos:pos + T]
         masks: dict[int | None, torch.Tensor | None] = {}

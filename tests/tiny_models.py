@@ -104,3 +104,70 @@ def load_reference(path: Path):  # -> transformers PreTrainedModel
     cfg = json.loads((path / "config.json").read_text())
     cls = getattr(transformers, cfg["architectures"][0])
     return cls.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+IMAGE_TOKEN = "<image>"
+VLM_SPECIAL = [*SPECIAL, IMAGE_TOKEN]
+
+VISION: dict[str, dict[str, Any]] = {
+    # CLIP tower (class token, pre-layernorm, quick-GELU), LLaVA-1.5 feature choice:
+    # the second-to-last layer, class token dropped; processor: shortest edge + crop.
+    "clip_llama": dict(vision="CLIPVisionConfig", text="llama", feature_layer=-2,
+                       strategy="default", image_size=32, patch_size=8,
+                       processor=dict(image_processor_type="CLIPImageProcessor",
+                                      size={"shortest_edge": 32},
+                                      crop_size={"height": 32, "width": 32},
+                                      do_center_crop=True, resample=3,
+                                      image_mean=[0.48145466, 0.4578275, 0.40821073],
+                                      image_std=[0.26862954, 0.26130258, 0.27577711])),
+    # SigLIP tower (no class token, tanh-GELU), llava-interleave-qwen's choice: the last
+    # layer, all patches; processor: a plain resize to the square size.
+    "siglip_qwen2": dict(vision="SiglipVisionConfig", text="qwen2", feature_layer=-1,
+                         strategy="full", image_size=28, patch_size=7,
+                         processor=dict(image_processor_type="SiglipImageProcessor",
+                                        size={"height": 28, "width": 28}, resample=3,
+                                        do_center_crop=False,
+                                        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])),
+}
+
+
+def make_llava(kind: str, out: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+    """A random tiny LlavaForConditionalGeneration with `tokenizer_dir`'s tokenizer, which
+    must hold IMAGE_TOKEN (its id is the image token index)."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer
+
+    spec = VISION[kind]
+    image_id = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).token_to_id(
+        IMAGE_TOKEN)
+    assert image_id is not None
+    text_spec = dict(FAMILIES[spec["text"]])
+    text_cls = getattr(transformers, text_spec.pop("cls"))
+    text = text_cls.config_class(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=1024, initializer_range=0.1,
+        eos_token_id=0, bos_token_id=None, pad_token_id=None, **text_spec)
+    vision = getattr(transformers, spec["vision"])(
+        hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        image_size=spec["image_size"], patch_size=spec["patch_size"])
+    n_patches = (spec["image_size"] // spec["patch_size"]) ** 2
+    config = transformers.LlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=image_id,
+        vision_feature_layer=spec["feature_layer"],
+        vision_feature_select_strategy=spec["strategy"],
+        image_seq_length=n_patches if spec["strategy"] == "full" else n_patches,
+        projector_hidden_act="gelu", tie_word_embeddings=text.tie_word_embeddings)
+    torch.manual_seed(seed)
+    model = transformers.LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():  # random weights large enough that the image matters
+        for p in model.model.vision_tower.parameters():
+            p.normal_(0, 0.1) if p.dim() > 1 else None
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / name, out / name)
+    proc = {"do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255,
+            "do_normalize": True, "do_convert_rgb": True, **spec["processor"]}
+    (out / "preprocessor_config.json").write_text(json.dumps(proc, indent=1))
+    return out

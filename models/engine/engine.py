@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +25,7 @@ from ..loader import LoadedModel
 from ..sampling import sample
 from ..stopping import StopStringMatcher
 from ..tokenizer import IncrementalDetokenizer
+from ..vision.image import content_key
 from .prefix_cache import PrefixCache, Slot
 from .request import GenerationResult, Request, RequestHandle, SamplingParams
 
@@ -93,6 +95,7 @@ class Engine:
         self._completed = 0
         self._stop = False
         self._healing_ids: dict[str, torch.Tensor] = {}
+        self._features: dict[int, torch.Tensor] = {}  # image content key -> vectors (LRU)
         self._thread: threading.Thread | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -123,8 +126,11 @@ class Engine:
 
     # -- public API ----------------------------------------------------------------------
     def submit(self, prompt: str | list[int], params: SamplingParams | None = None,
-               add_special_tokens: bool = True) -> RequestHandle:
-        """Queue a request; returns at once. `prompt` is text or token ids."""
+               add_special_tokens: bool = True,
+               images: Sequence[torch.Tensor] = ()) -> RequestHandle:
+        """Queue a request; returns at once. `prompt` is text or token ids. With `images`
+        (pixel values from the model's `vision.preprocess`), the prompt holds one image
+        token per image, in order; each stands for all of that image's vectors."""
         if not self.running:
             raise EngineStoppedError("the engine is not running; call start()")
         params = params or SamplingParams()
@@ -135,22 +141,51 @@ class Engine:
         vocab = self.loaded.config.vocab_size
         if any(not 0 <= t < vocab for t in ids):
             raise RequestError(f"prompt token ids must be in [0, {vocab})")
+        ids, keyed = self._expand_images(ids, list(images))
         needed = len(ids) + params.max_new_tokens
         if needed > self.model.max_positions or not self.cache.fits_alone(needed):
             raise ContextLengthError(
                 f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) "
                 f"exceeds the model's context or the KV cache budget "
                 f"({self.model.max_positions} positions)")
-        handle = RequestHandle(Request(ids, params), self._notify)
+        handle = RequestHandle(Request(ids, params, images=keyed), self._notify)
         with self._cv:
             self._inbox.append(handle)
             self._cv.notify()
         return handle
 
     def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
-                 timeout: float | None = None) -> GenerationResult:
+                 timeout: float | None = None,
+                 images: Sequence[torch.Tensor] = ()) -> GenerationResult:
         """Submit and wait: the blocking convenience used by scripts and tests."""
-        return self.submit(prompt, params).result(timeout)
+        return self.submit(prompt, params, images=images).result(timeout)
+
+    def _expand_images(self, ids: list[int], images: list[torch.Tensor]
+                       ) -> tuple[list[int], dict[int, torch.Tensor]]:
+        """Each image token becomes tokens_per_image copies of the image's content key."""
+        vision = self.loaded.vision
+        if vision is None:
+            if images:
+                raise RequestError("this model has no vision tower; it cannot read images")
+            return ids, {}
+        marks = sum(t == vision.image_token_id for t in ids)
+        if marks != len(images):
+            raise RequestError(f"the prompt has {marks} image tokens for {len(images)} "
+                               "images")
+        if not images:
+            return ids, {}
+        keyed: dict[int, torch.Tensor] = {}
+        out: list[int] = []
+        pending = iter(images)
+        for t in ids:
+            if t != vision.image_token_id:
+                out.append(t)
+                continue
+            pixels = next(pending)
+            key = content_key(pixels)
+            keyed[key] = pixels
+            out.extend([key] * vision.tokens_per_image)
+        return out, keyed
 
     def stats(self) -> EngineStats:
         with self._cv:
@@ -265,10 +300,39 @@ class Engine:
             return self._finish(st, "error", ModelError(f"generation failed: {e}"))
         self._accept(st, token)
 
+    def _image_features(self, key: int, pixels: torch.Tensor) -> torch.Tensor:
+        feats = self._features.pop(key, None)
+        if feats is None:
+            vision = self.loaded.vision
+            feats = vision.encode(pixels).to(self.model.dtype)
+            while len(self._features) >= 4:
+                self._features.pop(next(iter(self._features)))
+        self._features[key] = feats  # most recently used last
+        return feats
+
+    def _embeds(self, st: _Active, tokens: list[int]) -> torch.Tensor:
+        """Input vectors for a chunk holding image positions: token embeddings, with each
+        image position replaced by its row of the image's projected features."""
+        prompt = st.request.prompt_ids
+        ids = torch.tensor([max(t, 0) for t in tokens], dtype=torch.long,
+                           device=self.model.device)
+        x = self.model.embed_tokens(ids).clone()
+        for k, t in enumerate(tokens):
+            if t >= 0:
+                continue
+            p = st.pos + k
+            start = p
+            while start > 0 and prompt[start - 1] == t:
+                start -= 1
+            x[k] = self._image_features(t, st.request.images[t])[p - start]
+        return x
+
     def _forward(self, st: _Active, tokens: list[int]) -> torch.Tensor:
-        ids = torch.tensor(tokens, dtype=torch.long, device=self.model.device)
+        ids = torch.tensor([max(t, 0) for t in tokens], dtype=torch.long,
+                           device=self.model.device)
         try:
-            logits = self.model(ids, st.slot.cache, st.pos)
+            embeds = self._embeds(st, tokens) if any(t < 0 for t in tokens) else None
+            logits = self.model(ids, st.slot.cache, st.pos, embeds=embeds)
         except BaseException:
             # K/V may be half written: the slot's content is no longer trustworthy.
             st.slot.tokens = st.slot.tokens[:st.pos]

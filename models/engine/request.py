@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..errors import ModelError, RequestError
 
@@ -70,8 +71,9 @@ _DONE = object()
 
 @dataclass
 class Request:
-    prompt_ids: list[int]
+    prompt_ids: list[int]  # an image's positions hold its (negative) content key
     params: SamplingParams
+    images: dict[int, Any] = field(default_factory=dict)  # content key -> pixel values
     id: int = field(default_factory=lambda: next(_ids))
     submitted: float = field(default_factory=time.monotonic)
     cancelled: threading.Event = field(default_factory=threading.Event)

@@ -1,0 +1,1 @@
+"""Vision: untrusted image input, CLIP / SigLIP towers, the LLaVA projector and composition."""
