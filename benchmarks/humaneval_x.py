@@ -160,7 +160,8 @@ def assemble(target: Problem, translation: str) -> tuple[str, str]:
 
 def target_go(target: Problem, code: str) -> str:
     code = re.sub(r"^\s*package\s+\w+\s*$", "", code, flags=re.M)
-    setup = "package main\n\nimport (\n    \"testing\"\n    \"github.com/stretchr/testify/assert\"\n)\n"
+    setup = ("package main\n\nimport (\n    \"testing\"\n"
+             "    \"github.com/stretchr/testify/assert\"\n)\n")
     return setup + code + "\n" + target.test
 
 

@@ -9,6 +9,8 @@ Protocol extensions (documented in README):
 - `codevista.translate` command: one argument object {uri, range?, targetLanguage,
   sourceLanguage?, partialResultToken?}; with a token, `$/progress {token, value: {text,
   isIncomplete: true}}` carries the translation so far (each value replaces the previous).
+- `codevista.explainImage` command: one argument object {image: {uri | path | data,
+  mimeType?}, question?, task?, partialResultToken?}; streams like translation.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import asyncio
 import logging
 import time
 import uuid
+from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 import attrs
 from lsprotocol import types
@@ -30,8 +34,10 @@ from .documents import Snapshot, to_offset
 from .errors import ArgumentError, DocumentNotOpenError, NotReadyError, to_jsonrpc
 from .features.completion import CompletionService
 from .features.translate import TranslationService
+from .features.vision import VisionService
 from .settings import Settings, parse_settings
 from .translation import other_language, resolve_language, suggested_file_name
+from .vision import load_image, resolve_task
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +45,7 @@ VERSION = "0.1.0"
 ACCEPT_COMMAND = "codevista.didAcceptCompletion"
 STATS_COMMAND = "codevista.stats"
 TRANSLATE_COMMAND = "codevista.translate"
+EXPLAIN_IMAGE_COMMAND = "codevista.explainImage"
 
 
 @attrs.define
@@ -112,12 +119,23 @@ class CodevistaServer(LanguageServer):
         self.backend = LocalBackend()
         self.completions = CompletionService(self.backend, lambda: self.settings)
         self.translations = TranslationService(self.backend)
+        self.vision = VisionService()
         self.accepted = 0
         self.load_task: asyncio.Task[None] | None = None
         self.edited: dict[str, float] = {}  # uri -> last open/edit time
         self.init_options: Any = None  # initializationOptions, applied once initialized
 
     # -- helpers -------------------------------------------------------------------------
+    def image_roots(self) -> list[Path]:
+        """Folders images may be read from: the workspace's and those allowed in settings."""
+        roots = [Path(p).expanduser() for p in self.settings.allowed_image_roots]
+        for folder in self.workspace.folders.values():
+            if folder.uri.startswith("file:"):
+                roots.append(Path(unquote(urlparse(folder.uri).path)))
+        if not self.workspace.folders and self.workspace.root_path:
+            roots.append(Path(self.workspace.root_path))
+        return roots
+
     @property
     def encoding(self) -> str:
         enc = self.workspace.position_encoding or types.PositionEncodingKind.Utf16
@@ -371,6 +389,46 @@ async def translate(ls: CodevistaServer, *args: Any) -> dict[str, Any]:
             "pieces": result.pieces}
 
 
+@server.command(EXPLAIN_IMAGE_COMMAND)
+async def explain_image(ls: CodevistaServer, *args: Any) -> dict[str, Any]:
+    """Explain, describe, transcribe or locate in an image, with the vision model."""
+    protocol: Protocol = ls.protocol  # type: ignore[assignment]
+    request = protocol.track_command()
+    try:
+        if len(args) != 1 or not isinstance(args[0], dict):
+            raise ArgumentError(f"{EXPLAIN_IMAGE_COMMAND} takes one object {{image, question?, "
+                                "task?, partialResultToken?}")
+        arg = args[0]
+        task = resolve_task(arg.get("task"))
+        question = arg.get("question")
+        if question is not None and not isinstance(question, str):
+            raise ArgumentError("'question' must be a string")
+        token = arg.get("partialResultToken")
+        img, source = await asyncio.to_thread(load_image, arg.get("image"), ls.image_roots())
+        backend = await ls.vision.ensure(ls.settings.vision_model_path,
+                                         lambda m: ls.status(f"vision model: {m}"))
+
+        def on_partial(text: str) -> None:
+            if token is not None:
+                ls.progress(types.ProgressParams(token=token, value={
+                    "text": text, "isIncomplete": True}))
+
+        answer = await ls.vision.explain(backend, img, task, question, on_partial,
+                                         ls.settings.vision_max_tokens)
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:
+        raise to_jsonrpc(e) from e
+    finally:
+        protocol.untrack_command(request)
+    out: dict[str, Any] = {"text": answer.text, "task": task, "image": source.label,
+                           "model": ls.vision.backend.model_name}
+    if task == "locate":
+        out["boxes"] = answer.boxes
+    return out
+
+
 @server.feature(types.SHUTDOWN)
 def shutdown(ls: CodevistaServer, *args: Any) -> None:
     ls.backend.close()
+    ls.vision.close()

@@ -160,6 +160,72 @@ def _translate(args: argparse.Namespace) -> int:
         return fail(str(e))
 
 
+def _add_explain_image(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("explain-image", help="explain, describe, transcribe or locate in an "
+                                             "image with a vision model, streamed to stdout")
+    p.add_argument("image", help="PNG, JPEG, WebP, BMP or GIF file")
+    p.add_argument("--question", default=None)
+    p.add_argument("--task", default="explain",
+                   choices=["explain", "describe-diagram", "transcribe", "locate"])
+    p.add_argument("--model", required=True,
+                   help="a LLaVA-family checkpoint directory")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--stats", action="store_true")
+    p.set_defaults(func=_explain_image)
+
+
+def _explain_image(args: argparse.Namespace) -> int:
+    import asyncio
+    from pathlib import Path
+
+    from codevista.models.vision.image import ImageError, load_image_file
+
+    from .errors import NotReadyError
+    from .features.vision import VisionService
+    from .vision import ImageRequestError
+
+    def fail(message: str) -> int:
+        print(f"codevista: error: {message}", file=sys.stderr)
+        return 2
+
+    try:
+        img = load_image_file(Path(args.image))
+    except ImageError as e:
+        return fail(str(e))
+
+    async def run() -> int:
+        service = VisionService()
+        printed = ""
+
+        def on_partial(text: str) -> None:
+            nonlocal printed
+            if text.startswith(printed):
+                sys.stdout.write(text[len(printed):])
+                sys.stdout.flush()
+                printed = text
+
+        try:
+            backend = await service.ensure(str(Path(args.model).expanduser().resolve()),
+                                           lambda m: None)
+            answer = await service.explain(backend, img, args.task, args.question,
+                                           on_partial, args.max_tokens)
+        finally:
+            service.close()
+        rest = answer.text[len(printed):] if answer.text.startswith(printed) else ""
+        sys.stdout.write(rest + "\n")
+        if args.task == "locate":
+            print(f"boxes: {answer.boxes}", file=sys.stderr)
+        if args.stats:
+            print(f"prompt_tokens={answer.prompt_tokens} cached={answer.cached_tokens} "
+                  f"generated={answer.generated_tokens}", file=sys.stderr)
+        return 0
+
+    try:
+        return asyncio.run(run())
+    except (NotReadyError, ImageRequestError) as e:
+        return fail(str(e))
+
+
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the language server (stdio by default)")
     p.add_argument("--tcp", type=int, default=None, metavar="PORT",
@@ -199,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_translate(sub)
+    _add_explain_image(sub)
     _add_serve(sub)
     _add_demo(sub)
     return parser

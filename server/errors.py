@@ -7,6 +7,7 @@ from pygls.exceptions import JsonRpcException, JsonRpcInternalError, JsonRpcInva
 
 from .documents import PositionError
 from .translation import UnsupportedLanguageError
+from .vision import ImageRequestError
 
 
 class DocumentNotOpenError(ValueError):
@@ -25,7 +26,7 @@ def to_jsonrpc(error: Exception) -> JsonRpcException:
     if isinstance(error, JsonRpcException):
         return error
     if isinstance(error, PositionError | DocumentNotOpenError | RequestError | ArgumentError
-                  | UnsupportedLanguageError):
+                  | UnsupportedLanguageError | ImageRequestError):
         return JsonRpcInvalidParams(str(error))
     if isinstance(error, ModelError | NotReadyError):
         return JsonRpcInternalError(str(error))

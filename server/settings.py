@@ -21,6 +21,9 @@ class Settings:
     context_tokens: int = 1024  # prompt budget (prefix + suffix)
     languages: dict[str, bool] = field(default_factory=dict)  # languageId -> on/off
     dtype: str = "float32"
+    vision_model_path: str | None = None  # a LLaVA-family checkpoint for image commands
+    vision_max_tokens: int = 256
+    allowed_image_roots: tuple[str, ...] = ()  # folders besides the workspace's
 
     def language_enabled(self, language_id: str) -> bool:
         return self.languages.get(language_id, self.languages.get("*", True))
@@ -61,6 +64,12 @@ def _languages(v: Any) -> dict[str, bool]:
     return dict(v)
 
 
+def _roots(v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not all(isinstance(p, str) and p for p in v):
+        raise ValueError("expected a list of folder paths")
+    return tuple(v)
+
+
 # JSON key -> (dataclass field, validator)
 FIELDS = {
     "modelPath": ("model_path", _path),
@@ -70,6 +79,9 @@ FIELDS = {
     "contextTokens": ("context_tokens", lambda v: _positive_int(v, 32768)),
     "languages": ("languages", _languages),
     "dtype": ("dtype", _choice(("float32", "bfloat16"))),
+    "visionModelPath": ("vision_model_path", _path),
+    "visionMaxTokens": ("vision_max_tokens", lambda v: _positive_int(v, 4096)),
+    "allowedImageRoots": ("allowed_image_roots", _roots),
 }
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from tiny_models import FAMILIES, make_checkpoint, train_tokenizer
+from tiny_models import FAMILIES, VISION, VLM_SPECIAL, make_checkpoint, make_llava, train_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -38,3 +38,12 @@ def engine(loaded_qwen):
 
     with Engine(loaded_qwen) as eng:
         yield eng
+
+
+@pytest.fixture(scope="session")
+def llava_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny random LLaVA checkpoints: CLIP + Llama and SigLIP + Qwen2."""
+    tok = tmp_path_factory.mktemp("vlm-tokenizer")
+    train_tokenizer(tok, VLM_SPECIAL)
+    root = tmp_path_factory.mktemp("llava")
+    return {kind: make_llava(kind, root / kind, tok) for kind in VISION}

@@ -80,3 +80,27 @@ def test_translate_errors_are_one_line_and_exit_2(tmp_path):
         proc = _cli("translate", *args)
         assert proc.returncode == 2 and needle in proc.stderr, (args, proc.stderr)
         assert proc.stdout == ""
+
+
+def test_explain_image_on_a_generated_diagram(llava_dirs, tmp_path):
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (120, 60), "white")
+    d = ImageDraw.Draw(img)
+    d.rectangle((5, 20, 45, 40), outline="black")
+    d.rectangle((75, 20, 115, 40), outline="black")
+    d.line((45, 30, 75, 30), fill="black")
+    d.text((10, 24), "parse", fill="black")
+    d.text((80, 24), "save", fill="black")
+    path = tmp_path / "flow.png"
+    img.save(path)
+    args = ("explain-image", str(path), "--model", str(llava_dirs["siglip_qwen2"]),
+            "--task", "describe-diagram", "--max-tokens", "12", "--stats")
+    first, second = _cli(*args), _cli(*args)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == second.stdout and first.stdout.endswith("\n")
+    assert "generated=" in first.stderr
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    proc = _cli("explain-image", str(bad), "--model", str(llava_dirs["siglip_qwen2"]))
+    assert proc.returncode == 2 and "codevista: error:" in proc.stderr and proc.stdout == ""

@@ -14,21 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from tiny_models import VISION, VLM_SPECIAL, load_reference, make_llava, train_tokenizer
-
 from codevista.models.engine import Engine, SamplingParams
 from codevista.models.kv_cache import KVCache
 from codevista.models.loader import load_model
 from codevista.models.vision.image import ImageError, ImageProcessor, open_image
-
-
-@pytest.fixture(scope="session")
-def llava_dirs(tmp_path_factory) -> dict[str, Path]:
-    tok = tmp_path_factory.mktemp("vlm-tokenizer")
-    train_tokenizer(tok, VLM_SPECIAL)
-    root = tmp_path_factory.mktemp("llava")
-    return {kind: make_llava(kind, root / kind, tok) for kind in VISION}
+from PIL import Image
+from tiny_models import VISION, load_reference
 
 
 def _photo(w: int = 61, h: int = 45, seed: int = 0) -> Image.Image:
