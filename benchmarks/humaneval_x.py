@@ -89,7 +89,7 @@ def header_lines(problem: Problem) -> list[str]:
 
 def _rust_crate_free(lines: list[str]) -> list[str]:
     return [ln for ln in lines
-            if not re.match(r"^\s*use\s+(%s)\b" % "|".join(MISSING_RUST_CRATES), ln)]
+            if not re.match(rf"^\s*use\s+({'|'.join(MISSING_RUST_CRATES)})\b", ln)]
 
 
 # Problems whose reference (declaration + canonical solution + test) is itself broken in
