@@ -11,6 +11,9 @@ model saw in training is exactly what it gets when serving.
   (suffix first: while the user types at the end of the prefix, the cached K/V of
   everything before the cursor stays valid)
 - Translation:  <|lang:S|>{source}<|translate|><|lang:T|>{target}<|endoftext|>
+- Vision (the default VLM, and any LLaVA checkpoint without a chat template):
+                USER: <|image|>\n{question} ASSISTANT:{answer}<|endoftext|>
+  where the question of each task comes from `vision_question`.
 """
 
 from __future__ import annotations
@@ -56,3 +59,31 @@ def fim_spm(language: str, prefix: str, suffix: str) -> str:
 def translation(source_language: str, source: str, target_language: str) -> str:
     """Translation prompt; the model writes the target code, then EOT."""
     return f"{lang_tag(source_language)}{source}{TRANSLATE}{lang_tag(target_language)}"
+
+
+VISION_TASKS = {
+    "explain": ("Explain this image to a programmer. If it shows an error, say what the "
+                "error means and how to fix it."),
+    "describe-diagram": ("Describe this diagram: name every node, then list every edge as "
+                         "`A -> B`."),
+    "transcribe": ("Transcribe all the text and code in this image exactly, keeping line "
+                   "breaks and indentation. Reply with the transcription only."),
+    "locate": ("Locate {target} in this image. Answer with one box per match as "
+               "[x1, y1, x2, y2] in 0-1000 coordinates (0,0 is the top left)."),
+}
+
+
+def vision_question(task: str, question: str | None) -> str:
+    """The question text of a vision task (a user's own question replaces `explain`'s)."""
+    if task == "locate":
+        if not question or not question.strip():
+            raise ValueError("the locate task needs a question naming what to find")
+        return VISION_TASKS["locate"].format(target=question.strip())
+    base = VISION_TASKS[task]
+    if question and question.strip():
+        return f"{base}\n{question.strip()}" if task != "explain" else question.strip()
+    return base
+
+
+def vision_prompt(question: str, image_token: str = IMAGE) -> str:
+    return f"USER: {image_token}\n{question} ASSISTANT:"

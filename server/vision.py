@@ -15,18 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from codevista.models import formats
 from codevista.models.vision.image import MAX_IMAGE_BYTES, ImageError, load_image_file, open_image
 
-TASKS = {
-    "explain": ("Explain this image to a programmer. If it shows an error, say what the "
-                "error means and how to fix it."),
-    "describe-diagram": ("Describe this diagram: name every node, then list every edge as "
-                         "`A -> B`."),
-    "transcribe": ("Transcribe all the text and code in this image exactly, keeping line "
-                   "breaks and indentation. Reply with the transcription only."),
-    "locate": ("Locate {target} in this image. Answer with one box per match as "
-               "[x1, y1, x2, y2] in 0-1000 coordinates (0,0 is the top left)."),
-}
+TASKS = formats.VISION_TASKS
 
 
 class ImageRequestError(ValueError):
@@ -47,14 +39,10 @@ def resolve_task(task: object) -> str:
 
 
 def question_for(task: str, question: str | None) -> str:
-    if task == "locate":
-        if not question or not question.strip():
-            raise ImageRequestError("the locate task needs a question naming what to find")
-        return TASKS["locate"].format(target=question.strip())
-    base = TASKS[task]
-    if question and question.strip():
-        return f"{base}\n{question.strip()}" if task != "explain" else question.strip()
-    return base
+    try:
+        return formats.vision_question(task, question)
+    except ValueError as e:
+        raise ImageRequestError(str(e)) from e
 
 
 def _inside(path: Path, roots: list[Path]) -> bool:

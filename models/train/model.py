@@ -129,10 +129,12 @@ class CodeLM(nn.Module):
                          if name.endswith(("o_proj.weight", "down_proj.weight")) else std)
                 nn.init.normal_(p, mean=0.0, std=scale)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                embeds: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`embeds` (B, T, hidden), when given, replace the token embeddings (images)."""
         T = idx.shape[1]
-        x = self.model.embed_tokens(idx)
+        x = self.model.embed_tokens(idx) if embeds is None else embeds
         cos, sin = self.cos[:T], self.sin[:T]
         for layer in self.model.layers:
             x = layer(x, cos, sin)

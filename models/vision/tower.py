@@ -158,7 +158,6 @@ class VisionTower(nn.Module):
         self.encoder = nn.Module()
         self.encoder.layers = nn.ModuleList(_Layer(cfg) for _ in range(cfg.num_layers))
 
-    @torch.inference_mode()
     def forward(self, pixels: torch.Tensor, upto: int | None = None) -> list[torch.Tensor]:
         """Hidden states [embeddings, layer 1, ..., layer `upto`] for pixels (B, C, H, W)."""
         x = self.embeddings(pixels)
@@ -180,6 +179,5 @@ class Projector(nn.Module):
         self.linear_1 = nn.Linear(in_features, hidden, bias=bias)
         self.linear_2 = nn.Linear(hidden, hidden, bias=bias)
 
-    @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_2(act_fn(self.act, self.linear_1(x)))

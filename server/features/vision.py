@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from codevista.models import formats
 from codevista.models.engine import SamplingParams
 
 from ..backend import LocalBackend
@@ -47,7 +48,7 @@ def vision_prompt(backend: LocalBackend, question: str) -> str:
                 continue
             if text.count(image) == 1:
                 return text
-    return f"USER: {image}\n{question} ASSISTANT:"
+    return formats.vision_prompt(question, image)
 
 
 class VisionService:

@@ -1,0 +1,160 @@
+"""Quality of a vision model on the held-out generated split (models/train/vlm_data.py).
+
+    python benchmarks/vision_quality.py [--model models/default/vlm] [--per-kind 60]
+        [--out results.json] [--markdown results.md]
+
+Held-out means other seeds than training and, for diagrams, charts, code and error
+dialogs, label words never drawn in training. Each sample is asked exactly as the server
+asks (`formats.vision_prompt(formats.vision_question(task, question))`), greedy, at most
+96 new tokens. Metrics:
+
+count        exact match of the number (scenes of 1-9 objects; per-shape questions may be 0)
+color/shape  exact match of the colour / shape word
+locate       share of predicted boxes with IoU >= 0.5 against the drawn object's box
+diagram      F1 of node labels and F1 of edges (`A -> B`) recovered from the description
+chart        exact match (highest bar, a bar's value, or the whole description)
+transcribe   character error rate: Levenshtein distance / reference length (code and errors)
+describe / error  exact match and edit similarity of the description / explanation
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from metrics import edit_similarity, levenshtein  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+KINDS = ("count", "color", "shape", "locate", "diagram", "chart", "transcribe", "describe",
+         "error")
+
+
+def iou(a: list[int], b: list[int]) -> float:
+    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def parse_diagram(text: str) -> tuple[set[str], set[tuple[str, str]]]:
+    nodes_m = re.search(r"Nodes:\s*(.*?)\.\s*(Edges:|$)", text, re.S)
+    nodes = {n.strip() for n in nodes_m.group(1).split(",")} if nodes_m else set()
+    edges = set(re.findall(r"([\w-]+)\s*->\s*([\w-]+)", text))
+    return {n for n in nodes if n}, edges
+
+
+def f1(pred: set, gold: set) -> float:
+    if not pred and not gold:
+        return 1.0
+    tp = len(pred & gold)
+    if tp == 0:
+        return 0.0
+    p, r = tp / len(pred), tp / len(gold)
+    return 2 * p * r / (p + r)
+
+
+def evaluate(model_dir: Path, per_kind: int) -> dict[str, Any]:
+    from codevista.models import formats
+    from codevista.models.engine import Engine, SamplingParams
+    from codevista.models.loader import load_model
+    from codevista.models.train.vlm_data import sample
+    from codevista.server.vision import parse_boxes
+
+    loaded = load_model(model_dir)
+    vision = loaded.vision
+    if vision is None:
+        raise SystemExit(f"{model_dir} is not a vision model")
+    image_tok = loaded.tokenizer.tok.id_to_token(vision.image_token_id)
+    scores: dict[str, list[float]] = defaultdict(list)
+    extra: dict[str, list[float]] = defaultdict(list)
+    examples: dict[str, list[dict[str, str]]] = defaultdict(list)
+    seen: dict[str, int] = defaultdict(int)
+    t0 = time.time()
+    seed = 1_000_000
+    with Engine(loaded) as engine:
+        while any(seen[k] < per_kind for k in KINDS) and seed < 1_000_000 + 200 * per_kind:
+            s = sample("test", seed)
+            seed += 1
+            if seen[s.kind] >= per_kind:
+                continue
+            seen[s.kind] += 1
+            prompt = formats.vision_prompt(formats.vision_question(s.task, s.question),
+                                           image_tok)
+            ids = loaded.tokenizer.encode(prompt, add_special_tokens=False)
+            out = engine.generate(ids, SamplingParams(max_new_tokens=96),
+                                  images=[vision.preprocess(s.image)]).text.strip()
+            gold = s.answer
+            if s.kind == "locate":
+                boxes = parse_boxes(out)
+                scores["locate"].append(float(bool(boxes) and iou(boxes[0], s.meta["box"])
+                                              >= 0.5))
+            elif s.kind == "diagram":
+                nodes, edges = parse_diagram(out)
+                scores["diagram"].append(f1(edges, set(map(tuple, s.meta["edges"]))))
+                extra["diagram_nodes"].append(f1(nodes, set(s.meta["nodes"])))
+            elif s.kind == "transcribe":
+                scores["transcribe"].append(levenshtein(out, gold) / max(1, len(gold)))
+            else:
+                scores[s.kind].append(float(out == gold))
+                if s.kind in ("describe", "error"):
+                    extra[f"{s.kind}_edit_similarity"].append(edit_similarity(out, gold))
+            if len(examples[s.kind]) < 3:
+                examples[s.kind].append({"question": s.question or s.task, "answer": gold,
+                                         "model": out})
+    results = {k: round(100 * sum(v) / len(v), 1) for k, v in scores.items() if v}
+    results["transcribe_cer"] = results.pop("transcribe", None)
+    results["diagram_edge_f1"] = results.pop("diagram", None)
+    results.update({k: round((1 if k.endswith("similarity") else 100) * sum(v) / len(v), 1)
+                    for k, v in extra.items() if v})
+    return {"model": str(model_dir), "per_kind": dict(seen), "metrics": results,
+            "seconds": round(time.time() - t0, 1), "examples": examples}
+
+
+def markdown(r: dict[str, Any]) -> str:
+    m = r["metrics"]
+    rows = [("counting accuracy (1-9 objects)", m.get("count"), "≥ 90"),
+            ("colour QA accuracy", m.get("color"), ""),
+            ("shape QA accuracy", m.get("shape"), ""),
+            ("grounding accuracy, IoU ≥ 0.5", m.get("locate"), "≥ 80"),
+            ("diagram edge F1 (node F1)",
+             f"{m.get('diagram_edge_f1')} ({m.get('diagram_nodes')})", "≥ 80"),
+            ("bar chart QA exact match", m.get("chart"), ""),
+            ("transcription character error rate", m.get("transcribe_cer"), "≤ 5"),
+            ("scene description exact match / edit similarity",
+             f"{m.get('describe')} / {m.get('describe_edit_similarity')}", ""),
+            ("error explanation exact match / edit similarity",
+             f"{m.get('error')} / {m.get('error_edit_similarity')}", "")]
+    lines = ["| metric (held-out, %) | value | goal |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path, default=ROOT / "models" / "default" / "vlm")
+    p.add_argument("--per-kind", type=int, default=60)
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--markdown", type=Path, default=None)
+    args = p.parse_args()
+    r = evaluate(args.model, args.per_kind)
+    print(json.dumps({k: v for k, v in r.items() if k != "examples"}))
+    md = markdown(r)
+    print(md, file=sys.stderr)
+    if args.out:
+        args.out.write_text(json.dumps(r, indent=1))
+    if args.markdown:
+        args.markdown.write_text(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,330 @@
+"""Images and questions the default vision model learns from, generated, never downloaded.
+
+Five kinds of picture, each with answers for the editor's four tasks:
+- scenes of 1-9 shapes (circle, square, triangle) in seven colours: counting, colour and
+  shape questions, grounding (`locate` -> a box in 0-1000 coordinates), a description;
+- flowcharts of 2-5 labelled boxes joined by arrows: `describe-diagram` -> nodes and edges;
+- bar charts: which bar is highest, the value of a bar, a description;
+- code in several fonts, sizes and light/dark themes: `transcribe` -> the exact text;
+- error dialogs: `transcribe`, and `explain` -> what the message means.
+
+Everything is drawn with Pillow from a seeded `random.Random`, so a sample is a pure
+function of (split, seed). The held-out split uses other seeds and its own label words
+(`HELDOUT_WORDS`, never drawn in training), so diagram and chart answers cannot be
+memorised.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+IMAGE_SIZE = 160
+COLORS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220),
+          "yellow": (225, 195, 20), "orange": (240, 130, 20), "purple": (140, 60, 170),
+          "black": (25, 25, 25)}
+SHAPES = ("circle", "square", "triangle")
+TRAIN_WORDS = (
+    "parse check save load user cart login order pay ship auth token cache fetch store "
+    "merge build test lint deploy start stop retry queue send read write open close sort "
+    "scan lex emit init hash sign index query join split clean render draw route view "
+    "model sync pull push tag plan list item node edge path root leaf tree heap").split()
+HELDOUT_WORDS = (
+    "audit bill crop dump evict fold grant hook ingest jump kick label mount nudge "
+    "patch quota rank seed trim vote").split()
+ERRORS = [
+    ("NameError: name '{w}' is not defined",
+     "Python cannot find a variable called {w}: define {w} before you use it, or fix the "
+     "spelling."),
+    ("TypeError: {w}() missing 1 argument",
+     "The function {w} was called with too few arguments: pass the missing argument."),
+    ("KeyError: '{w}'",
+     "The dictionary has no key {w}: check the key, or use .get('{w}') with a default."),
+    ("ZeroDivisionError: division by zero",
+     "A number was divided by zero: check that the divisor is not zero first."),
+    ("IndexError: list index out of range",
+     "The code read past the end of a list: check the index against len() first."),
+    ("NullPointerException at {w}",
+     "Java used a null reference in {w}: make sure the object is created before use."),
+    ("error: expected ';' after {w}",
+     "The compiler wants a semicolon after {w}: add the missing ';'."),
+]
+FONTS = ("DejaVuSansMono.ttf", "DejaVuSans.ttf", "DejaVuSerif.ttf")
+FONT_DIRS = (Path("/usr/share/fonts/truetype/dejavu"), Path("/usr/share/fonts/dejavu"))
+
+
+@dataclass
+class Sample:
+    image: Any  # PIL.Image.Image, RGB, IMAGE_SIZE square
+    task: str  # explain | describe-diagram | transcribe | locate
+    question: str | None  # the user's words (explain with a question, locate's target)
+    answer: str
+    kind: str  # what the metrics group it by: count, color, shape, locate, diagram, ...
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@lru_cache(maxsize=64)
+def font(name: str, size: int):
+    from PIL import ImageFont
+
+    for d in FONT_DIRS:
+        if (d / name).is_file():
+            return ImageFont.truetype(str(d / name), size)
+    return ImageFont.load_default(size=size)
+
+
+def words(split: str) -> list[str]:
+    return HELDOUT_WORDS if split == "test" else TRAIN_WORDS
+
+
+def box_1000(x1: float, y1: float, x2: float, y2: float) -> list[int]:
+    s = 1000 / IMAGE_SIZE
+    return [round(x1 * s), round(y1 * s), round(x2 * s), round(y2 * s)]
+
+
+def _canvas(rng: random.Random, dark: bool = False):
+    from PIL import Image
+
+    g = rng.randint(20, 45) if dark else rng.randint(235, 255)
+    return Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (g, g, g))
+
+
+# -- shapes -------------------------------------------------------------------------------
+
+def _place(rng: random.Random, n: int) -> list[tuple[int, int, int]]:
+    """n non-overlapping (x, y, size) squares inside the canvas."""
+    out: list[tuple[int, int, int]] = []
+    tries = 0
+    while len(out) < n and tries < 2000:
+        tries += 1
+        s = rng.randint(16, 30)
+        x, y = rng.randint(4, IMAGE_SIZE - s - 4), rng.randint(4, IMAGE_SIZE - s - 4)
+        if all(x + s + 4 <= a or a + b + 4 <= x or y + s + 4 <= c or c + b + 4 <= y
+               for a, c, b in out):
+            out.append((x, y, s))
+    return out
+
+
+def shapes(rng: random.Random, split: str) -> Sample:
+    from PIL import ImageDraw
+
+    img = _canvas(rng)
+    d = ImageDraw.Draw(img)
+    n = rng.randint(1, 9)
+    objs = []
+    for x, y, s in _place(rng, n):
+        color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
+        fill = COLORS[color]
+        if shape == "circle":
+            d.ellipse((x, y, x + s, y + s), fill=fill)
+        elif shape == "square":
+            d.rectangle((x, y, x + s, y + s), fill=fill)
+        else:
+            d.polygon([(x + s / 2, y), (x, y + s), (x + s, y + s)], fill=fill)
+        objs.append({"color": color, "shape": shape, "box": (x, y, x + s, y + s)})
+    n = len(objs)
+    objs.sort(key=lambda o: (o["box"][1] // 20, o["box"][0]))
+    kind = rng.choice(["count", "count", "count_shape", "color", "shape", "locate",
+                       "locate", "describe"])
+    by_shape = {s: [o for o in objs if o["shape"] == s] for s in SHAPES}
+    by_color = {c: [o for o in objs if o["color"] == c] for c in COLORS}
+    unique = [o for o in objs if sum(p["color"] == o["color"] and p["shape"] == o["shape"]
+                                     for p in objs) == 1]
+    if kind == "count_shape":
+        s = rng.choice(SHAPES)
+        return Sample(img, "explain", f"How many {s}s are there?", str(len(by_shape[s])),
+                      "count", {"n": len(by_shape[s])})
+    if kind == "color":
+        cands = [o for o in objs if len(by_shape[o["shape"]]) == 1]
+        if cands:
+            o = rng.choice(cands)
+            return Sample(img, "explain", f"What colour is the {o['shape']}?", o["color"],
+                          "color")
+    if kind == "shape":
+        cands = [o for o in objs if len(by_color[o["color"]]) == 1]
+        if cands:
+            o = rng.choice(cands)
+            return Sample(img, "explain", f"What shape is the {o['color']} object?",
+                          o["shape"], "shape")
+    if kind == "locate" and unique:
+        o = rng.choice(unique)
+        b = box_1000(*o["box"])
+        return Sample(img, "locate", f"the {o['color']} {o['shape']}",
+                      f"[{b[0]}, {b[1]}, {b[2]}, {b[3]}]", "locate", {"box": b})
+    if kind == "describe":
+        parts = ", ".join(f"a {o['color']} {o['shape']}" for o in objs)
+        return Sample(img, "explain", None, f"{n} shape{'s' * (n != 1)}: {parts}.", "describe")
+    return Sample(img, "explain", "How many shapes are there?", str(n), "count", {"n": n})
+
+
+# -- flowcharts ----------------------------------------------------------------------------
+
+def _arrow(d, a: tuple[float, float], b: tuple[float, float], color) -> None:
+    import math
+
+    d.line([a, b], fill=color, width=1)
+    ang = math.atan2(b[1] - a[1], b[0] - a[0])
+    for da in (2.6, -2.6):
+        d.line([b, (b[0] + 6 * math.cos(ang + da), b[1] + 6 * math.sin(ang + da))],
+               fill=color, width=1)
+
+
+def _border_point(box, toward):
+    """Where the segment from box's centre to `toward` leaves the box."""
+    x1, y1, x2, y2 = box
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    dx, dy = toward[0] - cx, toward[1] - cy
+    if dx == 0 and dy == 0:
+        return cx, cy
+    tx = (x2 - cx) / abs(dx) if dx else float("inf")
+    ty = (y2 - cy) / abs(dy) if dy else float("inf")
+    t = min(tx, ty)
+    return cx + dx * t, cy + dy * t
+
+
+def flowchart(rng: random.Random, split: str) -> Sample:
+    from PIL import ImageDraw
+
+    dark = rng.random() < 0.25
+    img = _canvas(rng, dark)
+    d = ImageDraw.Draw(img)
+    fg = (230, 230, 230) if dark else (20, 20, 20)
+    k = rng.randint(2, 5)
+    labels = rng.sample(words(split), k)
+    cells = rng.sample([(c, r) for c in range(3) for r in range(3)], k)
+    cells.sort(key=lambda cr: (cr[1], cr[0]))  # reading order
+    boxes = []
+    f = font("DejaVuSans.ttf", 10)
+    for (c, r), label in zip(cells, labels, strict=True):
+        cx, cy = 27 + c * 53, 27 + r * 53
+        box = (cx - 24, cy - 10, cx + 24, cy + 10)
+        d.rectangle(box, outline=fg, width=1)
+        w = d.textlength(label, font=f)
+        d.text((cx - w / 2, cy - 6), label, fill=fg, font=f)
+        boxes.append(box)
+    edges = [(i, i + 1) for i in range(k - 1)]
+    if k >= 3 and rng.random() < 0.4:
+        a = rng.randrange(k - 2)
+        edges.append((a, rng.randrange(a + 2, k)))
+    for a, b in edges:
+        ca = ((boxes[a][0] + boxes[a][2]) / 2, (boxes[a][1] + boxes[a][3]) / 2)
+        cb = ((boxes[b][0] + boxes[b][2]) / 2, (boxes[b][1] + boxes[b][3]) / 2)
+        _arrow(d, _border_point(boxes[a], cb), _border_point(boxes[b], ca), fg)
+    edge_text = ", ".join(f"{labels[a]} -> {labels[b]}" for a, b in edges)
+    answer = f"Nodes: {', '.join(labels)}. Edges: {edge_text}."
+    return Sample(img, "describe-diagram", None, answer, "diagram",
+                  {"nodes": labels, "edges": [(labels[a], labels[b]) for a, b in edges]})
+
+
+# -- bar charts ----------------------------------------------------------------------------
+
+def bar_chart(rng: random.Random, split: str) -> Sample:
+    from PIL import ImageDraw
+
+    img = _canvas(rng)
+    d = ImageDraw.Draw(img)
+    k = rng.randint(3, 5)
+    labels = rng.sample([w for w in words(split) if len(w) <= 5], k)
+    values = [rng.randint(1, 9) for _ in range(k)]
+    while values.count(max(values)) > 1:
+        values[values.index(max(values))] -= 1
+    color = COLORS[rng.choice(["blue", "green", "orange", "purple", "red"])]
+    f = font("DejaVuSans.ttf", 9)
+    base, top, left = 140, 20, 14
+    d.line((left, top, left, base), fill=(0, 0, 0))
+    d.line((left, base, IMAGE_SIZE - 6, base), fill=(0, 0, 0))
+    slot = (IMAGE_SIZE - left - 10) / k
+    for i, (label, v) in enumerate(zip(labels, values, strict=True)):
+        x = left + 4 + i * slot
+        h = (base - top) * v / 9
+        d.rectangle((x, base - h, x + slot * 0.6, base), fill=color)
+        d.text((x, base + 3), label, fill=(0, 0, 0), font=f)
+        d.text((x + slot * 0.15, base - h - 11), str(v), fill=(0, 0, 0), font=f)
+    kind = rng.choice(["highest", "value", "describe"])
+    if kind == "highest":
+        return Sample(img, "explain", "Which bar is the highest?",
+                      labels[values.index(max(values))], "chart")
+    if kind == "value":
+        i = rng.randrange(k)
+        return Sample(img, "explain", f"What is the value of {labels[i]}?", str(values[i]),
+                      "chart")
+    pairs = ", ".join(f"{a} {v}" for a, v in zip(labels, values, strict=True))
+    return Sample(img, "explain", None, f"A bar chart: {pairs}.", "chart")
+
+
+# -- code and errors -----------------------------------------------------------------------
+
+CODE_LINES = ["def {a}({b}):", "    return {b} + {n}", "{a} = {b}({n})", "for i in range({n}):",
+              "if {b} > {n}:", "    print({a})", "int {a} = {n};", "return {a};",
+              "x = {a}.{b}()", "while {a}:", "{a}.append({n})", "let {a} = {n};",
+              "fn {a}() {{", "}}", "# {a} {b}", "// {a} {b}"]
+
+
+def code(rng: random.Random, split: str) -> Sample:
+    from PIL import ImageDraw
+
+    dark = rng.random() < 0.5
+    img = _canvas(rng, dark)
+    d = ImageDraw.Draw(img)
+    fg = (220, 220, 220) if dark else (20, 20, 20)
+    size = rng.choice([11, 12, 13])
+    f = font(rng.choice(FONTS), size)
+    pool = words(split)
+    lines = []
+    for _ in range(rng.randint(2, 4)):
+        t = rng.choice(CODE_LINES)
+        line = t.format(a=rng.choice(pool), b=rng.choice(pool), n=rng.randint(0, 99))
+        lines.append(line[:18])
+    y = rng.randint(6, 20)
+    for line in lines:
+        d.text((6, y), line, fill=fg, font=f)
+        y += size + 5
+    text = "\n".join(lines)
+    return Sample(img, "transcribe", None, text, "transcribe", {"text": text})
+
+
+def error_dialog(rng: random.Random, split: str) -> Sample:
+    from PIL import ImageDraw
+
+    img = _canvas(rng)
+    d = ImageDraw.Draw(img)
+    message, explanation = rng.choice(ERRORS)
+    w = rng.choice(words(split))
+    message, explanation = message.format(w=w), explanation.format(w=w)
+    d.rectangle((8, 30, 152, 120), fill=(250, 250, 250), outline=(120, 120, 120))
+    d.rectangle((8, 30, 152, 46), fill=(200, 40, 40))
+    d.text((12, 32), "Error", fill=(255, 255, 255), font=font("DejaVuSans.ttf", 11))
+    f = font("DejaVuSans.ttf", 10)
+    lines, cur = [], ""
+    for word in message.split(" "):  # wrap to the dialog's width
+        trial = (cur + " " + word).strip()
+        if d.textlength(trial, font=f) > 136 and cur:
+            lines.append(cur)
+            cur = word
+        else:
+            cur = trial
+    lines.append(cur)
+    for i, line in enumerate(lines[:5]):
+        d.text((12, 52 + i * 13), line, fill=(20, 20, 20), font=f)
+    if rng.random() < 0.5:
+        return Sample(img, "transcribe", None, "\n".join(lines[:5]), "transcribe",
+                      {"text": "\n".join(lines[:5])})
+    return Sample(img, "explain", None, f"{message}. {explanation}", "error")
+
+
+GENERATORS = ((shapes, 0.45), (flowchart, 0.2), (bar_chart, 0.12), (code, 0.13),
+              (error_dialog, 0.1))
+
+
+def sample(split: str, seed: int) -> Sample:
+    """Sample number `seed` of `split` ("train" or "test")."""
+    rng = random.Random(f"{split}:{seed}")
+    r, acc = rng.random(), 0.0
+    for gen, weight in GENERATORS:
+        acc += weight
+        if r < acc:
+            return gen(rng, split)
+    return GENERATORS[-1][0](rng, split)
