@@ -24,7 +24,6 @@ import logging
 import shutil
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
