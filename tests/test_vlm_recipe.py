@@ -1,0 +1,134 @@
+"""The default VLM's data and recipe: generated samples are right and reproducible, the
+held-out split is disjoint, and a trained checkpoint loads alike in codevista and
+transformers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from codevista.models.train import vlm_data
+from codevista.models.train.vlm_data import HELDOUT_WORDS, TRAIN_WORDS, sample
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _blobs(img) -> int:
+    """Connected regions of non-background pixels (4-neighbourhood)."""
+    a = np.asarray(img).astype(int)
+    bg = a[0, 0]
+    fg = np.abs(a - bg).sum(-1) > 60
+    seen = np.zeros_like(fg)
+    count = 0
+    for y, x in zip(*np.nonzero(fg), strict=True):
+        if seen[y, x]:
+            continue
+        count += 1
+        stack = [(y, x)]
+        seen[y, x] = True
+        while stack:
+            cy, cx = stack.pop()
+            for ny, nx in ((cy + 1, cx), (cy - 1, cx), (cy, cx + 1), (cy, cx - 1)):
+                if 0 <= ny < fg.shape[0] and 0 <= nx < fg.shape[1] and fg[ny, nx] \
+                        and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    stack.append((ny, nx))
+    return count
+
+
+def test_samples_are_reproducible_and_splits_disjoint():
+    a, b = sample("train", 7), sample("train", 7)
+    assert a.answer == b.answer and np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    assert not set(TRAIN_WORDS) & set(HELDOUT_WORDS)
+    for seed in range(300):
+        s = sample("train", seed)
+        if s.kind == "diagram":
+            assert set(s.meta["nodes"]) <= set(TRAIN_WORDS)
+        t = sample("test", seed)
+        if t.kind == "diagram":
+            assert set(t.meta["nodes"]) <= set(HELDOUT_WORDS)
+
+
+def test_count_answers_match_the_drawn_objects():
+    checked = 0
+    for seed in range(400):
+        s = sample("train", seed)
+        if s.kind == "count" and s.question == "How many shapes are there?":
+            assert _blobs(s.image) == int(s.answer), seed
+            checked += 1
+    assert checked >= 20
+
+
+def test_locate_boxes_cover_an_object_of_the_named_colour():
+    for seed in range(400):
+        s = sample("train", seed)
+        if s.kind != "locate":
+            continue
+        color = s.question.split()[1]
+        x1, y1, x2, y2 = (round(v * vlm_data.IMAGE_SIZE / 1000) for v in s.meta["box"])
+        patch = np.asarray(s.image)[y1:y2, x1:x2].reshape(-1, 3).astype(int)
+        want = np.array(vlm_data.COLORS[color])
+        assert (np.abs(patch - want).sum(-1) < 30).mean() > 0.3, seed
+
+
+def test_two_training_steps_export_a_checkpoint_both_engines_load(tmp_path):
+    run, out = tmp_path / "run", tmp_path / "vlm"
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    cmd = [sys.executable, "-m", "codevista.models.train.vlm"]
+    proc = subprocess.run(cmd + ["train", "--run", str(run), "--steps", "2", "--batch", "2",
+                                 "--save-every", "2", "--log-every", "1"],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "held-out loss" in proc.stderr and (run / "loss.png").is_file()
+    proc = subprocess.run(cmd + ["export", "--run", str(run), "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+    from tiny_models import load_reference
+
+    from codevista.models import formats
+    from codevista.models.engine import Engine, SamplingParams
+    from codevista.models.loader import load_model
+
+    loaded = load_model(out)
+    s = sample("test", 3)
+    pixels = loaded.vision.preprocess(s.image)
+    ids = loaded.tokenizer.encode(formats.vision_prompt(
+        formats.vision_question(s.task, s.question)), add_special_tokens=False)
+    with Engine(loaded) as engine:
+        ours = engine.generate(ids, SamplingParams(max_new_tokens=8, ignore_eos=True),
+                               images=[pixels]).token_ids
+    ref = load_reference(out)
+    ref.generation_config.eos_token_id = None
+    full: list[int] = []
+    for t in ids:
+        full.extend([t] * loaded.vision.tokens_per_image if t == loaded.vision.image_token_id
+                    else [t])
+    with torch.no_grad():
+        theirs = ref.generate(input_ids=torch.tensor([full]), pixel_values=pixels[None],
+                              max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert ours == theirs[0, len(full):].tolist()
+
+
+@pytest.mark.skipif(not (ROOT / "models" / "default" / "vlm" / "config.json").is_file(),
+                    reason="the default VLM is not shipped in this checkout")
+def test_the_shipped_vlm_loads_and_answers():
+    from codevista.models import formats
+    from codevista.models.engine import Engine, SamplingParams
+    from codevista.models.loader import load_model
+
+    loaded = load_model(ROOT / "models" / "default" / "vlm")
+    assert loaded.vision is not None
+    s = sample("test", 11)
+    ids = loaded.tokenizer.encode(formats.vision_prompt(
+        formats.vision_question(s.task, s.question)), add_special_tokens=False)
+    with Engine(loaded) as engine:
+        out = engine.generate(ids, SamplingParams(max_new_tokens=24),
+                              images=[loaded.vision.preprocess(s.image)])
+    assert out.generated_tokens > 0 and out.finish_reason in ("stop", "length")
