@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # The embedded default code model, shipped inside the package (see its MODEL_CARD.md).
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default" / "code"
+# The embedded default vision model (LLaVA layout), used when no vision model is set.
+DEFAULT_VLM_DIR = Path(__file__).resolve().parent / "default" / "vlm"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -167,8 +167,8 @@ def _add_explain_image(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--question", default=None)
     p.add_argument("--task", default="explain",
                    choices=["explain", "describe-diagram", "transcribe", "locate"])
-    p.add_argument("--model", required=True,
-                   help="a LLaVA-family checkpoint directory")
+    p.add_argument("--model", default=None,
+                   help="a LLaVA-family checkpoint directory (default: the embedded VLM)")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--stats", action="store_true")
     p.set_defaults(func=_explain_image)
@@ -205,8 +205,8 @@ def _explain_image(args: argparse.Namespace) -> int:
                 printed = text
 
         try:
-            backend = await service.ensure(str(Path(args.model).expanduser().resolve()),
-                                           lambda m: None)
+            model = str(Path(args.model).expanduser().resolve()) if args.model else None
+            backend = await service.ensure(model, lambda m: None)
             answer = await service.explain(backend, img, args.task, args.question,
                                            on_partial, args.max_tokens)
         finally:

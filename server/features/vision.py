@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from codevista.models import formats
 from codevista.models.engine import SamplingParams
+from codevista.models.loader import DEFAULT_VLM_DIR
 
 from ..backend import LocalBackend
 from ..errors import NotReadyError
@@ -59,9 +60,11 @@ class VisionService:
 
     async def ensure(self, path: str | None, report: Callable[[str], None]) -> LocalBackend:
         if path is None:
-            raise NotReadyError(
-                "no vision model is configured: set the visionModelPath setting to a "
-                "LLaVA-family checkpoint directory")
+            if not (DEFAULT_VLM_DIR / "config.json").is_file():
+                raise NotReadyError(
+                    "no vision model is configured: set the visionModelPath setting to a "
+                    "LLaVA-family checkpoint directory")
+            path = str(DEFAULT_VLM_DIR)
         if path != self.path or self._load is None or (
                 self._load.done() and self.backend.state == "error"):
             self.path = path

@@ -138,7 +138,7 @@ async def test_allowed_roots_setting_opens_another_folder(client, workspace, tmp
 
 
 @pytest_lsp.fixture(config=ClientServerConfig(server_command=SERVER))
-async def no_vision(lsp_client: LanguageClient, workspace):
+async def default_vision(lsp_client: LanguageClient, workspace):
     track_status(lsp_client)
     await lsp_client.initialize_session(types.InitializeParams(
         capabilities=capabilities("neovim"),
@@ -148,7 +148,25 @@ async def no_vision(lsp_client: LanguageClient, workspace):
     await lsp_client.shutdown_session()
 
 
-async def test_without_a_vision_model_the_error_says_what_to_set(no_vision):
+async def test_without_a_setting_the_embedded_vlm_answers(default_vision):
+    from codevista.models.loader import DEFAULT_VLM_DIR
+
+    if not (DEFAULT_VLM_DIR / "config.json").is_file():
+        with pytest.raises(JsonRpcException) as info:
+            await explain(default_vision, {"image": {"path": "shots/error.png"}})
+        assert "visionModelPath" in str(info.value)
+        return
+    r = await explain(default_vision, {"image": {"path": "shots/error.png"},
+                                       "question": "How many shapes are there?"})
+    assert r["model"] == "vlm" and r["text"].strip()
+
+
+async def test_a_code_model_as_vision_model_is_a_clear_error(default_vision):
+    from codevista.models.loader import DEFAULT_MODEL_DIR
+
+    default_vision.workspace_did_change_configuration(types.DidChangeConfigurationParams(
+        settings={"codevista": {"visionModelPath": str(DEFAULT_MODEL_DIR)}}))
+    await asyncio.sleep(0.2)
     with pytest.raises(JsonRpcException) as info:
-        await explain(no_vision, {"image": {"path": "shots/error.png"}})
-    assert "visionModelPath" in str(info.value)
+        await explain(default_vision, {"image": {"path": "shots/error.png"}})
+    assert "not a vision-language" in str(info.value)
