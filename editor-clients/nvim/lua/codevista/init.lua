@@ -1,0 +1,375 @@
+-- codevista for Neovim: streamed ghost text, translation and image explanation, from the
+-- `codevista serve` language server. The server owns prompts and models; this file owns
+-- the experience: when to ask, how ghost text is drawn, what keys do.
+
+local M = {}
+
+local defaults = {
+  cmd = { "codevista", "serve" }, -- how to start the server
+  filetypes = { "python", "java", "cs", "c", "cpp", "javascript", "typescript", "go", "rust",
+    "lua", "sh", "ruby", "php", "kotlin", "swift", "scala" },
+  settings = {}, -- sent as initializationOptions: modelPath, maxTokens, temperature, ...
+  debounce_ms = 60,
+  keymaps = {
+    accept = "<Tab>",
+    accept_word = "<M-w>",
+    accept_line = "<M-l>",
+    dismiss = "<C-]>",
+    next = "<M-]>",
+    prev = "<M-[>",
+  },
+  hl_group = "Comment",
+  on_render = nil, -- function(text): called whenever the ghost text changes (nil = cleared)
+}
+
+M.config = nil
+M.status = { state = "stopped", model = "", message = "" }
+local ns = vim.api.nvim_create_namespace("codevista")
+local state = {
+  timer = nil,
+  request = nil, -- { client, id, token, bufnr }
+  suggestion = nil, -- { bufnr, row, col, text }
+  tokens = {}, -- partial result token -> callback(value)
+  seq = 0,
+}
+
+-- Neovim 0.11 made client methods take self (`client:request`); 0.10 did not.
+local NEW_API = vim.fn.has("nvim-0.11") == 1
+local function req(client, method, params, handler, bufnr)
+  if NEW_API then return client:request(method, params, handler, bufnr) end
+  return client.request(method, params, handler, bufnr)
+end
+local function cancel(client, id)
+  if NEW_API then return client:cancel_request(id) end
+  return client.cancel_request(id)
+end
+
+local function log(msg, level)
+  vim.schedule(function() vim.notify("codevista: " .. msg, level or vim.log.levels.INFO) end)
+end
+
+function M.client(bufnr)
+  local clients = vim.lsp.get_clients({ name = "codevista", bufnr = bufnr })
+  return clients[1]
+end
+
+local function new_token(prefix)
+  state.seq = state.seq + 1
+  return string.format("codevista-%s-%d-%d", prefix, vim.uv.getpid(), state.seq)
+end
+
+-- ghost text ------------------------------------------------------------------------------
+
+function M.clear()
+  for _, buf in ipairs(vim.api.nvim_list_bufs()) do
+    if vim.api.nvim_buf_is_valid(buf) then
+      vim.api.nvim_buf_clear_namespace(buf, ns, 0, -1)
+    end
+  end
+  state.suggestion = nil
+end
+
+local function cancel_request()
+  local r = state.request
+  if r then
+    state.tokens[r.token] = nil
+    pcall(cancel, r.client, r.id)
+    state.request = nil
+  end
+end
+
+-- Draw `text` as ghost text at (row, col): its first line inline after the cursor, the
+-- rest as virtual lines below.
+local function render(bufnr, row, col, text)
+  vim.api.nvim_buf_clear_namespace(bufnr, ns, 0, -1)
+  if text == nil or text == "" then
+    state.suggestion = nil
+    return
+  end
+  local lines = vim.split(text, "\n", { plain = true })
+  local hl = M.config.hl_group
+  local opts = { virt_text = { { lines[1], hl } }, virt_text_pos = "inline", hl_mode = "combine" }
+  if #lines > 1 then
+    local virt_lines = {}
+    for i = 2, #lines do
+      virt_lines[#virt_lines + 1] = { { lines[i], hl } }
+    end
+    opts.virt_lines = virt_lines
+  end
+  pcall(vim.api.nvim_buf_set_extmark, bufnr, ns, row, col, opts)
+  state.suggestion = { bufnr = bufnr, row = row, col = col, text = text }
+  if M.config.on_render then M.config.on_render(text) end
+end
+
+-- The text an item inserts at the cursor (its range may start before the cursor).
+local function item_text(item, row, col, bufnr)
+  local text = item.insertText
+  if type(text) == "table" then text = text.value end
+  if type(text) ~= "string" then return nil end
+  if item.range then
+    local start = item.range.start
+    if start.line == row and start.character < col then
+      local line = vim.api.nvim_buf_get_lines(bufnr, row, row + 1, false)[1] or ""
+      local typed = line:sub(start.character + 1, col)
+      if text:sub(1, #typed) == typed then
+        text = text:sub(#typed + 1)
+      end
+    end
+  end
+  return text
+end
+
+function M.request()
+  local bufnr = vim.api.nvim_get_current_buf()
+  local client = M.client(bufnr)
+  if not client then return end
+  cancel_request()
+  local cursor = vim.api.nvim_win_get_cursor(0)
+  local row, col = cursor[1] - 1, cursor[2]
+  local token = new_token("ghost")
+  local params = vim.lsp.util.make_position_params(0, client.offset_encoding)
+  params.context = { triggerKind = 2 }
+  params.partialResultToken = token
+  local tick = vim.api.nvim_buf_get_changedtick(bufnr)
+  local function still_here()
+    if vim.api.nvim_get_current_buf() ~= bufnr then return false end
+    if vim.api.nvim_buf_get_changedtick(bufnr) ~= tick then return false end
+    local c = vim.api.nvim_win_get_cursor(0)
+    return c[1] - 1 == row and c[2] == col and vim.fn.mode():sub(1, 1) == "i"
+  end
+  local function show(items)
+    if not still_here() then return end
+    local first = items and items[1]
+    local text = first and item_text(first, row, col, bufnr) or nil
+    render(bufnr, row, col, text)
+  end
+  state.tokens[token] = function(value)
+    if type(value) == "table" and value.items then show(value.items) end
+  end
+  local ok, id = req(client, "textDocument/inlineCompletion", params, function(err, result)
+    state.tokens[token] = nil
+    if state.request and state.request.token == token then state.request = nil end
+    if err or not result then return end
+    show(result.items or result)
+  end, bufnr)
+  if ok then
+    state.request = { client = client, id = id, token = token, bufnr = bufnr }
+  end
+end
+
+local function schedule_request()
+  if state.timer then state.timer:stop() end
+  state.timer = state.timer or vim.uv.new_timer()
+  state.timer:start(M.config.debounce_ms, 0, vim.schedule_wrap(function()
+    if vim.fn.mode():sub(1, 1) == "i" then M.request() end
+  end))
+end
+
+-- Insert `piece` of the suggestion at the cursor; what is left stays as ghost text.
+local function accept_piece(piece)
+  local s = state.suggestion
+  if not s or piece == "" then return false end
+  local bufnr, row, col = s.bufnr, s.row, s.col
+  local rest = s.text:sub(#piece + 1)
+  M.clear()
+  cancel_request()
+  local lines = vim.split(piece, "\n", { plain = true })
+  vim.api.nvim_buf_set_text(bufnr, row, col, row, col, lines)
+  local new_row = row + #lines - 1
+  local new_col = (#lines == 1 and col or 0) + #lines[#lines]
+  vim.api.nvim_win_set_cursor(0, { new_row + 1, new_col })
+  if rest ~= "" then
+    render(bufnr, new_row, new_col, rest)
+  end
+  local client = M.client(bufnr)
+  if client then
+    req(client, "workspace/executeCommand",
+      { command = "codevista.didAcceptCompletion", arguments = { { length = #piece } } },
+      function() end, bufnr)
+  end
+  return true
+end
+
+function M.accept() return accept_piece(state.suggestion and state.suggestion.text or "") end
+
+function M.accept_word()
+  local s = state.suggestion
+  if not s then return false end
+  local word = s.text:match("^%s*[%w_]+") or s.text:match("^%s*[^%w_%s]+") or s.text
+  return accept_piece(word)
+end
+
+function M.accept_line()
+  local s = state.suggestion
+  if not s then return false end
+  local nl = s.text:find("\n", 1, true)
+  return accept_piece(nl and s.text:sub(1, nl) or s.text)
+end
+
+function M.dismiss()
+  local had = state.suggestion ~= nil
+  cancel_request()
+  M.clear()
+  return had
+end
+
+function M.suggestion() return state.suggestion and state.suggestion.text or nil end
+
+-- Whether a completion request is in flight (the ghost text may still grow).
+function M.busy() return state.request ~= nil end
+
+-- translation and images ------------------------------------------------------------------
+
+local function scratch(filetype, name)
+  vim.cmd("vsplit")
+  local buf = vim.api.nvim_create_buf(true, true)
+  vim.api.nvim_win_set_buf(0, buf)
+  vim.bo[buf].filetype = filetype
+  pcall(vim.api.nvim_buf_set_name, buf, name)
+  return buf
+end
+
+local function set_text(buf, text)
+  if vim.api.nvim_buf_is_valid(buf) then
+    vim.api.nvim_buf_set_lines(buf, 0, -1, false, vim.split(text, "\n", { plain = true }))
+  end
+end
+
+local FILETYPES = { python = "python", java = "java", csharp = "cs", c = "c", cpp = "cpp",
+  javascript = "javascript", typescript = "typescript", go = "go", rust = "rust" }
+
+-- Streams the command's text into `buf`; calls done(result) or reports the error.
+local function run_command(client, bufnr, command, args, buf, done)
+  local token = new_token(command)
+  args.partialResultToken = token
+  state.tokens[token] = function(value)
+    if type(value) == "table" and type(value.text) == "string" then set_text(buf, value.text) end
+  end
+  req(client, "workspace/executeCommand", { command = command, arguments = { args } },
+    function(err, result)
+      state.tokens[token] = nil
+      if err then
+        set_text(buf, "codevista: " .. (err.message or vim.inspect(err)))
+        log(err.message or "request failed", vim.log.levels.ERROR)
+        return
+      end
+      set_text(buf, result.text or "")
+      if done then done(result) end
+    end, bufnr)
+end
+
+function M.translate(language, line1, line2)
+  local bufnr = vim.api.nvim_get_current_buf()
+  local client = M.client(bufnr)
+  if not client then return log("the server is not attached to this buffer", vim.log.levels.WARN) end
+  local args = { uri = vim.uri_from_bufnr(bufnr), targetLanguage = language }
+  if line1 and line2 then
+    local last = vim.api.nvim_buf_line_count(bufnr)
+    local finish = line2 < last and { line = line2, character = 0 }
+      or { line = line2 - 1, character = #(vim.api.nvim_buf_get_lines(bufnr, line2 - 1, line2, false)[1] or "") }
+    args.range = { start = { line = line1 - 1, character = 0 }, ["end"] = finish }
+  end
+  local ft = FILETYPES[language:lower()] or language:lower()
+  local buf = scratch(ft, "codevista://translation/" .. language .. "/" .. state.seq)
+  run_command(client, bufnr, "codevista.translate", args, buf, function(result)
+    pcall(vim.api.nvim_buf_set_name, buf, "codevista://" .. (result.suggestedFileName or language))
+    if FILETYPES[result.targetLanguage] then vim.bo[buf].filetype = FILETYPES[result.targetLanguage] end
+  end)
+  return buf
+end
+
+function M.explain_image(path, question)
+  local bufnr = vim.api.nvim_get_current_buf()
+  local client = M.client(bufnr) or vim.lsp.get_clients({ name = "codevista" })[1]
+  if not client then return log("the server is not running", vim.log.levels.WARN) end
+  local args = { image = { path = vim.fn.fnamemodify(path, ":p") } }
+  if question and question ~= "" then args.question = question end
+  local buf = scratch("markdown", "codevista://explanation/" .. state.seq)
+  set_text(buf, "…")
+  run_command(client, bufnr, "codevista.explainImage", args, buf, nil)
+  return buf
+end
+
+-- server ----------------------------------------------------------------------------------
+
+local function on_progress(err, result, ctx, cfg)
+  local cb = result and state.tokens[result.token]
+  if cb then return cb(result.value) end
+  return vim.lsp.handlers["$/progress"](err, result, ctx, cfg)
+end
+
+local function on_status(_, result)
+  if type(result) == "table" then
+    M.status = { state = result.state, model = result.model, message = result.message }
+    if result.state == "error" then log(result.message or "model error", vim.log.levels.ERROR) end
+  end
+end
+
+function M.start(bufnr)
+  local root = vim.fs.root(bufnr, { ".git" }) or vim.fn.getcwd()
+  local caps = vim.lsp.protocol.make_client_capabilities()
+  caps.experimental = { codevista = { streaming = true } }
+  return vim.lsp.start({
+    name = "codevista",
+    cmd = M.config.cmd,
+    root_dir = root,
+    capabilities = caps,
+    init_options = M.config.settings,
+    handlers = { ["$/progress"] = on_progress, ["codevista/status"] = on_status },
+  }, { bufnr = bufnr })
+end
+
+-- An insert-mode key that acts on the suggestion when there is one, else does what it
+-- normally does. Expression mappings may not change text (textlock), so the action runs
+-- right after the mapping returns.
+local function map(lhs, fn, fallback)
+  if not lhs or lhs == "" then return end
+  vim.keymap.set("i", lhs, function()
+    if state.suggestion then
+      vim.schedule(fn)
+      return ""
+    end
+    return fallback and vim.api.nvim_replace_termcodes(lhs, true, false, true) or ""
+  end, { expr = true, silent = true, desc = "codevista" })
+end
+
+function M.setup(opts)
+  if M.config then return M end -- guarded: a second call changes nothing
+  M.config = vim.tbl_deep_extend("force", defaults, opts or {})
+  local group = vim.api.nvim_create_augroup("codevista", { clear = true })
+  vim.api.nvim_create_autocmd("FileType", {
+    group = group, pattern = M.config.filetypes,
+    callback = function(ev) M.start(ev.buf) end,
+  })
+  vim.api.nvim_create_autocmd({ "TextChangedI", "TextChangedP" }, {
+    group = group, callback = function() M.clear(); schedule_request() end,
+  })
+  vim.api.nvim_create_autocmd("CursorMovedI", {
+    group = group, callback = function()
+      local s = state.suggestion
+      local c = vim.api.nvim_win_get_cursor(0)
+      if s and (c[1] - 1 ~= s.row or c[2] ~= s.col) then M.dismiss() end
+    end,
+  })
+  vim.api.nvim_create_autocmd({ "InsertLeave", "BufLeave" }, {
+    group = group, callback = function() M.dismiss() end,
+  })
+  local k = M.config.keymaps
+  map(k.accept, M.accept, true)
+  map(k.accept_word, M.accept_word, false)
+  map(k.accept_line, M.accept_line, false)
+  map(k.dismiss, M.dismiss, true)
+  map(k.next, function() end, false) -- the server offers one suggestion at a time
+  map(k.prev, function() end, false)
+  vim.api.nvim_create_user_command("CodevistaTranslate", function(c)
+    M.translate(c.args, c.range > 0 and c.line1 or nil, c.range > 0 and c.line2 or nil)
+  end, { nargs = 1, range = true, desc = "Translate the range (or buffer) into a language" })
+  vim.api.nvim_create_user_command("CodevistaExplainImage", function(c)
+    local path, question = c.fargs[1], table.concat(vim.list_slice(c.fargs, 2), " ")
+    M.explain_image(path, question)
+  end, { nargs = "+", complete = "file", desc = "Explain an image with the vision model" })
+  vim.api.nvim_set_hl(0, "CodevistaGhost", { link = M.config.hl_group, default = true })
+  return M
+end
+
+return M
