@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from codevista.models.train import vlm_data
 from codevista.models.train.vlm_data import HELDOUT_WORDS, TRAIN_WORDS, sample
 
@@ -90,11 +89,10 @@ def test_two_training_steps_export_a_checkpoint_both_engines_load(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
-    from tiny_models import load_reference
-
     from codevista.models import formats
     from codevista.models.engine import Engine, SamplingParams
     from codevista.models.loader import load_model
+    from tiny_models import load_reference
 
     loaded = load_model(out)
     s = sample("test", 3)
