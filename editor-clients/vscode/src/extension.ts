@@ -1,0 +1,287 @@
+// codevista for VS Code: a thin client of `codevista serve`. The server owns prompts and
+// models; this file owns the experience: ghost text that grows while the model writes,
+// translation into an editor beside the source, image explanations in a panel.
+
+import { randomUUID } from "crypto";
+import * as vscode from "vscode";
+import {
+  LanguageClient,
+  LanguageClientOptions,
+  ProgressType,
+  ServerOptions,
+  State,
+  StaticFeature,
+} from "vscode-languageclient/node";
+import {
+  GhostStreams,
+  LANGUAGES,
+  RESTART_KEYS,
+  Settings,
+  escapeHtml,
+  imageFromClipboard,
+  serverCommand,
+  serverSettings,
+  throttle,
+} from "./logic";
+
+let client: LanguageClient | undefined;
+let output: vscode.OutputChannel;
+let statusItem: vscode.StatusBarItem;
+let lastStatus = { state: "stopped", model: "", message: "" };
+const streams = new GhostStreams();
+const anyProgress = new ProgressType<any>();
+
+function settings(): Settings {
+  const c = vscode.workspace.getConfiguration("codevista");
+  return {
+    serverCommand: c.get<string[]>("serverCommand", []),
+    pythonPath: c.get<string>("pythonPath", "python3"),
+    modelPath: c.get<string | null>("modelPath", null),
+    backendUrl: c.get<string | null>("backendUrl", null),
+    maxTokens: c.get<number>("maxTokens", 64),
+    temperature: c.get<number>("temperature", 0),
+    languages: c.get<Record<string, boolean>>("languages", {}),
+    visionModelPath: c.get<string | null>("visionModelPath", null),
+    allowedImageRoots: c.get<string[]>("allowedImageRoots", []),
+  };
+}
+
+function showStatus(state: string, model = "", message = ""): void {
+  lastStatus = { state, model, message };
+  const icon = { loading: "$(sync~spin)", ready: "$(check)", busy: "$(loading~spin)",
+    error: "$(error)", stopped: "$(circle-slash)" }[state] ?? "$(question)";
+  statusItem.text = `${icon} codevista${model ? `: ${model}` : ""}`;
+  statusItem.tooltip = message || state;
+  statusItem.backgroundColor = state === "error"
+    ? new vscode.ThemeColor("statusBarItem.errorBackground") : undefined;
+  statusItem.show();
+}
+
+/** Advertises the streaming extension in the client capabilities. */
+class StreamingCapability implements StaticFeature {
+  fillClientCapabilities(caps: any): void {
+    caps.experimental = { ...(caps.experimental ?? {}), codevista: { streaming: true } };
+  }
+  initialize(): void {}
+  getState(): any { return { kind: "static" }; }
+  clear(): void {}
+}
+
+async function startClient(): Promise<void> {
+  const s = settings();
+  const { command, args } = serverCommand(s);
+  const serverOptions: ServerOptions = { command, args };
+  const clientOptions: LanguageClientOptions = {
+    documentSelector: [{ scheme: "file" }, { scheme: "untitled" }],
+    outputChannel: output,
+    initializationOptions: serverSettings(s),
+  };
+  client = new LanguageClient("codevista", "codevista", serverOptions, clientOptions);
+  client.registerFeature(new StreamingCapability());
+  client.onDidChangeState((e) => {
+    if (e.newState === State.Stopped) showStatus("stopped", "", "the server stopped");
+  });
+  showStatus("loading", "", "starting the server");
+  await client.start();
+  client.onNotification("codevista/status", (p: any) =>
+    showStatus(p.state, p.model, p.message));
+}
+
+async function restart(): Promise<void> {
+  if (client) {
+    try { await client.stop(); } catch (e) { output.appendLine(`stop failed: ${e}`); }
+    client = undefined;
+  }
+  await startClient();
+}
+
+// -- ghost text ---------------------------------------------------------------------------
+
+const retrigger = throttle(() => {
+  void vscode.commands.executeCommand("editor.action.inlineSuggest.trigger");
+}, 40);
+
+function items(text: string | null, position: vscode.Position): vscode.InlineCompletionItem[] {
+  if (!text) return [];
+  const item = new vscode.InlineCompletionItem(text, new vscode.Range(position, position));
+  item.command = { command: "codevista.didAccept", title: "accepted",
+    arguments: [text.length] };
+  return [item];
+}
+
+const provider: vscode.InlineCompletionItemProvider = {
+  async provideInlineCompletionItems(document, position) {
+    if (!client || client.state !== State.Running) return [];
+    const key = GhostStreams.key(document.uri.toString(), document.version, position.line,
+      position.character);
+    const live = streams.get(key);
+    if (live) { // re-render of a stream in progress: show its newest text
+      live.shown = live.text;
+      return items(live.text, position);
+    }
+    const stream = streams.start(key);
+    const token = randomUUID();
+    const c = client;
+    const first = new Promise<void>((resolve) => {
+      const sub = c.onProgress(anyProgress, token, (value: any) => {
+        const text = value?.items?.[0]?.insertText;
+        if (typeof text === "string" && streams.update(key, text)) retrigger();
+        resolve();
+      });
+      c.sendRequest("textDocument/inlineCompletion", {
+        textDocument: { uri: document.uri.toString() },
+        position: { line: position.line, character: position.character },
+        context: { triggerKind: 2 },
+        partialResultToken: token,
+      }).then((result: any) => {
+        const list = Array.isArray(result) ? result : result?.items ?? [];
+        const text = list[0]?.insertText;
+        if (streams.finish(key, typeof text === "string" ? text : null)) retrigger();
+      }, (err) => output.appendLine(`inline completion failed: ${err?.message ?? err}`))
+        .finally(() => { sub.dispose(); resolve(); });
+    });
+    await Promise.race([first, new Promise((r) => setTimeout(r, 1500))]);
+    stream.shown = stream.text;
+    return items(stream.text, position);
+  },
+};
+
+// -- translation ----------------------------------------------------------------------------
+
+async function translate(): Promise<void> {
+  const editor = vscode.window.activeTextEditor;
+  if (!editor || !client) {
+    void vscode.window.showWarningMessage("codevista: open a file to translate first");
+    return;
+  }
+  const pick = await vscode.window.showQuickPick(
+    LANGUAGES.map((l) => ({ label: l.label, description: l.id, lang: l })),
+    { placeHolder: "Translate to…" });
+  if (!pick) return;
+  const sel = editor.selection;
+  const args: any = { uri: editor.document.uri.toString(), targetLanguage: pick.lang.id };
+  if (!sel.isEmpty) {
+    args.range = { start: { line: sel.start.line, character: sel.start.character },
+      end: { line: sel.end.line, character: sel.end.character } };
+  }
+  const doc = await vscode.workspace.openTextDocument({ language: pick.lang.vscodeId, content: "" });
+  const target = await vscode.window.showTextDocument(doc, vscode.ViewColumn.Beside, true);
+  let pending = Promise.resolve();
+  const replace = (text: string) => {
+    pending = pending.then(async () => {
+      const all = new vscode.Range(0, 0, target.document.lineCount, 0);
+      await target.edit((e) => e.replace(all, text), { undoStopBefore: false, undoStopAfter: false });
+    });
+  };
+  const token = randomUUID();
+  args.partialResultToken = token;
+  const sub = client.onProgress(anyProgress, token, (v: any) => {
+    if (typeof v?.text === "string") replace(v.text);
+  });
+  showStatus("busy", lastStatus.model, `translating to ${pick.lang.label}`);
+  try {
+    const result: any = await client.sendRequest("workspace/executeCommand",
+      { command: "codevista.translate", arguments: [args] });
+    replace(result.text);
+    await pending;
+  } catch (e: any) {
+    void vscode.window.showErrorMessage(`codevista: ${e?.message ?? e}`);
+  } finally {
+    sub.dispose();
+    showStatus(lastStatus.state === "busy" ? "ready" : lastStatus.state, lastStatus.model);
+  }
+}
+
+// -- images -------------------------------------------------------------------------------
+
+async function explainImage(spec: { path?: string; data?: string }, imageSrc: string,
+  label: string): Promise<void> {
+  if (!client) return;
+  const panel = vscode.window.createWebviewPanel("codevistaImage", `Explain: ${label}`,
+    vscode.ViewColumn.Beside, { enableScripts: true,
+      localResourceRoots: spec.path ? [vscode.Uri.file(require("path").dirname(spec.path))] : [] });
+  const src = spec.path ? panel.webview.asWebviewUri(vscode.Uri.file(spec.path)).toString() : imageSrc;
+  panel.webview.html = `<!DOCTYPE html><html><body>
+    <img src="${escapeHtml(src)}" style="max-width:100%;max-height:40vh"/>
+    <pre id="out" style="white-space:pre-wrap">…</pre>
+    <script>window.addEventListener('message', e => {
+      document.getElementById('out').textContent = e.data.text; });</script></body></html>`;
+  const token = randomUUID();
+  const sub = client.onProgress(anyProgress, token, (v: any) => {
+    if (typeof v?.text === "string") void panel.webview.postMessage({ text: v.text });
+  });
+  try {
+    const result: any = await client.sendRequest("workspace/executeCommand",
+      { command: "codevista.explainImage", arguments: [{ image: spec, partialResultToken: token }] });
+    void panel.webview.postMessage({ text: result.text });
+  } catch (e: any) {
+    void panel.webview.postMessage({ text: `codevista: ${e?.message ?? e}` });
+  } finally {
+    sub.dispose();
+  }
+}
+
+async function explainImageCommand(uri?: vscode.Uri): Promise<void> {
+  let target = uri;
+  if (!target) {
+    const picked = await vscode.window.showOpenDialog({ canSelectMany: false,
+      filters: { Images: ["png", "jpg", "jpeg", "webp", "bmp", "gif"] } });
+    target = picked?.[0];
+  }
+  if (!target) return;
+  await explainImage({ path: target.fsPath }, "", require("path").basename(target.fsPath));
+}
+
+async function explainClipboard(): Promise<void> {
+  const spec = imageFromClipboard(await vscode.env.clipboard.readText());
+  if (!spec) {
+    void vscode.window.showWarningMessage(
+      "codevista: the clipboard holds no image (a data: URL, base64 image or image path)");
+    return;
+  }
+  if ("data" in spec) await explainImage(spec, `data:image/png;base64,${spec.data}`, "clipboard");
+  else await explainImage(spec, "", spec.path);
+}
+
+// -- activation ---------------------------------------------------------------------------
+
+export async function activate(context: vscode.ExtensionContext): Promise<void> {
+  output = vscode.window.createOutputChannel("codevista");
+  statusItem = vscode.window.createStatusBarItem(vscode.StatusBarAlignment.Right, 100);
+  statusItem.command = "codevista.showStatus";
+  context.subscriptions.push(output, statusItem,
+    vscode.languages.registerInlineCompletionItemProvider({ pattern: "**" }, provider),
+    vscode.commands.registerCommand("codevista.restartServer", restart),
+    vscode.commands.registerCommand("codevista.translate", translate),
+    vscode.commands.registerCommand("codevista.explainImage", explainImageCommand),
+    vscode.commands.registerCommand("codevista.explainImageFromClipboard", explainClipboard),
+    vscode.commands.registerCommand("codevista.showStatus", () => {
+      output.show(true);
+      void vscode.window.showInformationMessage(
+        `codevista: ${lastStatus.state}${lastStatus.model ? ` (${lastStatus.model})` : ""}` +
+        `${lastStatus.message ? ` — ${lastStatus.message}` : ""}`);
+    }),
+    vscode.commands.registerCommand("codevista.didAccept", (length: number) => {
+      void client?.sendRequest("workspace/executeCommand",
+        { command: "codevista.didAcceptCompletion", arguments: [{ length }] });
+    }),
+    vscode.workspace.onDidChangeConfiguration(async (e) => {
+      if (!e.affectsConfiguration("codevista")) return;
+      if (RESTART_KEYS.some((k) => e.affectsConfiguration(`codevista.${k}`))) {
+        await restart();
+      } else if (client) {
+        await client.sendNotification("workspace/didChangeConfiguration",
+          { settings: { codevista: serverSettings(settings()) } });
+      }
+    }));
+  try {
+    await startClient();
+  } catch (e: any) {
+    showStatus("error", "", `the server did not start: ${e?.message ?? e}`);
+    output.appendLine(`start failed: ${e?.stack ?? e}`);
+  }
+}
+
+export async function deactivate(): Promise<void> {
+  await client?.stop();
+}
