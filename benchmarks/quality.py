@@ -29,6 +29,9 @@ line       Single-line completion, CodeXGLUE line-level style. Per language --sa
            tokens. Target: the rest of the line, right-stripped. Exact match: the stripped
            strings are equal; edit similarity: 100 * (1 - Levenshtein / max length) of the
            stripped strings. Baseline: the previous non-blank line from the same column on.
+           Also "healed": the same cut asked as the server asks it (token healing: the
+           prefix's last token is dropped from the prompt and regenerated, constrained to
+           reproduce it; the prediction is what follows it).
 fim        Single-line infilling at the same cut points: prefix = up to --fim-prefix-chars
            characters before the cut, suffix = up to --fim-suffix-chars characters from the
            end of the cut line (it starts with that line's "\\n"), as `fim_psm` and, separately,
@@ -67,6 +70,7 @@ from codevista.models.kv_cache import KVCache
 from codevista.models.loader import LoadedModel, load_model
 from codevista.models.train.data import read_pairs
 from codevista.server.postprocess import end_of_definition
+from codevista.server.prompts import healing_text
 from metrics import bleu_strings, edit_similarity, exact_match
 
 GROUPS = ("bpb", "line", "fim", "translate")
@@ -221,10 +225,11 @@ class Harness:
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False)
 
-    def generate(self, ids: list[int], max_new: int, stop: tuple[str, ...]) -> str:
+    def generate(self, ids: list[int], max_new: int, stop: tuple[str, ...],
+                 required_prefix: str = "") -> str:
         assert self.engine is not None
         params = SamplingParams(max_new_tokens=max_new, temperature=0.0, stop=stop,
-                                stop_token_ids=self.stop_ids)
+                                stop_token_ids=self.stop_ids, required_prefix=required_prefix)
         result = self.engine.generate(ids, params)
         if result.finish_reason == "error":
             raise RuntimeError(f"generation failed: {result.error}")
@@ -295,9 +300,9 @@ class Harness:
                               if done else None)}
 
     # -- single-line completion -----------------------------------------------------------
-    def line_prompt(self, cp: CutPoint) -> list[int]:
+    def line_prompt(self, cp: CutPoint, before: str | None = None) -> list[int]:
         tag = self.encode(formats.plain(cp.lang, ""))
-        full = self.encode(formats.plain(cp.lang, cp.before))
+        full = self.encode(formats.plain(cp.lang, cp.before if before is None else before))
         if full[:len(tag)] != tag:
             raise RuntimeError("the language tag does not tokenize on its own")
         budget = min(self.args.context, self.max_positions - LINE_MAX_NEW) - len(tag)
@@ -309,12 +314,19 @@ class Harness:
         candidates: dict[str, list[dict[str, Any]]] = {}
         progress = Progress("line", sum(len(v) for v in points.values()))
         for lang, cps in points.items():
-            em = es = bem = bes = 0.0
+            em = es = bem = bes = hem = hes = 0.0
             for cp in cps:
                 pred = self.generate(self.line_prompt(cp), LINE_MAX_NEW, ("\n",))
                 ok = exact_match(pred, cp.target)
                 em += ok
                 es += edit_similarity(pred.strip(), cp.target.strip())
+                # as the server asks: the cut token healed (regenerated, constrained)
+                heal = healing_text(self.tok, cp.before)
+                out = self.generate(self.line_prompt(cp, cp.before[:len(cp.before) - len(heal)]),
+                                    LINE_MAX_NEW, ("\n",), required_prefix=heal)
+                healed = out[len(heal):] if out.startswith(heal) else out
+                hem += exact_match(healed, cp.target)
+                hes += edit_similarity(healed.strip(), cp.target.strip())
                 bem += exact_match(cp.baseline, cp.target)
                 bes += edit_similarity(cp.baseline.strip(), cp.target.strip())
                 candidates.setdefault(lang, []).append({
@@ -324,12 +336,15 @@ class Harness:
                 progress.tick()
             n = len(cps)
             per_lang[lang] = {"n": n, "exact_match": pct(em, n), "edit_sim": pct(es / 100, n),
+                              "healed_exact_match": pct(hem, n),
+                              "healed_edit_sim": pct(hes / 100, n),
                               "baseline_exact_match": pct(bem, n),
                               "baseline_edit_sim": pct(bes / 100, n)}
         self.examples = pick_examples(candidates)
         return {"metric": "line", "context_tokens": self.args.context,
                 "max_new_tokens": LINE_MAX_NEW, "per_lang": per_lang,
-                **macro(per_lang, ("exact_match", "edit_sim", "baseline_exact_match",
+                **macro(per_lang, ("exact_match", "edit_sim", "healed_exact_match",
+                                   "healed_edit_sim", "baseline_exact_match",
                                    "baseline_edit_sim"))}
 
     # -- fill in the middle -------------------------------------------------------------
@@ -452,14 +467,20 @@ def markdown(results: dict[str, Any]) -> str:
     if "line" in results:
         r = results["line"]
         md += ["## Single-line completion (rest of the line, greedy)", "",
-               "| lang | n | exact match % | edit sim % | baseline EM % | baseline ES % |",
-               "|---|---|---|---|---|---|"]
+               "| lang | n | exact match % | edit sim % | healed EM % | healed ES % | "
+               "baseline EM % | baseline ES % |",
+               "|---|---|---|---|---|---|---|---|"]
         for lang, v in r["per_lang"].items():
             md.append(f"| {lang} | {v['n']} | {v['exact_match']} | {v['edit_sim']} | "
+                      f"{v['healed_exact_match']} | {v['healed_edit_sim']} | "
                       f"{v['baseline_exact_match']} | {v['baseline_edit_sim']} |")
         md += [f"| **macro** | | {r['macro_exact_match']} | {r['macro_edit_sim']} | "
+               f"{r['macro_healed_exact_match']} | {r['macro_healed_edit_sim']} | "
                f"{r['macro_baseline_exact_match']} | {r['macro_baseline_edit_sim']} |", "",
-               "Baseline: the previous non-blank line from the same column.", ""]
+               "Healed: as the server asks, the last token of the text before the cut is "
+               "removed from the prompt and regenerated under the constraint that it "
+               "reproduces that text (token healing). Baseline: the previous non-blank line "
+               "from the same column.", ""]
     if "fim" in results:
         r = results["fim"]
         md += ["## Single-line fill-in-the-middle (same cut points)", "",
