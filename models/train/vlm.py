@@ -172,7 +172,7 @@ def train(args: argparse.Namespace) -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.detach().item())
         state["step"] = step + 1
         if state["step"] % args.log_every == 0:
             dt = time.time() - t_last

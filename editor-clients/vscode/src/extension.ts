@@ -252,9 +252,11 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
   context.subscriptions.push(output, statusItem,
     vscode.languages.registerInlineCompletionItemProvider({ pattern: "**" }, provider),
     vscode.commands.registerCommand("codevista.restartServer", restart),
-    vscode.commands.registerCommand("codevista.translate", translate),
-    vscode.commands.registerCommand("codevista.explainImage", explainImageCommand),
-    vscode.commands.registerCommand("codevista.explainImageFromClipboard", explainClipboard),
+    // (the server's own commands, codevista.translate and codevista.explainImage, are
+    // registered by the language client: the UI commands need other names)
+    vscode.commands.registerCommand("codevista.translateSelection", translate),
+    vscode.commands.registerCommand("codevista.explainImageFile", explainImageCommand),
+    vscode.commands.registerCommand("codevista.explainImageClipboard", explainClipboard),
     vscode.commands.registerCommand("codevista.showStatus", () => {
       output.show(true);
       void vscode.window.showInformationMessage(

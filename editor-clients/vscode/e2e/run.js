@@ -1,0 +1,90 @@
+// Drives a real VS Code (code-server in headless Chromium) with the codevista extension:
+// type in a Python file, see the ghost text, accept it with Tab, translate to C#.
+// Env: CS_URL (code-server), WORKSPACE (folder), SHOTS (screenshot folder),
+// PLAYWRIGHT_CORE (module path), CHROMIUM (browser binary). Prints one JSON line.
+const path = require("path");
+const { chromium } = require(process.env.PLAYWRIGHT_CORE || "playwright-core");
+
+const shots = process.env.SHOTS;
+const result = { steps: [] };
+
+async function shot(page, name) {
+  await page.screenshot({ path: path.join(shots, `${name}.png`) });
+  result.steps.push(name);
+}
+
+async function editorText(page) {
+  return (await page.locator(".monaco-editor .view-lines").first().innerText())
+    .replace(/\u00a0/g, " ");
+}
+
+(async () => {
+  const browser = await chromium.launch({
+    executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+    headless: true,
+    args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+      "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+  });
+  const page = await browser.newPage({ viewport: { width: 1280, height: 800 } });
+  try {
+    await page.goto(`${process.env.CS_URL}/?folder=${encodeURIComponent(process.env.WORKSPACE)}`);
+    await page.waitForSelector(".monaco-workbench", { timeout: 90000 });
+    await page.waitForTimeout(3000);
+    for (let attempt = 0; ; attempt++) { // quick open can miss keys while the UI settles
+      await page.keyboard.press("Control+P");
+      await page.waitForTimeout(500);
+      await page.keyboard.type("main.py");
+      await page.waitForTimeout(800);
+      await page.keyboard.press("Enter");
+      try {
+        await page.waitForSelector(".tab:has-text('main.py')", { timeout: 10000 });
+        break;
+      } catch (e) {
+        if (attempt >= 3) throw e;
+        await page.keyboard.press("Escape");
+      }
+    }
+    await page.waitForSelector(".monaco-editor .view-lines", { timeout: 30000 });
+    // the status bar item says the model is ready
+    await page.waitForSelector(".statusbar-item:has-text('codevista: codevista-default')",
+      { timeout: 90000 });
+    await shot(page, "1-ready");
+    await page.locator(".monaco-editor .view-lines").first().click();
+    await page.keyboard.press("Control+End");
+    await page.keyboard.type("\ndef area(width, height):\n", { delay: 60 });
+    const ghost = page.locator(".monaco-editor [class*='ghost-text']").first();
+    await ghost.waitFor({ timeout: 30000 });
+    await page.waitForTimeout(1500); // let the stream finish
+    result.ghost = (await page.locator(".monaco-editor [class*='ghost-text']").allInnerTexts())
+      .join("\n").replace(/\u00a0/g, " ");
+    await shot(page, "2-ghost-text");
+    const before = await editorText(page);
+    await page.keyboard.press("Tab");
+    await page.waitForTimeout(800);
+    const after = await editorText(page);
+    result.accepted = after !== before;
+    result.after = after;
+    await shot(page, "3-accepted");
+    await page.keyboard.press("F1");
+    await page.keyboard.type("codevista: Translate selection to");
+    await page.waitForTimeout(800);
+    await page.keyboard.press("Enter");
+    await page.waitForTimeout(800);
+    await page.keyboard.type("C#");
+    await page.waitForTimeout(500);
+    await page.keyboard.press("Enter");
+    await page.waitForSelector(".tab:has-text('Untitled')", { timeout: 30000 });
+    await page.waitForTimeout(5000);
+    const editors = page.locator(".monaco-editor .view-lines");
+    result.translation = (await editors.last().innerText()).replace(/\u00a0/g, " ");
+    await shot(page, "4-translation");
+    result.ok = true;
+  } catch (e) {
+    result.ok = false;
+    result.error = String(e && e.stack || e);
+    try { await shot(page, "error"); } catch (_) { /* the page is gone */ }
+  } finally {
+    await browser.close();
+    console.log(JSON.stringify(result));
+  }
+})();
