@@ -31,6 +31,20 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+
+def shared_data() -> Path:
+    """The project's shared data folder: $CODEVISTA_SHARED_DATA, else `shared/data` beside
+    the repository (as on the development machines)."""
+    env = os.environ.get("CODEVISTA_SHARED_DATA")
+    if env:
+        return Path(env)
+    repo = Path(__file__).resolve().parents[1]
+    for base in (repo.parent, repo, Path("/work")):
+        if (base / "shared" / "data").is_dir():
+            return base / "shared" / "data"
+    return repo.parent / "shared" / "data"
+
+
 # HumanEval-X file suffix -> codevista language id
 DATASET_LANGS = {"python": "python", "cpp": "cpp", "java": "java", "js": "javascript",
                  "go": "go", "rust": "rust"}

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import humaneval_x as hx  # noqa: E402
 from metrics import bleu_strings, exact_match  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = hx.shared_data()
 CODEXGLUE_ROWS = {  # published test-split rows, CodeXGLUE README (for orientation only)
     "java->csharp": {"naive copy": (18.54, 0.0), "PBSMT": (43.53, 12.5),
                      "Transformer": (55.84, 33.0), "CodeBERT": (79.92, 59.0)},

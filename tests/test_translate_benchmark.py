@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import humaneval_x as hx  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "humaneval-x"
+DATA = hx.shared_data() / "humaneval-x"
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="HumanEval-X data not present")
 TOOL = {"python": "python3", "javascript": "node", "cpp": "g++", "java": "javac",
         "rust": "rustc"}
