@@ -171,8 +171,23 @@ class CodevistaServer(LanguageServer):
             self.window_show_message(types.ShowMessageParams(
                 type=types.MessageType.Warning, message=f"codevista: {e}"))
         old, self.settings = self.settings, new
-        if (new.model_path, new.dtype) != (old.model_path, old.dtype) or self.load_task is None:
+        if new.backend != old.backend:
+            self.switch_backend()
+        if (new.model_path, new.dtype, new.backend) != (old.model_path, old.dtype,
+                                                         old.backend) or self.load_task is None:
             self.start_load()
+
+    def switch_backend(self) -> None:
+        """The in-process engine or a remote server, by the `backend` setting."""
+        self.backend.close()
+        if self.settings.backend == "local":
+            self.backend = LocalBackend()
+        else:
+            from .remote import OpenAIBackend, RemoteConfig
+
+            self.backend = OpenAIBackend(RemoteConfig.from_setting(self.settings.backend))
+        self.completions.backend = self.backend
+        self.translations.backend = self.backend
 
     def start_load(self) -> None:
         if self.load_task is not None and not self.load_task.done():

@@ -226,6 +226,30 @@ def _explain_image(args: argparse.Namespace) -> int:
         return fail(str(e))
 
 
+def _add_export_gguf(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export-gguf", help="write a checkpoint as GGUF for llama.cpp / Ollama")
+    p.add_argument("model", nargs="?", default=None,
+                   help="checkpoint directory (default: the embedded model)")
+    p.add_argument("out", help="output .gguf file")
+    p.add_argument("--type", default="f32", choices=["f32", "f16", "q8_0"])
+    p.set_defaults(func=_export_gguf)
+
+
+def _export_gguf(args: argparse.Namespace) -> int:
+    from codevista.models.gguf_export import export_gguf
+    from codevista.models.loader import DEFAULT_MODEL_DIR
+
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        print("codevista: error: GGUF export needs the gguf package: pip install "
+              "'codevista[remote]'", file=sys.stderr)
+        return 2
+    out = export_gguf(args.model or DEFAULT_MODEL_DIR, args.out, args.type)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {args.type})", file=sys.stderr)
+    return 0
+
+
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the language server (stdio by default)")
     p.add_argument("--tcp", type=int, default=None, metavar="PORT",
@@ -266,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_translate(sub)
     _add_explain_image(sub)
+    _add_export_gguf(sub)
     _add_serve(sub)
     _add_demo(sub)
     return parser

@@ -15,7 +15,7 @@ BACKENDS = ("local",)
 @dataclass(frozen=True)
 class Settings:
     model_path: str | None = None  # None: the embedded default model
-    backend: str = "local"
+    backend: Any = "local"  # "local", or {"kind": "openai", "url", "model", ...}
     max_tokens: int = 64
     temperature: float = 0.0
     context_tokens: int = 1024  # prompt budget (prefix + suffix)
@@ -70,10 +70,19 @@ def _roots(v: Any) -> tuple[str, ...]:
     return tuple(v)
 
 
+def _backend(v: Any) -> Any:
+    if v in BACKENDS:
+        return v
+    from .remote import RemoteConfig
+
+    RemoteConfig.from_setting(v)  # raises ValueError with the reason
+    return v
+
+
 # JSON key -> (dataclass field, validator)
 FIELDS = {
     "modelPath": ("model_path", _path),
-    "backend": ("backend", _choice(BACKENDS)),
+    "backend": ("backend", _backend),
     "maxTokens": ("max_tokens", lambda v: _positive_int(v, 1024)),
     "temperature": ("temperature", _temperature),
     "contextTokens": ("context_tokens", lambda v: _positive_int(v, 32768)),

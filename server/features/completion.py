@@ -91,6 +91,7 @@ class CompletionService:
         # The prompt budget never exceeds what the model was built for.
         budget = min(settings.context_tokens, backend.max_positions - max_new)
         prompt = build_prompt(family, backend.tokenizer, snap, budget, path=snap.uri,
+                              heal_tokens=getattr(backend, "supports_healing", True),
                               others=others)
         params = SamplingParams(
             max_new_tokens=max_new,
