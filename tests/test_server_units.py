@@ -132,3 +132,34 @@ def test_end_of_definition_for_brace_languages():
     assert end_of_definition("public abstract void Run(); void x() {}") == \
         "public abstract void Run();"
     assert end_of_definition("no braces here") == "no braces here"
+
+
+def test_backend_setting_is_local_or_a_valid_remote():
+    from codevista.server.remote import RemoteConfig
+    from codevista.server.settings import Settings, parse_settings
+
+    remote = {"kind": "openai", "url": "http://gpu:8000/", "model": "m",
+              "apiKeyEnv": "CV_KEY", "timeoutMs": 5000, "contextTokens": 8192}
+    s, errors = parse_settings({"backend": remote}, Settings())
+    assert not errors and s.backend == remote
+    cfg = RemoteConfig.from_setting(remote)
+    assert (cfg.url, cfg.timeout_s, cfg.max_positions) == ("http://gpu:8000", 5.0, 8192)
+    for bad in ({"kind": "openai", "url": "gpu:8000", "model": "m"},
+                {"kind": "openai", "url": "http://gpu", "model": ""},
+                {"kind": "grpc", "url": "http://gpu", "model": "m"}, "remote"):
+        s2, errors = parse_settings({"backend": bad}, s)
+        assert errors and "backend" in errors[0] and s2.backend == remote
+
+
+def test_remote_api_key_comes_from_the_environment_only(monkeypatch):
+    pytest.importorskip("httpx")
+    from codevista.server.remote import OpenAIBackend, RemoteConfig
+
+    b = OpenAIBackend(RemoteConfig.from_setting(
+        {"kind": "openai", "url": "http://127.0.0.1:9", "model": "m", "apiKeyEnv": "CV_K"}))
+    monkeypatch.delenv("CV_K", raising=False)
+    assert b.headers() == {}
+    monkeypatch.setenv("CV_K", "s3cret")
+    assert b.headers() == {"Authorization": "Bearer s3cret"}
+    err = b.http_error(401, "bad key")
+    assert "s3cret" not in str(err) and "$CV_K" in str(err)
