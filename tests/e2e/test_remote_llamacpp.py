@@ -175,3 +175,66 @@ def test_wrong_api_key_is_reported(gguf, monkeypatch):
     finally:
         s.stop()
         os.environ.pop("CV_TEST_KEY", None)
+
+
+@pytest.fixture
+def lsp_remote_settings(server):
+    return {"maxTokens": 24, "contextTokens": 488, "backend": {
+        "kind": "openai", "url": server.url, "model": "codevista-default",
+        "contextTokens": 512}}
+
+
+import pytest_lsp  # noqa: E402
+from conftest import (
+    SERVER,
+    capabilities,
+    inline,
+    open_doc,
+    record_partials,
+    track_status,  # noqa: E402
+    wait_ready,
+)
+from lsprotocol import types  # noqa: E402
+from pytest_lsp import ClientServerConfig, LanguageClient  # noqa: E402
+
+
+@pytest_lsp.fixture(config=ClientServerConfig(server_command=SERVER))
+async def remote_client(lsp_client: LanguageClient, lsp_remote_settings):
+    track_status(lsp_client)
+    await lsp_client.initialize_session(types.InitializeParams(
+        capabilities=capabilities("vscode"), initialization_options=lsp_remote_settings))
+    yield
+    await lsp_client.shutdown_session()
+
+
+async def test_completions_stream_through_the_language_server(remote_client):
+    """The LSP server with the remote backend: the ghost text streams, and equals the
+    in-process engine's greedy completion of the same (unhealed) prompt."""
+    import uuid
+
+    from codevista.server.documents import Snapshot
+    from codevista.server.postprocess import Policy, finish
+    from codevista.server.prompts import build_prompt, detect_family
+
+    text = "import os\n\n\ndef read(path):\n    "
+    loaded = load_model(DEFAULT_MODEL_DIR)
+    family = detect_family(loaded.tokenizer)
+    snap = Snapshot(uri="file:///r.py", version=1, text=text, language_id="python",
+                    offset=len(text))
+    policy = Policy.for_snapshot(snap)
+    prompt = build_prompt(family, loaded.tokenizer, snap, 488, path=snap.uri,
+                          heal_tokens=False)
+    with Engine(loaded) as engine:
+        raw = engine.generate(prompt.ids, SamplingParams(max_new_tokens=24)).text
+    expected = finish(policy.cut(raw)[0], snap)
+
+    status = await wait_ready(remote_client)
+    assert status["state"] == "ready" and status["model"] == "codevista-default", status
+    partials = record_partials(remote_client)
+    open_doc(remote_client, "file:///r.py", text)
+    token = str(uuid.uuid4())
+    result = await inline(remote_client, "file:///r.py", 4, 4, token=token)
+    final = result.items[0].insert_text if result.items else ""
+    got = [v["items"][0]["insertText"] for v in partials.get(token, [])]
+    assert final and final == expected  # non-empty for this prompt with these weights
+    assert got and got[-1] == final
