@@ -18,9 +18,21 @@ pytest.importorskip("llama_cpp")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
+import pytest_lsp  # noqa: E402
 from codevista.models.engine import Engine, SamplingParams  # noqa: E402
 from codevista.models.loader import DEFAULT_MODEL_DIR, load_model  # noqa: E402
 from codevista.server.remote import OpenAIBackend, RemoteConfig  # noqa: E402
+from conftest import (  # noqa: E402
+    SERVER,
+    capabilities,
+    inline,
+    open_doc,
+    record_partials,
+    track_status,
+    wait_ready,
+)
+from lsprotocol import types  # noqa: E402
+from pytest_lsp import ClientServerConfig, LanguageClient  # noqa: E402
 
 
 def _port() -> int:
@@ -182,20 +194,6 @@ def lsp_remote_settings(server):
     return {"maxTokens": 24, "contextTokens": 488, "backend": {
         "kind": "openai", "url": server.url, "model": "codevista-default",
         "contextTokens": 512}}
-
-
-import pytest_lsp  # noqa: E402
-from conftest import (
-    SERVER,
-    capabilities,
-    inline,
-    open_doc,
-    record_partials,
-    track_status,  # noqa: E402
-    wait_ready,
-)
-from lsprotocol import types  # noqa: E402
-from pytest_lsp import ClientServerConfig, LanguageClient  # noqa: E402
 
 
 @pytest_lsp.fixture(config=ClientServerConfig(server_command=SERVER))

@@ -9,6 +9,13 @@ function M.check()
   else
     health.error("Neovim 0.10 or newer is needed")
   end
+  if vim.lsp.inline_completion ~= nil then -- Neovim 0.12+
+    health.info("native vim.lsp.inline_completion is available; codevista draws its own "
+      .. "ghost text anyway, because only it shows the server's streamed partial results")
+  else
+    health.info("no native vim.lsp.inline_completion (Neovim < 0.12): codevista draws ghost "
+      .. "text with extmarks")
+  end
   local cv = require("codevista")
   if not cv.config then
     health.warn("require('codevista').setup() has not been called")
