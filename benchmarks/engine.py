@@ -3,6 +3,13 @@
     python benchmarks/engine.py                 # random weights, exact Qwen2.5-Coder-0.5B shape
     python benchmarks/engine.py --model DIR     # any checkpoint directory
     python benchmarks/engine.py --quick         # tiny shape: checks the harness in seconds
+    python benchmarks/engine.py --llamacpp f32,q8_0   # also llama.cpp on GGUF exports
+
+With --llamacpp (needs llama-cpp-python), the same weights are exported by
+`codevista export-gguf` in each listed type and run by llama.cpp in the same run. The
+machine's memory bandwidth (a large copy) and float32 matmul throughput are measured too,
+and each engine's decode speed is printed as a percentage of the bandwidth limit
+(bandwidth / bytes of weights read per token).
 
 Each engine runs in its own subprocess (so peak RSS is its own) and prints JSON lines;
 this process prints them, then one line of ratios. Measured:
@@ -155,6 +162,68 @@ def worker_transformers(model_dir: Path, lengths: list[int], decode_tokens: int)
     return out
 
 
+def worker_llamacpp(gguf: Path, lengths: list[int], decode_tokens: int, kind: str) -> dict:
+    import torch
+    from llama_cpp import Llama
+
+    t0 = time.perf_counter()
+    llm = Llama(model_path=str(gguf), n_ctx=max(lengths) + decode_tokens + 16, n_batch=512,
+                n_threads=torch.get_num_threads(), verbose=False)
+    out: dict = {"engine": f"llama.cpp-{kind}", "load_s": round(time.perf_counter() - t0, 2)}
+    vocab = llm.n_vocab()
+
+    def first_token_s(ids: list[int]) -> float:
+        t = time.perf_counter()
+        next(iter(llm.create_completion(ids, max_tokens=1, temperature=0.0, top_k=1,
+                                        repeat_penalty=1.0, stream=True)))
+        return time.perf_counter() - t
+
+    first_token_s(_prompt(64, vocab))  # warm-up
+    for n in lengths:
+        llm.reset()
+        out[f"prefill_tps_{n}"] = round(n / first_token_s(_prompt(n, vocab)), 2)
+    out["ttft_cold_s"] = round(lengths[-1] / out[f"prefill_tps_{lengths[-1]}"], 3)
+    longest = _prompt(lengths[-1], vocab)
+    times = []
+    for extra in range(3):  # llama-cpp-python reuses the common prefix of its last prompt
+        times.append(first_token_s(longest + [11 + i for i in range(extra + 1)]))
+    out["ttft_append_s"] = round(statistics.median(times), 4)
+    llm.reset()
+    stamps = []
+    for _ in llm.create_completion(_prompt(64, vocab), max_tokens=decode_tokens + 1,
+                                   temperature=0.0, top_k=1, repeat_penalty=1.0, stream=True):
+        stamps.append(time.perf_counter())
+    out["decode_tps"] = round((len(stamps) - 1) / (stamps[-1] - stamps[0]), 2)
+    out["peak_rss_mb"] = round(_peak_rss_mb(), 1)
+    return out
+
+
+def machine_limits() -> dict:
+    """Memory bandwidth (best of 3 copies of 512 MiB) and float32 matmul throughput."""
+    import numpy as np
+    import torch
+
+    a = np.ones(1 << 27, dtype=np.float32)
+    b = np.empty_like(a)
+    best_copy = min(_timed(lambda: np.copyto(b, a)) for _ in range(3))
+    x = torch.randn(2048, 2048)
+    torch.matmul(x, x)
+    best_mm = min(_timed(lambda: torch.matmul(x, x)) for _ in range(3))
+    return {"copy_gb_s": round(2 * a.nbytes / best_copy / 1e9, 2),
+            "matmul_gflop_s": round(2 * 2048 ** 3 / best_mm / 1e9, 1)}
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def weight_bytes(model_dir: Path) -> int:
+    """Bytes of weights a decode step reads (float32 checkpoint on disk)."""
+    return sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+
+
 def best(runs: list[dict]) -> dict:
     """Per metric, the best of several runs (highest rate, lowest time or memory)."""
     out = dict(runs[0])
@@ -178,13 +247,19 @@ def main() -> None:
                     help="runs per engine, alternated; the best of each metric is kept "
                          "(shared machines are noisy)")
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--worker", choices=["codevista", "transformers"], help=argparse.SUPPRESS)
+    ap.add_argument("--llamacpp", default="",
+                    help="GGUF types to run with llama.cpp too, e.g. f32,f16,q8_0")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--gguf", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     lengths = [int(x) for x in (args.lengths or ("64,256" if args.quick else "512,2048")
                                 ).split(",")]
     if args.worker:
         if args.worker == "codevista":
             res = worker_codevista(args.model, lengths, args.decode_tokens, args.dtype)
+        elif args.worker.startswith("llama.cpp-"):
+            res = worker_llamacpp(args.gguf, lengths, args.decode_tokens,
+                                  args.worker.split("-", 1)[1])
         else:
             res = worker_transformers(args.model, lengths, args.decode_tokens)
         print(json.dumps(res), flush=True)
@@ -193,11 +268,23 @@ def main() -> None:
         args.cache / ("tiny-random" if args.quick else "qwen2.5-coder-0.5b-shape-random"),
         TINY if args.quick else QWEN_05B)
     runs: dict[str, list[dict]] = {"codevista": [], "transformers": []}
+    ggufs: dict[str, Path] = {}
+    for kind in filter(None, args.llamacpp.split(",")):
+        from codevista.models.gguf_export import export_gguf
+
+        path = args.cache / f"{model.name}-{kind}.gguf"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            export_gguf(model, path, kind)
+        ggufs[f"llama.cpp-{kind}"] = path
+        runs[f"llama.cpp-{kind}"] = []
     for _ in range(args.repeat):
         for name in runs:
             cmd = [sys.executable, __file__, "--worker", name, "--model", str(model),
                    "--lengths", ",".join(map(str, lengths)),
                    "--decode-tokens", str(args.decode_tokens), "--dtype", args.dtype]
+            if name in ggufs:
+                cmd += ["--gguf", str(ggufs[name])]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
             if proc.returncode != 0:
                 sys.stderr.write(proc.stderr)
@@ -214,6 +301,19 @@ def main() -> None:
               "ttft_cold_speedup": round(hf["ttft_cold_s"] / cv["ttft_cold_s"], 2),
               "ttft_append_over_decode_step": round(cv["ttft_append_s"] * cv["decode_tps"], 2),
               "peak_rss_ratio": round(cv["peak_rss_mb"] / hf["peak_rss_mb"], 2)}
+    for name in ggufs:
+        lc = results[name]
+        ratios[f"decode_vs_{name}"] = round(cv["decode_tps"] / lc["decode_tps"], 2)
+        ratios[f"prefill_{lengths[-1]}_vs_{name}"] = round(
+            cv[f"prefill_tps_{lengths[-1]}"] / lc[f"prefill_tps_{lengths[-1]}"], 2)
+    limits = machine_limits()
+    fp32_bytes = weight_bytes(Path(model))
+    per_engine = {name: (ggufs[name].stat().st_size if name in ggufs else fp32_bytes)
+                  for name in results}
+    limits["decode_percent_of_bandwidth_limit"] = {
+        name: round(100 * results[name]["decode_tps"] * per_engine[name]
+                    / (limits["copy_gb_s"] * 1e9), 1) for name in results}
+    print(json.dumps({"machine": limits, "weight_bytes": per_engine}), flush=True)
     print(json.dumps(ratios), flush=True)
 
 
