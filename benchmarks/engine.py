@@ -210,7 +210,6 @@ def machine_limits() -> dict:
     t = torch.ones(1 << 28)  # 1 GiB read by every thread, as a decode step reads weights
     t.sum()
     best_read = min(_timed(lambda: t.sum()) for _ in range(3))
-    del t
     x = torch.randn(2048, 2048)
     torch.matmul(x, x)
     best_mm = min(_timed(lambda: torch.matmul(x, x)) for _ in range(3))

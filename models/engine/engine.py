@@ -57,6 +57,18 @@ class _Active:
         return self.handle.request
 
 
+SMALL_MODEL_BYTES = 64 << 20
+
+
+def auto_threads(model: torch.nn.Module) -> int:
+    """Intra-op threads for the engine thread. A small model's matrices are too small for
+    a second thread to pay for the synchronisation: the embedded 16 MB model decodes in
+    2.45 ms/token on one thread against 5.66 ms on two (measured on this 2-core machine);
+    a model big enough to be bound by memory bandwidth uses every core."""
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    return 1 if size < SMALL_MODEL_BYTES else torch.get_num_threads()
+
+
 @dataclass(frozen=True)
 class EngineStats:
     waiting: int
@@ -81,7 +93,9 @@ class Engine:
         device = self.model.device
         self.prefill_chunk = prefill_chunk
         self.warmup = warmup
-        self.num_threads = num_threads or torch.get_num_threads()
+        self.num_threads = num_threads or auto_threads(self.model)
+        self.prefill_threads = num_threads or torch.get_num_threads()
+        self._threads_now = 0
         self.cache = PrefixCache(
             make_cache=lambda cap: KVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
                                            cap, dtype, device),
@@ -206,6 +220,7 @@ class Engine:
             # Thread-pool settings are per calling thread in OpenMP: set them here, in the
             # one thread that runs the model.
             torch.set_num_threads(self.num_threads)
+            self._threads_now = self.num_threads
             if self.warmup:
                 self._warmup()
             while True:
@@ -328,6 +343,12 @@ class Engine:
         return x
 
     def _forward(self, st: _Active, tokens: list[int]) -> torch.Tensor:
+        # Prefill chunks are matrix products big enough for every core; a small model's
+        # decode steps are not (see auto_threads).
+        threads = self.num_threads if len(tokens) <= 4 else self.prefill_threads
+        if threads != self._threads_now:
+            torch.set_num_threads(threads)
+            self._threads_now = threads
         ids = torch.tensor([max(t, 0) for t in tokens], dtype=torch.long,
                            device=self.model.device)
         try:
