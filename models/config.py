@@ -108,14 +108,7 @@ class DecoderConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> DecoderConfig:
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConfigError(f"cannot read {path}: {e}") from e
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} does not hold a JSON object")
-        return cls.from_hf(data)
+        return cls.from_hf(read_config(Path(path)))
 
     @classmethod
     def from_hf(cls, data: dict[str, Any]) -> DecoderConfig:
@@ -125,6 +118,17 @@ class DecoderConfig:
             return _build(family, data)
         except (TypeError, ValueError, KeyError) as e:
             raise ConfigError(f"config.json is malformed: {e!s}") from e
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """A config.json as a dict, or a ConfigError saying why not."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"cannot read {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} does not hold a JSON object")
+    return data
 
 
 def _family(data: dict[str, Any]) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .config import DecoderConfig
+from .config import DecoderConfig, read_config
 from .errors import (
     CheckpointNotFoundError,
     ConfigError,
@@ -261,7 +261,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32",
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     if isinstance(dtype, str) and dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
-    raw = _read_config(directory / "config.json")
+    raw = read_config(directory / "config.json")
     defaults = GenerationDefaults.from_file(directory / "generation_config.json")
     vision = None
     if is_llava(raw):
@@ -301,12 +301,3 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32",
     return LoadedModel(path=directory, config=cfg, model=model, tokenizer=tokenizer,
                        defaults=defaults, stop_token_ids=frozenset(stops), vision=vision)
 
-
-def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"cannot read {path}: {e}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} does not hold a JSON object")
-    return data

@@ -366,76 +366,76 @@ def _translate_args(ls: CodevistaServer, args: tuple[Any, ...]) -> dict[str, Any
             a, b = b, a
         if a < b:  # an empty selection means the whole document
             text = text[a:b]
-    token = arg.get("partialResultToken")
-    if token is not None and not isinstance(token, str | int):
-        raise ArgumentError(f"{TRANSLATE_COMMAND}: 'partialResultToken' must be a string "
-                            "or an integer")
-    return {"uri": uri, "text": text, "source": source, "target": target, "token": token}
+    return {"uri": uri, "text": text, "source": source, "target": target}
 
 
-@server.command(TRANSLATE_COMMAND)
-async def translate(ls: CodevistaServer, *args: Any) -> dict[str, Any]:
+def streaming_command(name: str):
+    """A long command: cancellable by `$/cancelRequest`, its errors turned into JSON-RPC
+    errors, and an `on_partial(text)` that reports `{text, isIncomplete}` progress to the
+    argument object's `partialResultToken` (if any)."""
+    def wrap(fn):
+        @server.command(name)
+        async def handler(ls: CodevistaServer, *args: Any) -> dict[str, Any]:
+            protocol: Protocol = ls.protocol  # type: ignore[assignment]
+            request = protocol.track_command()
+            arg = args[0] if len(args) == 1 and isinstance(args[0], dict) else {}
+            token = arg.get("partialResultToken")
+
+            def on_partial(text: str) -> None:
+                if token is not None:
+                    ls.progress(types.ProgressParams(token=token, value={
+                        "text": text, "isIncomplete": True}))
+
+            try:
+                if token is not None and not isinstance(token, str | int):
+                    raise ArgumentError(f"{name}: 'partialResultToken' must be a string or "
+                                        "an integer")
+                return await fn(ls, args, on_partial)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                raise to_jsonrpc(e) from e
+            finally:
+                protocol.untrack_command(request)
+        handler.__name__ = handler.__qualname__ = fn.__name__
+        handler.__doc__ = fn.__doc__
+        return handler
+    return wrap
+
+
+@streaming_command(TRANSLATE_COMMAND)
+async def translate(ls: CodevistaServer, args: tuple[Any, ...], on_partial
+                    ) -> dict[str, Any]:
     """Translate a selection (or the whole document) into another language, streamed."""
-    protocol: Protocol = ls.protocol  # type: ignore[assignment]
-    request = protocol.track_command()
-    try:
-        a = _translate_args(ls, args)
-        if ls.backend.state != "ready":
-            raise NotReadyError(f"the model is not ready ({ls.backend.state}"
-                                f"{': ' + ls.backend.error if ls.backend.error else ''})")
-        token = a["token"]
-
-        def on_partial(text: str) -> None:
-            if token is not None:
-                ls.progress(types.ProgressParams(token=token, value={
-                    "text": text, "isIncomplete": True}))
-
-        result = await ls.translations.translate(a["text"], a["source"], a["target"],
-                                                 on_partial)
-    except asyncio.CancelledError:
-        raise
-    except Exception as e:
-        raise to_jsonrpc(e) from e
-    finally:
-        protocol.untrack_command(request)
+    a = _translate_args(ls, args)
+    if ls.backend.state != "ready":
+        raise NotReadyError(f"the model is not ready ({ls.backend.state}"
+                            f"{': ' + ls.backend.error if ls.backend.error else ''})")
+    result = await ls.translations.translate(a["text"], a["source"], a["target"],
+                                             on_partial)
     return {"text": result.text, "targetLanguage": a["target"].id,
             "sourceLanguage": a["source"].id,
             "suggestedFileName": suggested_file_name(a["uri"], a["target"]),
             "pieces": result.pieces}
 
 
-@server.command(EXPLAIN_IMAGE_COMMAND)
-async def explain_image(ls: CodevistaServer, *args: Any) -> dict[str, Any]:
+@streaming_command(EXPLAIN_IMAGE_COMMAND)
+async def explain_image(ls: CodevistaServer, args: tuple[Any, ...], on_partial
+                        ) -> dict[str, Any]:
     """Explain, describe, transcribe or locate in an image, with the vision model."""
-    protocol: Protocol = ls.protocol  # type: ignore[assignment]
-    request = protocol.track_command()
-    try:
-        if len(args) != 1 or not isinstance(args[0], dict):
-            raise ArgumentError(f"{EXPLAIN_IMAGE_COMMAND} takes one object {{image, question?, "
-                                "task?, partialResultToken?}")
-        arg = args[0]
-        task = resolve_task(arg.get("task"))
-        question = arg.get("question")
-        if question is not None and not isinstance(question, str):
-            raise ArgumentError("'question' must be a string")
-        token = arg.get("partialResultToken")
-        img, source = await asyncio.to_thread(load_image, arg.get("image"), ls.image_roots())
-        backend = await ls.vision.ensure(ls.settings.vision_model_path,
-                                         lambda m: ls.status(f"vision model: {m}"))
-
-        def on_partial(text: str) -> None:
-            if token is not None:
-                ls.progress(types.ProgressParams(token=token, value={
-                    "text": text, "isIncomplete": True}))
-
-        answer = await ls.vision.explain(backend, img, task, question, on_partial,
-                                         ls.settings.vision_max_tokens)
-    except asyncio.CancelledError:
-        raise
-    except Exception as e:
-        raise to_jsonrpc(e) from e
-    finally:
-        protocol.untrack_command(request)
+    if len(args) != 1 or not isinstance(args[0], dict):
+        raise ArgumentError(f"{EXPLAIN_IMAGE_COMMAND} takes one object {{image, question?, "
+                            "task?, partialResultToken?}")
+    arg = args[0]
+    task = resolve_task(arg.get("task"))
+    question = arg.get("question")
+    if question is not None and not isinstance(question, str):
+        raise ArgumentError("'question' must be a string")
+    img, source = await asyncio.to_thread(load_image, arg.get("image"), ls.image_roots())
+    backend = await ls.vision.ensure(ls.settings.vision_model_path,
+                                     lambda m: ls.status(f"vision model: {m}"))
+    answer = await ls.vision.explain(backend, img, task, question, on_partial,
+                                     ls.settings.vision_max_tokens)
     out: dict[str, Any] = {"text": answer.text, "task": task, "image": source.label,
                            "model": ls.vision.backend.model_name}
     if task == "locate":

@@ -10,6 +10,12 @@ from collections.abc import Sequence
 from . import logging_setup
 
 
+def fail(message: str) -> int:
+    """One `codevista: error:` line on stderr; exit status 2."""
+    print(f"codevista: error: {message}", file=sys.stderr)
+    return 2
+
+
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="stream a model's continuation of a prompt to stdout")
     p.add_argument("--model", default=None,
@@ -40,9 +46,8 @@ def _generate(args: argparse.Namespace) -> int:
     loaded = load_model(args.model or DEFAULT_MODEL_DIR, dtype=args.dtype)
     if args.language is not None:
         if args.language not in formats.LANGUAGES:
-            print(f"codevista: error: unknown language {args.language!r} (known: "
-                  f"{', '.join(formats.LANGUAGES)})", file=sys.stderr)
-            return 2
+            return fail(f"unknown language {args.language!r} (known: "
+                        f"{', '.join(formats.LANGUAGES)})")
         if loaded.tokenizer.token_to_id(formats.lang_tag(args.language)) is not None:
             prompt = formats.plain(args.language, prompt)
     d = loaded.defaults
@@ -92,10 +97,6 @@ def _translate(args: argparse.Namespace) -> int:
     from .backend import LocalBackend
     from .features.translate import TranslationService
     from .translation import LANGUAGES, UnsupportedLanguageError, resolve_language
-
-    def fail(message: str) -> int:
-        print(f"codevista: error: {message}", file=sys.stderr)
-        return 2
 
     try:
         target = resolve_language(args.target)
@@ -184,10 +185,6 @@ def _explain_image(args: argparse.Namespace) -> int:
     from .features.vision import VisionService
     from .vision import ImageRequestError
 
-    def fail(message: str) -> int:
-        print(f"codevista: error: {message}", file=sys.stderr)
-        return 2
-
     try:
         img = load_image_file(Path(args.image))
     except ImageError as e:
@@ -242,9 +239,7 @@ def _export_gguf(args: argparse.Namespace) -> int:
     try:
         import gguf  # noqa: F401
     except ImportError:
-        print("codevista: error: GGUF export needs the gguf package: pip install "
-              "'codevista[remote]'", file=sys.stderr)
-        return 2
+        return fail("GGUF export needs the gguf package: pip install 'codevista[remote]'")
     out = export_gguf(args.model or DEFAULT_MODEL_DIR, args.out, args.type)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {args.type})", file=sys.stderr)
     return 0
@@ -304,8 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except ModelError as e:
-        print(f"codevista: error: {e}", file=sys.stderr)
-        return 2
+        return fail(str(e))
     except BrokenPipeError:
         return 0
 

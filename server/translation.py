@@ -99,23 +99,19 @@ class LineInfo:
     continued: bool  # the line starts inside a bracket, string or comment
 
 
-def _brace_lines(text: str) -> list[LineInfo]:
-    """Depth at the start of each line of brace-language code; strings, character literals
-    and comments are skipped (a `'` only opens a character literal when one follows)."""
-    out: list[LineInfo] = []
+def _scan_braces(text: str):
+    """Walk brace-language code, skipping strings, character literals (a `'` opens one only
+    when one follows, so Rust lifetimes are not) and comments. Yields (index, event, depth,
+    open) where event is "line" at the start of each line (`open`: inside a string,
+    comment or bracket) or "close" just after a `}` that returns to depth 0."""
     depth, parens, state, i, n = 0, 0, "", 0, len(text)
-    line_start = True
-    while i <= n:
-        if line_start:
-            out.append(LineInfo(depth, bool(state) or parens > 0))
-            line_start = False
-        if i == n:
-            break
+    yield 0, "line", 0, False
+    while i < n:
         ch = text[i]
         if ch == "\n":
-            line_start = True
-            if state == "//":
+            if state in ("//", '"'):  # line comments and unescaped "..." end at a newline
                 state = ""
+            yield i + 1, "line", depth, bool(state) or parens > 0
         elif state == "//":
             pass
         elif state == "/*":
@@ -138,14 +134,21 @@ def _brace_lines(text: str) -> list[LineInfo]:
                 i += len(m.group(0)) - 1
         elif ch == "{":
             depth += 1
-        elif ch == "}":
-            depth = max(0, depth - 1)
+        elif ch == "}" and depth > 0:
+            depth -= 1
+            if depth == 0:
+                yield i + 1, "close", 0, False
         elif ch in "([":
             parens += 1
         elif ch in ")]":
             parens = max(0, parens - 1)
         i += 1
-    return out
+
+
+def _brace_lines(text: str) -> list[LineInfo]:
+    """Depth at the start of each line of brace-language code."""
+    return [LineInfo(depth, is_open) for _, event, depth, is_open in _scan_braces(text)
+            if event == "line"]
 
 
 def _python_lines(text: str) -> list[LineInfo]:
@@ -263,13 +266,9 @@ def is_closing(piece: str) -> bool:
 
 def count_blocks(text: str, language: Language) -> int:
     """Top-level definitions in `text` whose body is complete."""
-    units = split_units(text, language)
     if not language.braces:
-        return sum(is_definition(u, language) for u in units)
-    n = 0
-    while _end_of_blocks(text, n + 1) is not None:
-        n += 1
-    return n
+        return sum(is_definition(u, language) for u in split_units(text, language))
+    return sum(event == "close" for _, event, _, _ in _scan_braces(text))
 
 
 def plan_pieces(text: str, language: Language, fits, leaf: bool = False) -> list[str]:
@@ -446,42 +445,16 @@ def clean_output(text: str, final: bool = True) -> str:
 
 def _end_of_blocks(text: str, blocks: int) -> int | None:
     """Index just past the brace that closes the `blocks`-th top-level block (and a `;`
-    right after it, as in `};`), skipping strings and comments; None while still open."""
-    depth, state, i, n, closed = 0, "", 0, len(text), 0
-    while i < n:
-        ch = text[i]
-        if state == "//":
-            if ch == "\n":
-                state = ""
-        elif state == "/*":
-            if text.startswith("*/", i):
-                state, i = "", i + 1
-        elif state in ('"', "`"):
-            if ch == "\\":
-                i += 1
-            elif ch == state or (ch == "\n" and state == '"'):
-                state = ""
-        elif text.startswith("//", i):
-            state, i = "//", i + 1
-        elif text.startswith("/*", i):
-            state, i = "/*", i + 1
-        elif ch in '"`':
-            state = ch
-        elif ch == "'":
-            m = re.match(r"'(\\.[^'\n]{0,8}|[^\\'\n])'", text[i:i + 12])
-            if m:
-                i += len(m.group(0)) - 1
-        elif ch == "{":
-            depth += 1
-        elif ch == "}" and depth > 0:
-            depth -= 1
-            if depth == 0:
-                closed += 1
-                if closed == blocks:
-                    rest = text[i + 1:]
-                    return i + 1 + (len(rest) - len(rest.lstrip(" \t")) + 1
-                                    if rest.lstrip(" \t").startswith(";") else 0)
-        i += 1
+    right after it, as in `};`); None while still open."""
+    closed = 0
+    for end, event, _, _ in _scan_braces(text):
+        if event != "close":
+            continue
+        closed += 1
+        if closed == blocks:
+            rest = text[end:]
+            stripped = rest.lstrip(" \t")
+            return end + (len(rest) - len(stripped) + 1 if stripped.startswith(";") else 0)
     return None
 
 
