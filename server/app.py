@@ -432,12 +432,22 @@ async def explain_image(ls: CodevistaServer, args: tuple[Any, ...], on_partial
     if question is not None and not isinstance(question, str):
         raise ArgumentError("'question' must be a string")
     img, source = await asyncio.to_thread(load_image, arg.get("image"), ls.image_roots())
-    backend = await ls.vision.ensure(ls.settings.vision_model_path,
-                                     lambda m: ls.status(f"vision model: {m}"))
-    answer = await ls.vision.explain(backend, img, task, question, on_partial,
-                                     ls.settings.vision_max_tokens)
+    remote = getattr(getattr(ls.backend, "cfg", None), "vision_model", None)
+    if remote:  # a served vision-language model (the remote backend's visionModel)
+        if ls.backend.state != "ready":
+            raise NotReadyError(f"the remote backend is not ready ({ls.backend.state}"
+                                f"{': ' + ls.backend.error if ls.backend.error else ''})")
+        answer = await ls.vision.explain_remote(ls.backend, img, task, question, on_partial,
+                                                ls.settings.vision_max_tokens)
+        model = remote
+    else:
+        backend = await ls.vision.ensure(ls.settings.vision_model_path,
+                                         lambda m: ls.status(f"vision model: {m}"))
+        answer = await ls.vision.explain(backend, img, task, question, on_partial,
+                                         ls.settings.vision_max_tokens)
+        model = ls.vision.backend.model_name
     out: dict[str, Any] = {"text": answer.text, "task": task, "image": source.label,
-                           "model": ls.vision.backend.model_name}
+                           "model": model}
     if task == "locate":
         out["boxes"] = answer.boxes
     return out

@@ -79,6 +79,8 @@ class Prompt:
     suffix_chars: int
     heal: str = ""  # text cut from the end of the prefix; the output must start with it
     context_chars: int = 0  # characters of other documents' snippets before the prefix
+    fim_prefix: str = ""  # the text between the FIM markers, for servers that add them
+    fim_suffix: str = ""
 
 
 def healing_text(tok: Tokenizer, prefix: str) -> str:
@@ -166,7 +168,8 @@ def build_prompt(family: Family, tok: Tokenizer, snap: Snapshot, budget: int,
                          add_special_tokens=False)
         if len(ids) <= budget:
             return Prompt(ids=ids, prefix_chars=len(prefix), suffix_chars=len(suffix),
-                          heal=heal, context_chars=len(context))
+                          heal=heal, context_chars=len(context), fim_prefix=body,
+                          fim_suffix=suffix)
         if context:
             context = ""  # the file itself matters more than its neighbours
         elif first < len(lines) - 1:

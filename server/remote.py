@@ -9,6 +9,14 @@ counts the budget) and reads the same stream of text deltas. Prompts go as text 
 `/v1/completions` with `stream: true` (server-sent events), with the sampling parameters
 pinned (temperature, top_p, and no repeat penalty, which some servers apply by default).
 
+Three more routes, by what the server is and what the setting says:
+- llama.cpp's own server (`llama-server`, recognised by its `/props`): completions go to
+  `/infill` with the prefix and suffix as text and `cache_prompt`, so the server keeps the
+  KV cache of the previous keystroke's prompt (setting `infill`: "auto" (default), true, false);
+- `chat: true` (an instruct model): translation goes to `/v1/chat/completions` as messages;
+- `visionModel: NAME`: images go to `/v1/chat/completions` as `image_url` data URLs, to the
+  served vision-language model NAME (which may be the same as `model`).
+
 Cancelling closes the HTTP stream. Connection failures are retried a bounded number of
 times with backoff, but never once the server has started answering. The API key is read
 from the environment variable the setting names and is never logged.
@@ -48,6 +56,9 @@ class RemoteConfig:
     timeout_s: float = 30.0
     tokenizer_path: str | None = None
     max_positions: int = 4096
+    chat: bool = False
+    infill: str = "auto"  # "auto" | "on" | "off"
+    vision_model: str | None = None
 
     @classmethod
     def from_setting(cls, raw: object) -> RemoteConfig:
@@ -66,19 +77,56 @@ class RemoteConfig:
             raise ValueError("timeoutMs must be a positive number")
         tok = raw.get("tokenizerPath")
         ctx = raw.get("contextTokens", 4096)
+        if isinstance(ctx, bool) or not isinstance(ctx, int) or not 64 <= ctx <= 1 << 20:
+            raise ValueError("contextTokens must be an integer from 64 to 1048576")
+        chat = raw.get("chat", False)
+        if not isinstance(chat, bool):
+            raise ValueError("chat must be true or false")
+        infill = raw.get("infill", "auto")
+        if infill not in ("auto", True, False):
+            raise ValueError('infill must be "auto", true or false')
+        vision = raw.get("visionModel")
+        if vision is not None and (not isinstance(vision, str) or not vision):
+            raise ValueError("visionModel must name the served vision-language model")
         return cls(url.rstrip("/"), model, env, float(timeout) / 1000,
-                   tok if isinstance(tok, str) else None, int(ctx))
+                   tok if isinstance(tok, str) else None, ctx, chat,
+                   {True: "on", False: "off"}.get(infill, "auto"), vision)
+
+
+def _completion_delta(event: dict) -> tuple[str, str | None]:
+    choice = (event.get("choices") or [{}])[0]
+    return choice.get("text") or "", choice.get("finish_reason")
+
+
+def _chat_delta(event: dict) -> tuple[str, str | None]:
+    choice = (event.get("choices") or [{}])[0]
+    delta = choice.get("delta") or {}
+    return delta.get("content") or "", choice.get("finish_reason")
+
+
+def _infill_delta(event: dict) -> tuple[str, str | None]:
+    """llama-server's native stream: {"content": ..., "stop": bool, "stop_type": ...}."""
+    reason = None
+    if event.get("stop"):
+        reason = "length" if event.get("stop_type") == "limit" else "stop"
+    return event.get("content") or "", reason
+
+
+PARSERS = {"/v1/completions": _completion_delta, "/v1/chat/completions": _chat_delta,
+           "/infill": _infill_delta}
 
 
 class RemoteGeneration:
-    """One streamed completion; the same surface as the engine's RequestHandle."""
+    """One streamed answer; the same surface as the engine's RequestHandle."""
 
-    def __init__(self, backend: OpenAIBackend, prompt: str, params: SamplingParams,
-                 prompt_tokens: int) -> None:
+    def __init__(self, backend: OpenAIBackend, endpoint: str, body: dict,
+                 prompt_tokens: int, vision: bool = False) -> None:
         self.backend = backend
-        self.prompt = prompt
-        self.params = params
+        self.vision = vision
+        self.endpoint = endpoint
+        self.body = body
         self.prompt_tokens = prompt_tokens
+        self.cached_tokens = 0
         self.queue: asyncio.Queue[str | None] = asyncio.Queue()
         self.text = ""
         self.finish_reason = "stop"
@@ -87,30 +135,17 @@ class RemoteGeneration:
         self.ttft: float | None = None
         self.task = asyncio.ensure_future(self._run())
 
-    def _body(self) -> dict:
-        p = self.params
-        body = {"model": self.backend.cfg.model, "prompt": self.prompt, "stream": True,
-                "max_tokens": p.max_new_tokens, "temperature": p.temperature,
-                "top_p": p.top_p, "repeat_penalty": 1.0, "frequency_penalty": 0.0,
-                "presence_penalty": 0.0}
-        stops = list(p.stop) + list(self.backend.stop_texts)
-        if stops:
-            body["stop"] = stops[:4]  # the OpenAI API takes at most four
-        if p.seed is not None:
-            body["seed"] = p.seed
-        return body
-
     async def _run(self) -> None:
         b = self.backend
+        url = f"{b.cfg.url}{self.endpoint}"
         try:
             for attempt in range(RETRIES):
                 try:
-                    async with b.client.stream("POST", f"{b.cfg.url}/v1/completions",
-                                               json=self._body(),
+                    async with b.client.stream("POST", url, json=self.body,
                                                headers=b.headers()) as resp:
                         if resp.status_code != 200:
                             raise b.http_error(resp.status_code, (await resp.aread())
-                                               .decode("utf-8", "replace"))
+                                               .decode("utf-8", "replace"), self.vision)
                         await self._read(resp)
                         return
                 except b.httpx.ConnectError as e:  # nothing was answered: safe to retry
@@ -133,6 +168,7 @@ class RemoteGeneration:
             self.queue.put_nowait(None)
 
     async def _read(self, resp) -> None:
+        parse = PARSERS[self.endpoint]
         async for line in resp.aiter_lines():
             if not line.startswith("data:"):
                 continue
@@ -143,16 +179,28 @@ class RemoteGeneration:
                 event = json.loads(data)
             except json.JSONDecodeError:
                 continue
-            choice = (event.get("choices") or [{}])[0]
-            delta = choice.get("text") or ""
+            if not isinstance(event, dict):
+                continue
+            if "error" in event:  # some servers report a failure inside the stream
+                err = event["error"]
+                msg = err.get("message") if isinstance(err, dict) else err
+                raise RemoteError(f"the server at {self.backend.cfg.url} failed: {msg}")
+            delta, reason = parse(event)
             if delta:
                 if self.ttft is None:
                     self.ttft = time.monotonic() - self.t0
                 self.text += delta
                 self.queue.put_nowait(delta)
-            reason = choice.get("finish_reason")
+            usage = event.get("usage") or {}
+            timings = event.get("timings") or {}
+            if "tokens_cached" in event or "cache_n" in timings:
+                self.cached_tokens = int(timings.get("cache_n", event.get("tokens_cached", 0)))
+            if isinstance(usage, dict) and usage.get("prompt_tokens"):
+                self.prompt_tokens = int(usage["prompt_tokens"])
             if reason:
                 self.finish_reason = "length" if reason == "length" else "stop"
+                if self.endpoint == "/infill":
+                    break  # llama-server ends its native stream without [DONE]
 
     async def astream(self) -> AsyncIterator[str]:
         while True:
@@ -168,7 +216,8 @@ class RemoteGeneration:
             pass
         return GenerationResult(
             text=self.text, token_ids=[], finish_reason=self.finish_reason,
-            prompt_tokens=self.prompt_tokens, cached_tokens=0, ttft_s=self.ttft,
+            prompt_tokens=self.prompt_tokens, cached_tokens=self.cached_tokens,
+            ttft_s=self.ttft,
             total_s=time.monotonic() - self.t0, error=self.error)
 
     def cancel(self) -> None:
@@ -192,6 +241,7 @@ class OpenAIBackend:
         self.loaded = None
         self.client = None
         self.stop_texts: tuple[str, ...] = ()
+        self.infill = False  # completions through llama-server's /infill
         import httpx
 
         self.httpx = httpx
@@ -205,14 +255,21 @@ class OpenAIBackend:
         key = os.environ.get(env) if env else None
         return {"Authorization": f"Bearer {key}"} if key else {}
 
-    def http_error(self, status: int, body: str) -> RemoteError:
+    def http_error(self, status: int, body: str, vision: bool = False) -> RemoteError:
         if status in (401, 403):
             env = self.cfg.api_key_env
             return RemoteError(f"the server at {self.cfg.url} refused the API key (HTTP "
                                f"{status}); check the key in ${env}" if env else
                                f"the server at {self.cfg.url} needs an API key (HTTP "
                                f"{status}): set apiKeyEnv")
-        if status == 404 or "model" in body.lower() and status == 400:
+        low = body.lower()
+        if vision and (
+                "image" in low or "multimodal" in low or "vision" in low):
+            return RemoteError(f"the server at {self.cfg.url} does not accept images for "
+                               f"model {self.cfg.vision_model!r} (HTTP {status}): serve a "
+                               f"vision-language model with its projector (e.g. llama-server "
+                               f"--mmproj, vLLM with a LLaVA/Qwen2-VL checkpoint)")
+        if status == 404 or "model" in low and status == 400:
             return RemoteError(f"the server at {self.cfg.url} does not serve model "
                                f"{self.cfg.model!r} (HTTP {status})")
         return RemoteError(f"the server at {self.cfg.url} answered HTTP {status}: "
@@ -232,13 +289,16 @@ class OpenAIBackend:
             timeout = self.httpx.Timeout(self.cfg.timeout_s, connect=min(5.0, self.cfg.timeout_s))
             self.client = self.httpx.AsyncClient(timeout=timeout)
             await self._check_model()
+            self.infill = self.cfg.infill == "on" or (
+                self.cfg.infill == "auto" and self.family.name != "plain"
+                and await self._is_llama_server())
         except (ModelError, OSError, ValueError) as e:
             self.state, self.error = "error", str(e)
             log.error("remote backend: %s", e)
             return
         self.state = "ready"
-        log.info("remote backend %s ready (model %s, family %s)", self.cfg.url,
-                 self.cfg.model, self.family.name)
+        log.info("remote backend %s ready (model %s, family %s%s)", self.cfg.url,
+                 self.cfg.model, self.family.name, ", /infill" if self.infill else "")
 
     async def _check_model(self) -> None:
         assert self.client is not None
@@ -254,11 +314,61 @@ class OpenAIBackend:
             raise RemoteError(f"the server at {self.cfg.url} serves {', '.join(served)}, not "
                               f"{self.cfg.model!r}")
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> RemoteGeneration:
+    async def _is_llama_server(self) -> bool:
+        """llama.cpp's server answers GET /props with its generation settings."""
+        assert self.client is not None
+        try:
+            resp = await self.client.get(f"{self.cfg.url}/props", headers=self.headers())
+            return resp.status_code == 200 and "default_generation_settings" in resp.json()
+        except (self.httpx.HTTPError, ValueError):
+            return False
+
+    def _sampling(self, params: SamplingParams) -> dict:
+        p = params
+        body = {"max_tokens": p.max_new_tokens, "temperature": p.temperature,
+                "top_p": p.top_p, "repeat_penalty": 1.0, "frequency_penalty": 0.0,
+                "presence_penalty": 0.0, "stream": True}
+        stops = list(p.stop) + list(self.stop_texts)
+        if stops:
+            body["stop"] = stops[:4]  # the OpenAI API takes at most four
+        if p.seed is not None:
+            body["seed"] = p.seed
+        return body
+
+    def _ready(self) -> None:
         if self.state != "ready" or self.tokenizer is None or self.client is None:
             raise RemoteError("the remote backend is not connected")
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> RemoteGeneration:
+        self._ready()
+        assert self.tokenizer is not None
         prompt = self.tokenizer.decode(prompt_ids, skip_special_tokens=False)
-        return RemoteGeneration(self, prompt, params, len(prompt_ids))
+        body = {"model": self.cfg.model, "prompt": prompt, **self._sampling(params)}
+        return RemoteGeneration(self, "/v1/completions", body, len(prompt_ids))
+
+    def submit_infill(self, prefix: str, suffix: str, params: SamplingParams,
+                      prompt_tokens: int = 0) -> RemoteGeneration:
+        """llama-server's /infill: it adds the model's own FIM tokens; `cache_prompt`
+        keeps the previous request's KV for the shared prefix."""
+        self._ready()
+        body = self._sampling(params)
+        body = {"model": self.cfg.model, "input_prefix": prefix, "input_suffix": suffix,
+                "prompt": "", "n_predict": body.pop("max_tokens"), "cache_prompt": True,
+                **body}
+        return RemoteGeneration(self, "/infill", body, prompt_tokens)
+
+    def submit_chat(self, messages: list[dict], params: SamplingParams,
+                    prompt_tokens: int = 0, vision: bool = False) -> RemoteGeneration:
+        """/v1/chat/completions; the server applies the model's own chat template."""
+        self._ready()
+        model = self.cfg.vision_model if vision and self.cfg.vision_model else self.cfg.model
+        body = self._sampling(params)
+        body.pop("stop", None)
+        if params.stop:
+            body["stop"] = list(params.stop)[:4]
+        return RemoteGeneration(self, "/v1/chat/completions",
+                                {"model": model, "messages": messages, **body}, prompt_tokens,
+                                vision=vision)
 
     def stop_ids(self, stop_tokens: tuple[str, ...]) -> tuple[int, ...]:
         return ()  # stops travel as text (`stop`), the remote knows its own end token

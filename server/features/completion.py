@@ -98,7 +98,11 @@ class CompletionService:
             temperature=settings.temperature,
             stop_token_ids=backend.stop_ids(family.stop_tokens),
             deadline_s=30.0, required_prefix=prompt.heal)
-        gen = backend.submit(prompt.ids, params)
+        if getattr(backend, "infill", False):  # llama-server adds its own FIM tokens
+            gen = backend.submit_infill(prompt.fim_prefix, prompt.fim_suffix, params,
+                                        len(prompt.ids))
+        else:
+            gen = backend.submit(prompt.ids, params)
         self.inflight[snap.uri] = gen
         heal = prompt.heal
         generated, raw, sent = "", "", None

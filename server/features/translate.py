@@ -54,7 +54,9 @@ class Translator:
     def __init__(self, backend) -> None:
         self.backend = backend
         tok = backend.tokenizer
-        if backend.family is not None and backend.family.name == "codevista":
+        if getattr(getattr(backend, "cfg", None), "chat", False):
+            self.style = "remote-chat"  # messages to /v1/chat/completions
+        elif backend.family is not None and backend.family.name == "codevista":
             self.style = "embedded"
         elif getattr(backend, "chat_template", None) is not None:
             self.style = "chat"
@@ -77,6 +79,9 @@ class Translator:
             return text + chat_answer_start(target)
         return tagged_prompt(code, source, target)
 
+    def messages(self, code: str, source: Language, target: Language) -> list[dict]:
+        return chat_messages(code, source, target)
+
     def stops(self, source: Language, target: Language) -> tuple[str, ...]:
         if self.style == "chat":
             return ("```",)
@@ -88,6 +93,8 @@ class Translator:
         return len(self.tokenizer.encode(text, add_special_tokens=False))
 
     def overhead(self, source: Language, target: Language) -> int:
+        if self.style == "remote-chat":  # the server's template adds a few tokens per turn
+            return sum(self.count(m["content"]) + 8 for m in self.messages("", source, target))
         return self.count(self.prompt("", source, target))
 
 
@@ -127,9 +134,14 @@ class TranslationService:
             if not body:
                 done += piece
                 continue
-            prompt_ids = tr.tokenizer.encode(tr.prompt(body, source, target),
-                                             add_special_tokens=False)
-            budget = window - len(prompt_ids)
+            if tr.style == "remote-chat":
+                prompt_ids = []
+                prompt_len = tr.count(body) + overhead
+            else:
+                prompt_ids = tr.tokenizer.encode(tr.prompt(body, source, target),
+                                                 add_special_tokens=False)
+                prompt_len = len(prompt_ids)
+            budget = window - prompt_len
             if budget < 8:
                 raise ArgumentError("a piece of the source does not fit the model's context")
             if is_closing(body):  # a class's closing brace, its members translated apart
@@ -142,12 +154,19 @@ class TranslationService:
                 max_new_tokens=max(8, min(budget, int(tr.count(body) * 2.5) + 48)),
                 temperature=temperature, stop=tr.stops(source, target),
                 stop_token_ids=stop_ids, deadline_s=300.0)
-            gen = backend.submit(prompt_ids, params)
+            if tr.style == "remote-chat":
+                gen = backend.submit_chat(tr.messages(body, source, target), params,
+                                          prompt_len)
+            else:
+                gen = backend.submit(prompt_ids, params)
             raw, shown = "", None
+            # a chat answer may open with a sentence and a fence: cut the code inside it
+            code_of = ((lambda t: clean_output(t, final=False)) if tr.style == "remote-chat"
+                       else (lambda t: t))
             try:
                 async for delta in gen.astream():
                     raw += delta
-                    kept, complete = cutter.cut(raw)
+                    kept, complete = cutter.cut(code_of(raw))
                     partial = clean_output(kept, final=False)
                     if on_partial is not None and partial and partial != shown:
                         shown = partial
@@ -164,7 +183,7 @@ class TranslationService:
             result.prompt_tokens += out.prompt_tokens
             result.generated_tokens += out.generated_tokens
             result.finish_reasons.append(out.finish_reason)
-            text = clean_output(cutter.cut(raw)[0], final=True).rstrip("\n")
+            text = clean_output(cutter.cut(code_of(raw))[0], final=True).rstrip("\n")
             done += lead + text + (trail if trail else "\n")
             if on_partial is not None:
                 on_partial(done)

@@ -117,5 +117,50 @@ class VisionService:
                            result.prompt_tokens, result.cached_tokens,
                            result.generated_tokens)
 
+    async def explain_remote(self, backend, img, task: str, question: str | None,
+                             on_partial: Callable[[str], None] | None = None,
+                             max_tokens: int = 256) -> Explanation:
+        """The same task on a served vision-language model (`visionModel` of a remote
+        backend): the image, re-encoded as PNG from the decoded pixels (no metadata, no
+        bytes the user did not see), goes as an `image_url` data URL."""
+        url = await asyncio.to_thread(image_data_url, img)
+        messages = [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}},
+            {"type": "text", "text": question_for(task, question)}]}]
+        params = SamplingParams(max_new_tokens=max_tokens, temperature=0.0)
+        gen = backend.submit_chat(messages, params, vision=True)
+        out = ""
+        try:
+            async for delta in gen.astream():
+                out += delta
+                if on_partial is not None and out.strip():
+                    on_partial(out)
+            result = await gen.aresult()
+        except asyncio.CancelledError:
+            gen.cancel()
+            raise
+        if result.error is not None:
+            raise result.error
+        answer = result.text.strip()
+        return Explanation(answer, task, parse_boxes(answer) if task == "locate" else [],
+                           result.prompt_tokens, result.cached_tokens, 0)
+
     def close(self) -> None:
         self.backend.close()
+
+
+MAX_REMOTE_SIDE = 1536  # served VLMs tile or resize anyway; this bounds the request size
+
+
+def image_data_url(img) -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    if max(img.size) > MAX_REMOTE_SIDE:
+        img = img.copy()
+        img.thumbnail((MAX_REMOTE_SIDE, MAX_REMOTE_SIDE), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=False)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
