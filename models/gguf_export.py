@@ -30,6 +30,18 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(w.shape))
 
 
+# GGUF key -> the marker's spelling in the families we load (Qwen / codevista, StarCoder,
+# DeepSeek-Coder)
+FIM_TOKENS = {
+    "tokenizer.ggml.fim_pre_token_id": ("<|fim_prefix|>", "<fim_prefix>", "<｜fim▁begin｜>"),
+    "tokenizer.ggml.fim_suf_token_id": ("<|fim_suffix|>", "<fim_suffix>", "<｜fim▁hole｜>"),
+    "tokenizer.ggml.fim_mid_token_id": ("<|fim_middle|>", "<fim_middle>", "<｜fim▁end｜>"),
+    "tokenizer.ggml.fim_pad_token_id": ("<|fim_pad|>", "<fim_pad>"),
+    "tokenizer.ggml.fim_rep_token_id": ("<|repo_name|>", "<repo_name>"),
+    "tokenizer.ggml.fim_sep_token_id": ("<|file_sep|>", "<file_sep>"),
+}
+
+
 def _tokenizer(writer, directory: Path, cfg: DecoderConfig) -> None:
     import gguf
 
@@ -75,6 +87,11 @@ def _tokenizer(writer, directory: Path, cfg: DecoderConfig) -> None:
         writer.add_bos_token_id(bos)
     writer.add_add_bos_token(bos is not None and bool(tcfg.get("add_bos_token", False)))
     writer.add_add_eos_token(False)
+    # FIM markers by name, so that llama-server's /infill builds the model's own format
+    for key, names in FIM_TOKENS.items():
+        found = next((vocab[t] for t in names if t in vocab and vocab[t] < n), None)
+        if found is not None:
+            writer.add_uint32(key, found)
     if isinstance(tcfg.get("chat_template"), str):
         writer.add_chat_template(tcfg["chat_template"])
 
