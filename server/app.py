@@ -25,12 +25,17 @@ from urllib.parse import unquote, urlparse
 
 import attrs
 from lsprotocol import types
-from pygls.exceptions import JsonRpcException, JsonRpcInvalidParams
+from pygls.exceptions import (
+    JsonRpcException,
+    JsonRpcInvalidParams,
+    JsonRpcInvalidRequest,
+    JsonRpcServerNotInitialized,
+)
 from pygls.lsp.server import LanguageServer
-from pygls.protocol import LanguageServerProtocol
+from pygls.protocol import LanguageServerProtocol, lsp_method
 
 from .backend import LocalBackend
-from .documents import Snapshot, to_offset
+from .documents import PositionError, Snapshot, apply_changes, to_offset
 from .errors import ArgumentError, DocumentNotOpenError, NotReadyError, to_jsonrpc
 from .features.completion import CompletionService
 from .features.translate import TranslationService
@@ -80,12 +85,49 @@ class Protocol(LanguageServerProtocol):
                 self._send_response(data["id"], error=JsonRpcInvalidParams(
                     f"invalid params for {data['method']}").to_response_error())
                 return _IGNORED
+            if "jsonrpc" in data and "method" in data:  # a notification: no one to answer
+                log.warning("notification %s with invalid params ignored", data["method"])
+                return _IGNORED
             raise
 
     def handle_message(self, message: Any) -> None:
         if message is _IGNORED:
             return
+        method, msg_id = getattr(message, "method", None), getattr(message, "id", None)
+        # LSP: before `initialize`, requests get ServerNotInitialized and notifications
+        # (but exit) are dropped; after `shutdown`, requests get InvalidRequest.
+        if isinstance(method, str) and method not in (types.INITIALIZE, types.EXIT) and (
+                self._workspace is None or self._shutdown):
+            if msg_id is not None:
+                error = (JsonRpcInvalidRequest("the server is shutting down") if self._shutdown
+                         else JsonRpcServerNotInitialized("initialize first"))
+                self._send_response(msg_id, error=error.to_response_error())
+            else:
+                log.warning("notification %s before initialize/after shutdown dropped", method)
+            return
         super().handle_message(message)
+
+    @lsp_method(types.TEXT_DOCUMENT_DID_CHANGE)
+    def lsp_text_document__did_change(self, params: types.DidChangeTextDocumentParams):
+        """Changes apply strictly (LSP line ends, no clamping). A change for a document never
+        opened, or whose range is not in the document, is refused whole and logged: the text
+        stays as it was rather than silently drifting from the editor's."""
+        uri = params.text_document.uri
+        doc = self.workspace.text_documents.get(unquote(uri))
+        if doc is None:
+            log.warning("didChange for %s, which is not open, ignored", uri)
+            return
+        try:
+            text = apply_changes(doc.source, params.content_changes, self._server.encoding)
+        except PositionError as e:
+            log.warning("didChange for %s refused (the document keeps version %s): %s", uri,
+                        doc.version, e)
+            return
+        self.workspace.put_text_document(types.TextDocumentItem(
+            uri=uri, language_id=doc.language_id or "", version=params.text_document.version,
+            text=text))
+        if (handler := self.fm.features.get(types.TEXT_DOCUMENT_DID_CHANGE)) is not None:
+            yield handler, (params,), None
 
     # Commands run inside pygls' executeCommand handler as a task of their own, which a
     # `$/cancelRequest` does not reach: long commands register their task here by the
@@ -146,7 +188,7 @@ class CodevistaServer(LanguageServer):
         return isinstance(exp, dict) and bool((exp.get("codevista") or {}).get("streaming"))
 
     def snapshot(self, uri: str, position: types.Position) -> Snapshot:
-        if uri not in self.workspace.text_documents:
+        if unquote(uri) not in self.workspace.text_documents:  # keyed by the decoded URI
             raise DocumentNotOpenError(f"document {uri} is not open")
         doc = self.workspace.get_text_document(uri)
         offset = to_offset(doc.source, position.line, position.character, self.encoding)
@@ -156,9 +198,10 @@ class CodevistaServer(LanguageServer):
     def other_documents(self, uri: str, language_id: str) -> list[tuple[str, str]]:
         """Other open documents of the same language, most recently edited first."""
         docs = self.workspace.text_documents
-        order = sorted((u for u in self.edited if u != uri and u in docs),
+        order = sorted((u for u in self.edited if u != uri and unquote(u) in docs),
                        key=lambda u: -self.edited[u])
-        return [(u, docs[u].source) for u in order if docs[u].language_id == language_id]
+        return [(u, docs[unquote(u)].source) for u in order
+                if docs[unquote(u)].language_id == language_id]
 
     def status(self, message: str = "") -> None:
         b = self.backend
@@ -345,7 +388,7 @@ def _translate_args(ls: CodevistaServer, args: tuple[Any, ...]) -> dict[str, Any
     uri = arg.get("uri")
     if not isinstance(uri, str):
         raise ArgumentError(f"{TRANSLATE_COMMAND}: 'uri' must be a string")
-    if uri not in ls.workspace.text_documents:
+    if unquote(uri) not in ls.workspace.text_documents:
         raise DocumentNotOpenError(f"document {uri} is not open")
     target = resolve_language(arg.get("targetLanguage"))
     doc = ls.workspace.get_text_document(uri)

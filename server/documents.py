@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 _EOL = re.compile(r"\r\n|\r|\n")
 
@@ -58,6 +59,27 @@ def to_offset(text: str, line: int, character: int, encoding: str = "utf-16") ->
         return starts[line] + len(content)
     raise PositionError(f"character {character} is past the end of line {line} "
                         f"({units} {encoding} units)")
+
+
+def apply_changes(text: str, changes: list[Any], encoding: str = "utf-16") -> str:
+    """The text after a `didChange`'s content changes, applied in order (each range refers
+    to the text the previous change left). A change whose range does not exist in the
+    document (a line or character past the end, inside a character, start after end)
+    raises PositionError and none of the changes apply: the caller keeps the old text
+    rather than a silently clamped one that no longer matches the editor's."""
+    for change in changes:
+        rng = getattr(change, "range", None)
+        new_text = change.text
+        if rng is None:  # a whole-document change
+            text = new_text
+            continue
+        a = to_offset(text, rng.start.line, rng.start.character, encoding)
+        b = to_offset(text, rng.end.line, rng.end.character, encoding)
+        if a > b:
+            raise PositionError(f"range start {rng.start.line}:{rng.start.character} is after "
+                                f"its end {rng.end.line}:{rng.end.character}")
+        text = text[:a] + new_text + text[b:]
+    return text
 
 
 def to_position(text: str, offset: int, encoding: str = "utf-16") -> tuple[int, int]:
