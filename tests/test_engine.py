@@ -246,3 +246,67 @@ async def test_result_after_leaving_the_stream_early(engine):
             break
     result = await asyncio.wait_for(handle.aresult(), 10)
     assert result.finish_reason == "cancelled"
+
+
+def test_ngram_index_drafts_what_followed_the_latest_occurrence():
+    from codevista.models.engine.lookup import NgramIndex
+
+    idx = NgramIndex([1, 2, 3, 4, 5, 9, 2, 3, 7, 8, 1, 2, 3])
+    assert idx.draft(2) == [4, 5]  # the longest n-gram that recurs wins: (1, 2, 3)
+    assert NgramIndex([2, 3, 7, 8, 1, 2, 3]).draft(2) == [7, 8]  # else (2, 3)
+    idx = NgramIndex([5, 1, 2, 3, 4, 6, 1, 2, 3])
+    assert idx.draft(3) == [4, 6, 1]  # the 3-gram (1, 2, 3) first
+    assert NgramIndex([1, 2, 3]).draft(4) == []  # nothing repeats
+    assert idx.draft(0) == []
+    idx.append(4)
+    assert idx.draft(2) == [6, 1]
+
+
+def _repetitive_prompt(n: int) -> list[int]:
+    line = _ids(12, seed=40)
+    out: list[int] = []
+    for i in range(n):
+        out += line[:6] + [4 + i % 7] + line[6:]
+    return out
+
+
+@pytest.mark.parametrize("max_new", [1, 5, 40])
+def test_prompt_lookup_output_equals_plain_greedy(loaded_qwen, max_new):
+    prompt = _repetitive_prompt(8)
+    greedy = SamplingParams(max_new_tokens=max_new, ignore_eos=True)
+    with Engine(loaded_qwen, lookup=False) as plain:
+        expected = plain.generate(prompt, greedy)
+    with Engine(loaded_qwen, lookup=True) as fast:
+        got = fast.generate(prompt, greedy)
+        again = fast.generate(prompt + expected.token_ids[:3], greedy)
+        stats = fast.stats()
+    assert got.token_ids == expected.token_ids and got.text == expected.text
+    assert len(got.token_ids) == max_new
+    with Engine(loaded_qwen, lookup=False) as plain:
+        assert again.token_ids == plain.generate(prompt + expected.token_ids[:3],
+                                                 greedy).token_ids
+    if max_new > 1:
+        assert stats.drafted > 0  # the repeated lines gave drafts to verify
+
+
+def test_prompt_lookup_on_the_embedded_model_accepts_drafts_with_identical_text():
+    from codevista.models.loader import DEFAULT_MODEL_DIR, load_model
+
+    loaded = load_model(DEFAULT_MODEL_DIR)
+    prompt = ("<|lang:python|>def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n"
+              "    return a - b\n\n\ndef mul(a, b):\n")
+    params = SamplingParams(max_new_tokens=80, stop=("\ndef div",))
+    with Engine(loaded, lookup=False) as plain:
+        expected = plain.generate(prompt, params)
+    with Engine(loaded, lookup=True) as fast:
+        got = fast.generate(prompt, params)
+        stats = fast.stats()
+    assert got.text == expected.text and got.finish_reason == expected.finish_reason
+    assert stats.accepted > 0, stats
+
+
+def test_prompt_lookup_stays_out_of_sampled_and_healed_requests(loaded_qwen):
+    prompt = _repetitive_prompt(6)
+    with Engine(loaded_qwen, lookup=True) as e:
+        e.generate(prompt, SamplingParams(max_new_tokens=20, temperature=0.8, seed=1))
+        assert e.stats().drafted == 0

@@ -26,6 +26,7 @@ from ..sampling import sample
 from ..stopping import StopStringMatcher
 from ..tokenizer import IncrementalDetokenizer
 from ..vision.image import content_key
+from .lookup import NgramIndex
 from .prefix_cache import PrefixCache, Slot
 from .request import GenerationResult, Request, RequestHandle, SamplingParams
 
@@ -51,6 +52,10 @@ class _Active:
     required: str = ""  # text the output must still begin with (token healing)
     first_token_at: float | None = None
     text: list[str] = field(default_factory=list)
+    lookup: NgramIndex | None = None  # prompt lookup (greedy requests only)
+    draft_len: int = 8
+    drafted: int = 0
+    accepted: int = 0
 
     @property
     def request(self) -> Request:
@@ -79,12 +84,14 @@ class EngineStats:
     cache_budget_bytes: int
     evictions: int
     completed: int
+    drafted: int = 0  # prompt-lookup draft tokens verified
+    accepted: int = 0  # ... of which greedy decoding agreed with
 
 
 class Engine:
     def __init__(self, loaded: LoadedModel, cache_bytes: int = DEFAULT_CACHE_BYTES,
                  prefill_chunk: int = 512, warmup: bool = False,
-                 num_threads: int | None = None) -> None:
+                 num_threads: int | None = None, lookup: bool = True) -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -93,6 +100,9 @@ class Engine:
         device = self.model.device
         self.prefill_chunk = prefill_chunk
         self.warmup = warmup
+        # Speculative decoding by prompt lookup for greedy requests (output unchanged).
+        self.lookup = lookup
+        self._drafted = self._accepted = 0
         self.num_threads = num_threads or auto_threads(self.model)
         self.prefill_threads = num_threads or torch.get_num_threads()
         self._threads_now = 0
@@ -155,6 +165,9 @@ class Engine:
         vocab = self.loaded.config.vocab_size
         if any(not 0 <= t < vocab for t in ids):
             raise RequestError(f"prompt token ids must be in [0, {vocab})")
+        if params.token_range is not None and params.token_range[1] > vocab:
+            raise RequestError(f"token_range {params.token_range} exceeds the vocabulary "
+                               f"({vocab})")
         ids, keyed = self._expand_images(ids, list(images))
         needed = len(ids) + params.max_new_tokens
         if needed > self.model.max_positions or not self.cache.fits_alone(needed):
@@ -207,7 +220,8 @@ class Engine:
                 waiting=len(self._inbox) + len(self._waiting), running=len(self._active),
                 slots=len(self.cache.slots), busy_slots=sum(s.busy for s in self.cache.slots),
                 cache_bytes=self.cache.used_bytes, cache_budget_bytes=self.cache.budget_bytes,
-                evictions=self.cache.evictions, completed=self._completed)
+                evictions=self.cache.evictions, completed=self._completed,
+                drafted=self._drafted, accepted=self._accepted)
 
     def _notify(self) -> None:
         with self._cv:
@@ -302,18 +316,65 @@ class Engine:
                     return  # more prefill chunks to go
             else:
                 assert st.pending is not None
+                draft = self._draft(st)
+                if draft:
+                    return self._speculate(st, draft)
                 logits = self._forward(st, [st.pending])
             p = req.params
             row = logits[-1]
             if st.required:
                 row = self._constrain(row, st.required)
-            token = sample(row, p.temperature, p.top_k, p.top_p, st.generator)
+            start = 0
+            if p.token_range is not None:
+                start = p.token_range[0]
+                row = row[start:p.token_range[1]]
+            token = start + sample(row, p.temperature, p.top_k, p.top_p, st.generator)
         except ModelError as e:
             return self._finish(st, "error", e)
         except Exception as e:  # a bug or out-of-memory: report it, keep serving others
             log.exception("request %d failed", req.id)
             return self._finish(st, "error", ModelError(f"generation failed: {e}"))
         self._accept(st, token)
+
+    def _draft(self, st: _Active) -> list[int]:
+        p = st.request.params
+        if not self.lookup or p.temperature > 0 or st.required:
+            return []
+        if st.lookup is None:  # built on the first decode step: the prompt, then output
+            st.lookup = NgramIndex(st.request.prompt_ids + st.generated)
+        room = p.max_new_tokens - len(st.generated) - 1
+        return st.lookup.draft(min(st.draft_len, room))
+
+    def _speculate(self, st: _Active, draft: list[int]) -> None:
+        """Feed the pending token and the draft in one pass; keep the draft's longest
+        prefix that greedy decoding agrees with, then the model's own next token. The
+        keys and values of rejected draft tokens are dropped (their positions are
+        overwritten later)."""
+        try:
+            logits = self._forward(st, [st.pending, *draft], all_logits=True)
+            best = logits.argmax(-1).tolist()
+        except ModelError as e:
+            return self._finish(st, "error", e)
+        except Exception as e:
+            log.exception("request %d failed", st.request.id)
+            return self._finish(st, "error", ModelError(f"generation failed: {e}"))
+        n = 0
+        while n < len(draft) and draft[n] == best[n]:
+            n += 1
+        keep = st.pos - (len(draft) - n)
+        del st.slot.tokens[keep:]
+        st.pos = keep
+        st.drafted += len(draft)
+        st.accepted += n
+        self._drafted += len(draft)
+        self._accepted += n
+        # cheap drafts when they keep hitting, short ones when they miss
+        st.draft_len = min(16, st.draft_len * 2) if n == len(draft) else \
+            max(2, st.draft_len // 2) if n == 0 else st.draft_len
+        for token in [*draft[:n], best[n]]:
+            self._accept(st, token)
+            if not any(a is st for a in self._active):
+                return  # finished (stop token, stop string or length)
 
     def _image_features(self, key: int, pixels: torch.Tensor) -> torch.Tensor:
         feats = self._features.pop(key, None)
@@ -342,10 +403,11 @@ class Engine:
             x[k] = self._image_features(t, st.request.images[t])[p - start]
         return x
 
-    def _forward(self, st: _Active, tokens: list[int]) -> torch.Tensor:
+    def _forward(self, st: _Active, tokens: list[int], all_logits: bool = False
+                 ) -> torch.Tensor:
         # Prefill chunks are matrix products big enough for every core; a small model's
         # decode steps are not (see auto_threads).
-        threads = self.num_threads if len(tokens) <= 4 else self.prefill_threads
+        threads = self.num_threads if len(tokens) <= 32 else self.prefill_threads
         if threads != self._threads_now:
             torch.set_num_threads(threads)
             self._threads_now = threads
@@ -353,7 +415,8 @@ class Engine:
                            device=self.model.device)
         try:
             embeds = self._embeds(st, tokens) if any(t < 0 for t in tokens) else None
-            logits = self.model(ids, st.slot.cache, st.pos, embeds=embeds)
+            logits = self.model(ids, st.slot.cache, st.pos, all_logits=all_logits,
+                                embeds=embeds)
         except BaseException:
             # K/V may be half written: the slot's content is no longer trustworthy.
             st.slot.tokens = st.slot.tokens[:st.pos]
@@ -386,6 +449,8 @@ class Engine:
         if token in st.stop_ids:
             return self._finish(st, "stop")
         st.generated.append(token)
+        if st.lookup is not None:
+            st.lookup.append(token)
         st.handle.tokens_generated = len(st.generated)
         st.pending = token
         shown = st.stops.feed(st.detok.push(token))

@@ -1,0 +1,48 @@
+"""Draft tokens for speculative decoding by prompt lookup.
+
+Code repeats itself: a line being typed often continues the way an earlier line with the
+same last few tokens did. The index remembers, for each recent n-gram of the sequence,
+where it last occurred; the tokens that followed it are a free draft. The engine verifies
+a draft in one forward pass and keeps the longest prefix that greedy decoding would have
+produced anyway, so the output is unchanged and each accepted token saves a decode step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class NgramIndex:
+    """n-gram -> index of the token that followed its latest occurrence."""
+
+    def __init__(self, tokens: Iterable[int] = (), sizes: tuple[int, ...] = (3, 2)) -> None:
+        self.sizes = tuple(sorted(sizes, reverse=True))  # longest match first
+        self.tokens: list[int] = []
+        self.seen: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in self.sizes}
+        self.extend(tokens)
+
+    def extend(self, tokens: Iterable[int]) -> None:
+        for t in tokens:
+            self.append(t)
+
+    def append(self, token: int) -> None:
+        toks = self.tokens
+        toks.append(token)
+        i = len(toks) - 1  # `token` continues the n-gram that ends just before it
+        for n in self.sizes:
+            if i >= n:
+                self.seen[n][tuple(toks[i - n:i])] = i
+
+    def draft(self, limit: int) -> list[int]:
+        """Up to `limit` tokens that followed the latest earlier occurrence of the
+        sequence's last n tokens (longest n that has one); [] when none did."""
+        toks = self.tokens
+        if limit <= 0:
+            return []
+        for n in self.sizes:
+            if len(toks) <= n:
+                continue
+            start = self.seen[n].get(tuple(toks[-n:]))
+            if start is not None and start < len(toks):
+                return toks[start:start + limit]
+        return []
