@@ -36,6 +36,8 @@ class SamplingParams:
     # Token healing: the generated text must begin with this (the caller removed it from
     # the end of the prompt so the model can choose the token that covers it).
     required_prefix: str = ""
+    # Sample only ids in [start, end) (e.g. the image codes of a text-to-image model).
+    token_range: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -46,6 +48,9 @@ class SamplingParams:
             raise RequestError(f"top_k must be >= 0, got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
             raise RequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.token_range is not None and not 0 <= self.token_range[0] < self.token_range[1]:
+            raise RequestError(f"token_range must be (start, end) with 0 <= start < end, "
+                               f"got {self.token_range!r}")
         if self.deadline_s is not None and not self.deadline_s > 0:
             raise RequestError(f"deadline must be positive, got {self.deadline_s!r}")
 
