@@ -338,8 +338,8 @@ class Engine:
 
     def _draft(self, st: _Active) -> list[int]:
         p = st.request.params
-        if not self.lookup or p.temperature > 0 or st.required:
-            return []
+        if not self.lookup or p.temperature > 0 or st.required or p.token_range is not None:
+            return []  # drafts are verified against the unrestricted argmax
         if st.lookup is None:  # built on the first decode step: the prompt, then output
             st.lookup = NgramIndex(st.request.prompt_ids + st.generated)
         room = p.max_new_tokens - len(st.generated) - 1
