@@ -11,6 +11,10 @@ Protocol extensions (documented in README):
   isIncomplete: true}}` carries the translation so far (each value replaces the previous).
 - `codevista.explainImage` command: one argument object {image: {uri | path | data,
   mimeType?}, question?, task?, partialResultToken?}; streams like translation.
+- `codevista.generateImage` command: one argument object {prompt, size?, seed?, outputUri?,
+  partialResultToken?}; progress values {text, rows, totalRows, isIncomplete} as rows of
+  the image are decoded; result {uri, width, height, seed}. The PNG is written only inside
+  a workspace folder.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from .backend import LocalBackend
 from .documents import PositionError, Snapshot, apply_changes, to_offset
 from .errors import ArgumentError, DocumentNotOpenError, NotReadyError, to_jsonrpc
 from .features.completion import CompletionService
+from .features.generate_image import ImageService, resolve_output
 from .features.translate import TranslationService
 from .features.vision import VisionService
 from .settings import Settings, parse_settings
@@ -51,6 +56,7 @@ ACCEPT_COMMAND = "codevista.didAcceptCompletion"
 STATS_COMMAND = "codevista.stats"
 TRANSLATE_COMMAND = "codevista.translate"
 EXPLAIN_IMAGE_COMMAND = "codevista.explainImage"
+GENERATE_IMAGE_COMMAND = "codevista.generateImage"
 
 
 @attrs.define
@@ -162,6 +168,7 @@ class CodevistaServer(LanguageServer):
         self.completions = CompletionService(self.backend, lambda: self.settings)
         self.translations = TranslationService(self.backend)
         self.vision = VisionService()
+        self.images = ImageService()
         self.accepted = 0
         self.load_task: asyncio.Task[None] | None = None
         self.edited: dict[str, float] = {}  # uri -> last open/edit time
@@ -424,10 +431,10 @@ def streaming_command(name: str):
             arg = args[0] if len(args) == 1 and isinstance(args[0], dict) else {}
             token = arg.get("partialResultToken")
 
-            def on_partial(text: str) -> None:
+            def on_partial(text: str, **extra: Any) -> None:
                 if token is not None:
                     ls.progress(types.ProgressParams(token=token, value={
-                        "text": text, "isIncomplete": True}))
+                        "text": text, **extra, "isIncomplete": True}))
 
             try:
                 if token is not None and not isinstance(token, str | int):
@@ -496,7 +503,34 @@ async def explain_image(ls: CodevistaServer, args: tuple[Any, ...], on_partial
     return out
 
 
+@streaming_command(GENERATE_IMAGE_COMMAND)
+async def generate_image(ls: CodevistaServer, args: tuple[Any, ...], on_partial
+                         ) -> dict[str, Any]:
+    """Draw a PNG from a description with the text-to-image model, inside the workspace."""
+    if len(args) != 1 or not isinstance(args[0], dict):
+        raise ArgumentError(f"{GENERATE_IMAGE_COMMAND} takes one object {{prompt, size?, "
+                            "seed?, outputUri?, partialResultToken?}")
+    arg = args[0]
+    prompt, seed = arg.get("prompt"), arg.get("seed", 0)
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ArgumentError("'prompt' must be a non-empty string")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+        raise ArgumentError("'seed' must be a non-negative integer")
+    roots = [Path(unquote(urlparse(f.uri).path)) for f in ls.workspace.folders.values()
+             if f.uri.startswith("file:")]
+    if not roots and ls.workspace.root_path:
+        roots.append(Path(ls.workspace.root_path))
+    out = resolve_output(arg.get("outputUri"), prompt, seed, roots)
+    model = await ls.images.ensure(None, lambda m: ls.status(f"image model: {m}"))
+    result = await ls.images.generate(
+        model, prompt, out, arg.get("size"), seed,
+        lambda done, total: on_partial(f"{done}/{total} rows", rows=done, totalRows=total))
+    return {"uri": result.path.as_uri(), "width": result.width, "height": result.height,
+            "seed": result.seed}
+
+
 @server.feature(types.SHUTDOWN)
 def shutdown(ls: CodevistaServer, *args: Any) -> None:
     ls.backend.close()
     ls.vision.close()
+    ls.images.close()

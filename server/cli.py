@@ -223,6 +223,45 @@ def _explain_image(args: argparse.Namespace) -> int:
         return fail(str(e))
 
 
+def _add_generate_image(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate-image", help="draw a PNG from a description with the "
+                                              "text-to-image model")
+    p.add_argument("prompt", help='e.g. "2 shapes: a red circle top left, a blue square '
+                                  'centre"')
+    p.add_argument("-o", "--output", required=True, help="the PNG file to write")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=256, help="pixels per side (16-1024)")
+    p.add_argument("--model", default=None,
+                   help="a text-to-image checkpoint directory (default: the embedded one)")
+    p.set_defaults(func=_generate_image)
+
+
+def _generate_image(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from codevista.models.vision.t2i import DEFAULT_T2I_DIR, TextToImage, check_size
+
+    out = Path(args.output).expanduser()
+    if out.suffix.lower() != ".png":
+        return fail(f"{out} must end in .png")
+    if not out.parent.is_dir():
+        return fail(f"folder {out.parent} does not exist")
+    check_size(args.size)
+    model = TextToImage.load(Path(args.model).expanduser() if args.model else DEFAULT_T2I_DIR)
+    try:
+        def on_rows(done: int, total: int) -> None:
+            print(f"\rrow {done}/{total}", end="", file=sys.stderr, flush=True)
+
+        gen = model.generate(args.prompt, seed=args.seed, size=args.size, on_rows=on_rows)
+    finally:
+        model.close()
+    print(file=sys.stderr)
+    gen.image.save(out, format="PNG")
+    print(f"{out} {gen.image.width}x{gen.image.height} ({gen.result.generated_tokens} tokens "
+          f"in {gen.result.total_s:.2f} s)")
+    return 0
+
+
 def _add_export_gguf(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export-gguf", help="write a checkpoint as GGUF for llama.cpp / Ollama")
     p.add_argument("model", nargs="?", default=None,
@@ -285,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_translate(sub)
     _add_explain_image(sub)
+    _add_generate_image(sub)
     _add_export_gguf(sub)
     _add_serve(sub)
     _add_demo(sub)

@@ -1,0 +1,201 @@
+"""Text to image on the engine: a decoder writes an image's codes, a VQ decoder paints them.
+
+A checkpoint directory (models/default/t2i) is a Llama decoder in the Hugging Face
+layout whose vocabulary is a text tokenizer's plus one token per codebook entry and
+begin/end-image tokens, with two extra sections in config.json (`image_tokenizer`: the
+VQ shape; `image_generation`: the token ids and the sequence layout) and the image
+tokenizer's weights in vq.safetensors.
+
+Generation is an ordinary engine request: the prompt, left-padded to the fixed prompt
+length the model was trained with, then begin-image; `grid * grid` new tokens sampled
+from the codebook's id range only (`SamplingParams.token_range`), so the KV cache,
+streaming, cancellation and deadlines are the engine's. Rows are complete every `grid`
+tokens; `decode` turns the codes into pixels.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import read_config
+from ..engine import Engine, GenerationResult, RequestHandle, SamplingParams
+from ..errors import ConfigError, ModelError, RequestError
+from ..loader import LoadedModel, load_model
+from .vq import VQConfig, VQModel, load_vq, to_images
+
+DEFAULT_T2I_DIR = Path(__file__).resolve().parents[1] / "default" / "t2i"
+MIN_SIZE, MAX_SIZE = 16, 1024
+
+
+@dataclass(frozen=True)
+class ImageLayout:
+    """How a prompt and an image's codes are laid out in the decoder's sequence."""
+
+    prompt_tokens: int
+    pad_token_id: int
+    image_start_token_id: int
+    first_code_token_id: int
+    codebook_size: int
+    grid: int
+    image_size: int
+
+    @classmethod
+    def from_config(cls, data: dict[str, Any]) -> ImageLayout:
+        section = data.get("image_generation")
+        if not isinstance(section, dict):
+            raise ConfigError("config.json has no image_generation section: not a "
+                              "text-to-image checkpoint")
+        try:
+            out = cls(**{k: int(section[k]) for k in (
+                "prompt_tokens", "pad_token_id", "image_start_token_id",
+                "first_code_token_id", "codebook_size", "grid", "image_size")})
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"image_generation section is malformed: {e!s}") from e
+        if min(out.prompt_tokens, out.codebook_size, out.grid, out.image_size) <= 0:
+            raise ConfigError("image_generation sizes must be positive")
+        return out
+
+    @property
+    def tokens(self) -> int:
+        return self.grid * self.grid
+
+    @property
+    def code_range(self) -> tuple[int, int]:
+        return self.first_code_token_id, self.first_code_token_id + self.codebook_size
+
+
+@dataclass
+class GeneratedImage:
+    image: Any  # PIL.Image.Image at the requested size
+    codes: torch.Tensor  # (grid, grid) codebook indices
+    result: GenerationResult
+
+
+class TextToImage:
+    """A loaded text-to-image checkpoint and its engine."""
+
+    def __init__(self, loaded: LoadedModel, vq: VQModel, layout: ImageLayout,
+                 engine: Engine) -> None:
+        self.loaded, self.vq, self.layout, self.engine = loaded, vq, layout, engine
+
+    @classmethod
+    def load(cls, path: str | Path = DEFAULT_T2I_DIR, warmup: bool = False,
+             num_threads: int | None = None) -> TextToImage:
+        directory = Path(path).expanduser()
+        raw = read_config(directory / "config.json")
+        layout = ImageLayout.from_config(raw)
+        section = raw.get("image_tokenizer")
+        if not isinstance(section, dict):
+            raise ConfigError("config.json has no image_tokenizer section")
+        vq_cfg = VQConfig.from_dict(section)
+        if vq_cfg.grid != layout.grid or vq_cfg.codebook_size != layout.codebook_size:
+            raise ConfigError("image_tokenizer and image_generation disagree on the grid or "
+                              "the codebook size")
+        loaded = load_model(directory)
+        lo, hi = layout.code_range
+        if hi > loaded.config.vocab_size:
+            raise ConfigError(f"image codes {lo}-{hi} lie outside the vocabulary "
+                              f"({loaded.config.vocab_size})")
+        if layout.prompt_tokens + 1 + layout.tokens > loaded.model.max_positions:
+            raise ConfigError("the model's context is too short for a prompt and an image")
+        vq = load_vq(directory, vq_cfg)
+        engine = Engine(loaded, cache_bytes=64 << 20, warmup=warmup,
+                        num_threads=num_threads).start()
+        return cls(loaded, vq, layout, engine)
+
+    def close(self) -> None:
+        self.engine.shutdown()
+
+    # -- requests ------------------------------------------------------------------------
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """Padding, the prompt's tokens, begin-image."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise RequestError("the prompt is empty")
+        ids = self.loaded.tokenizer.encode(prompt.strip(), add_special_tokens=False)
+        n = self.layout.prompt_tokens
+        if len(ids) > n:
+            raise RequestError(f"the prompt is too long for the image model: {len(ids)} "
+                               f"tokens, at most {n}")
+        return [self.layout.pad_token_id] * (n - len(ids)) + ids + [
+            self.layout.image_start_token_id]
+
+    def params(self, seed: int | None = None, temperature: float = 1.0, top_k: int = 0,
+               deadline_s: float | None = None) -> SamplingParams:
+        """Sampling restricted to the codebook. Greedy is top_k=1 (at temperature 1)."""
+        if not temperature > 0:
+            raise RequestError("temperature must be positive (use top_k=1 for greedy)")
+        return SamplingParams(max_new_tokens=self.layout.tokens, temperature=temperature,
+                              top_k=top_k, seed=seed, ignore_eos=True,
+                              token_range=self.layout.code_range, deadline_s=deadline_s)
+
+    def submit(self, prompt: str, seed: int | None = None, **sampling: Any) -> RequestHandle:
+        return self.engine.submit(self.prompt_ids(prompt), self.params(seed, **sampling))
+
+    def rows_done(self, handle: RequestHandle) -> int:
+        return handle.tokens_generated // self.layout.grid
+
+    def codes_of(self, result: GenerationResult) -> torch.Tensor:
+        """The (grid, grid) code grid of a finished request, or an error saying why not."""
+        if result.error is not None:
+            raise result.error
+        if result.finish_reason == "cancelled":
+            raise RequestError("image generation was cancelled")
+        if result.finish_reason == "deadline":
+            raise RequestError("image generation ran out of time")
+        lo, hi = self.layout.code_range
+        ids = result.token_ids
+        if len(ids) != self.layout.tokens or any(not lo <= t < hi for t in ids):
+            raise ModelError(f"generation ended after {len(ids)} of {self.layout.tokens} "
+                             f"image tokens ({result.finish_reason})")
+        g = self.layout.grid
+        return (torch.tensor(ids) - lo).view(g, g)
+
+    def decode(self, codes: torch.Tensor, size: int | None = None):
+        """(grid, grid) codes -> a PIL image, resized to `size` pixels square if given."""
+        from PIL import Image
+
+        with torch.inference_mode():
+            img = to_images(self.vq.decode(codes.unsqueeze(0)))[0]
+        if size is not None and size != img.width:
+            img = img.resize((size, size), Image.Resampling.LANCZOS)
+        return img
+
+    def generate(self, prompt: str, seed: int | None = None, size: int | None = None,
+                 on_rows: Callable[[int, int], None] | None = None,
+                 timeout: float | None = None, **sampling: Any) -> GeneratedImage:
+        """Blocking generation; `on_rows(done, total)` after each completed row."""
+        check_size(size)
+        handle = self.submit(prompt, seed, **sampling)
+        reported = 0
+        for _ in handle:  # one text delta per code token
+            done = self.rows_done(handle)
+            if on_rows is not None and done > reported:
+                reported = done
+                on_rows(done, self.layout.grid)
+        result = handle.result(timeout)
+        codes = self.codes_of(result)
+        if on_rows is not None and reported < self.layout.grid:
+            on_rows(self.layout.grid, self.layout.grid)
+        return GeneratedImage(self.decode(codes, size), codes, result)
+
+
+def check_size(size: Any) -> None:
+    if size is None:
+        return
+    if not isinstance(size, int) or isinstance(size, bool) or not MIN_SIZE <= size <= MAX_SIZE:
+        raise RequestError(f"size must be an integer from {MIN_SIZE} to {MAX_SIZE} pixels, "
+                           f"got {size!r}")
+
+
+def is_t2i_checkpoint(path: Path) -> bool:
+    try:
+        data = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and "image_generation" in data
