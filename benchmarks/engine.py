@@ -19,6 +19,10 @@ this process prints them, then one line of ratios. Measured:
   ttft_append_s     time to first token after appending one token to that cached prompt
   decode_tps        tokens per second while decoding (after the first token)
   peak_rss_mb       the process's peak resident memory
+  lookup_speedup    (checkpoints with a tokenizer) greedy decode with prompt-lookup
+                    speculative decoding over plain greedy decode, completing at cut points
+                    of repetitive real code (the standard library's http/__init__.py,
+                    token.py and unittest/case.py); outputs must be identical
 """
 
 from __future__ import annotations
@@ -108,11 +112,66 @@ def worker_codevista(model_dir: Path, lengths: list[int], decode_tokens: int,
             times.append(r.ttft_s)
         out["ttft_append_s"] = round(statistics.median(times), 4)
         engine.cache.clear()
+        engine.lookup = False  # plain decoding; prompt lookup is measured on its own below
         r = engine.generate(_prompt(64, vocab), SamplingParams(max_new_tokens=decode_tokens + 1,
                                                                ignore_eos=True))
         out["decode_tps"] = round(decode_tokens / (r.total_s - r.ttft_s), 2)
+        if (model_dir / "tokenizer.json").is_file():
+            out.update(lookup_speed(engine, decode_tokens))
     out["peak_rss_mb"] = round(_peak_rss_mb(), 1)
     return out
+
+
+REPETITIVE = ("http/__init__.py", "token.py", "unittest/case.py")
+
+
+def lookup_prompts(tok, max_tokens: int, cuts: int = 4) -> list[list[int]]:
+    """Completion prompts at line starts spread through repetitive standard-library files,
+    each the last `max_tokens` tokens before the cut."""
+    import sysconfig
+
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    prompts = []
+    for name in REPETITIVE:
+        text = (lib / name).read_text(encoding="utf-8")
+        lines = text.split("\n")
+        for k in range(1, cuts + 1):
+            cut = "\n".join(lines[: len(lines) * k // (cuts + 1)]) + "\n"
+            ids = tok.encode(cut, add_special_tokens=False)[-max_tokens:]
+            prompts.append(ids)
+    return prompts
+
+
+def lookup_speed(engine, new_tokens: int) -> dict:
+    from codevista.models.engine import SamplingParams
+
+    room = engine.model.max_positions - new_tokens - 1
+    prompts = lookup_prompts(engine.tokenizer, min(400, room))
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    secs = {}
+    outs = {}
+    for on in (False, True):
+        engine.lookup = on
+        engine.cache.clear()
+        for ids in prompts:  # prefill outside the timing: only decoding is compared
+            engine.generate(ids, SamplingParams(max_new_tokens=1, ignore_eos=True))
+        before = engine.stats()
+        t, got = 0.0, []
+        for ids in prompts:
+            r = engine.generate(ids, params)
+            t += r.total_s - r.ttft_s
+            got.append(r.token_ids)
+        secs[on], outs[on] = t, got
+        after = engine.stats()
+    engine.lookup = False
+    same = outs[True] == outs[False]
+    drafted, accepted = after.drafted - before.drafted, after.accepted - before.accepted
+    return {"lookup_speedup": round(secs[False] / secs[True], 2),
+            "lookup_identical": same, "lookup_prompts": len(prompts),
+            "lookup_acceptance": round(accepted / max(1, drafted), 3),
+            "lookup_tokens_per_step": round(
+                len(prompts) * (new_tokens - 1) / max(1, len(prompts) * (new_tokens - 1)
+                                                      - accepted), 2)}
 
 
 def worker_transformers(model_dir: Path, lengths: list[int], decode_tokens: int) -> dict:

@@ -53,7 +53,7 @@ class _Active:
     first_token_at: float | None = None
     text: list[str] = field(default_factory=list)
     lookup: NgramIndex | None = None  # prompt lookup (greedy requests only)
-    draft_len: int = 8
+    draft_len: int = 4
     drafted: int = 0
     accepted: int = 0
 
@@ -369,7 +369,7 @@ class Engine:
         self._drafted += len(draft)
         self._accepted += n
         # cheap drafts when they keep hitting, short ones when they miss
-        st.draft_len = min(16, st.draft_len * 2) if n == len(draft) else \
+        st.draft_len = min(8, st.draft_len * 2) if n == len(draft) else \
             max(2, st.draft_len // 2) if n == 0 else st.draft_len
         for token in [*draft[:n], best[n]]:
             self._accept(st, token)
