@@ -160,7 +160,33 @@ class Protocol(LanguageServerProtocol):
             getattr(self, "command_tasks", {}).pop(msg_id, None)
 
 
+class ResyncingReader:
+    """stdin for the message reader. A header line must be exactly `Content-Length: N`; stray
+    bytes before it (a frame without a header, a body shorter than announced) would make it,
+    and the body after it, unreadable, and so every later frame: the line is read from its
+    `Content-Length:` on instead, so a broken frame costs that frame only."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+
+    def readline(self) -> bytes:
+        line = self.raw.readline()
+        at = line.find(b"Content-Length:")
+        if at > 0:
+            log.warning("skipped %d stray bytes before a message header", at)
+            line = line[at:]
+        return line
+
+    def read(self, n: int) -> bytes:
+        return self.raw.read(n)
+
+
 class CodevistaServer(LanguageServer):
+    def start_io(self, stdin: Any = None, stdout: Any = None) -> None:
+        import sys
+
+        super().start_io(ResyncingReader(stdin or sys.stdin.buffer), stdout)
+
     def __init__(self) -> None:
         super().__init__("codevista", VERSION, protocol_cls=Protocol)
         self.settings = Settings()
