@@ -10,7 +10,8 @@ Generation is an ordinary engine request: the prompt, left-padded to the fixed p
 length the model was trained with, then begin-image; `grid * grid` new tokens sampled
 from the codebook's id range only (`SamplingParams.token_range`), so the KV cache,
 streaming, cancellation and deadlines are the engine's. Rows are complete every `grid`
-tokens; `decode` turns the codes into pixels.
+tokens (each code token streams as one text delta, `<|img_N|>`); `decode` turns the
+codes into pixels.
 """
 
 from __future__ import annotations
@@ -137,9 +138,6 @@ class TextToImage:
     def submit(self, prompt: str, seed: int | None = None, **sampling: Any) -> RequestHandle:
         return self.engine.submit(self.prompt_ids(prompt), self.params(seed, **sampling))
 
-    def rows_done(self, handle: RequestHandle) -> int:
-        return handle.tokens_generated // self.layout.grid
-
     def codes_of(self, result: GenerationResult) -> torch.Tensor:
         """The (grid, grid) code grid of a finished request, or an error saying why not."""
         if result.error is not None:
@@ -172,16 +170,13 @@ class TextToImage:
         """Blocking generation; `on_rows(done, total)` after each completed row."""
         check_size(size)
         handle = self.submit(prompt, seed, **sampling)
-        reported = 0
-        for _ in handle:  # one text delta per code token
-            done = self.rows_done(handle)
-            if on_rows is not None and done > reported:
-                reported = done
-                on_rows(done, self.layout.grid)
+        tokens = 0
+        for _ in handle:  # one text delta per code token, in order
+            tokens += 1
+            if on_rows is not None and tokens % self.layout.grid == 0:
+                on_rows(tokens // self.layout.grid, self.layout.grid)
         result = handle.result(timeout)
         codes = self.codes_of(result)
-        if on_rows is not None and reported < self.layout.grid:
-            on_rows(self.layout.grid, self.layout.grid)
         return GeneratedImage(self.decode(codes, size), codes, result)
 
 

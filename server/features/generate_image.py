@@ -119,13 +119,12 @@ class ImageService:
         """Generate, reporting `on_rows(done, total)` as rows complete; write the PNG."""
         check_size(size)
         handle = model.submit(prompt, seed)
-        reported = 0
+        grid, tokens = model.layout.grid, 0
         try:
-            async for _ in handle.astream():  # one delta per image token
-                done = model.rows_done(handle)
-                if on_rows is not None and done > reported:
-                    reported = done
-                    on_rows(done, model.layout.grid)
+            async for _ in handle.astream():  # one delta per image token, in order
+                tokens += 1
+                if on_rows is not None and tokens % grid == 0:
+                    on_rows(tokens // grid, grid)
             result = await handle.aresult()
         except asyncio.CancelledError:
             handle.cancel()
