@@ -4,6 +4,7 @@
     python benchmarks/engine.py --model DIR     # any checkpoint directory
     python benchmarks/engine.py --quick         # tiny shape: checks the harness in seconds
     python benchmarks/engine.py --llamacpp f32,q8_0   # also llama.cpp on GGUF exports
+    python benchmarks/engine.py --dtypes float32,int8 # codevista variants (default both)
 
 With --llamacpp (needs llama-cpp-python), the same weights are exported by
 `codevista export-gguf` in each listed type and run by llama.cpp in the same run. The
@@ -19,6 +20,7 @@ this process prints them, then one line of ratios. Measured:
   ttft_append_s     time to first token after appending one token to that cached prompt
   decode_tps        tokens per second while decoding (after the first token)
   peak_rss_mb       the process's peak resident memory
+  int8 accuracy     logit error and greedy agreement of int8 weights against float32
   lookup_speedup    (checkpoints with a tokenizer) greedy decode with prompt-lookup
                     speculative decoding over plain greedy decode, completing at cut points
                     of repetitive real code (the standard library's http/__init__.py,
@@ -288,6 +290,62 @@ def weight_bytes(model_dir: Path) -> int:
     return sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
 
 
+def int8_bytes(model_dir: Path) -> int:
+    """Bytes a decode step reads with int8 weights: one per linear weight, four per scale,
+    norm and (untied) embedding row actually used."""
+    from codevista.models.loader import load_model
+
+    loaded = load_model(model_dir, dtype="int8")
+    total = 0
+    for name, t in list(loaded.model.named_buffers()) + list(loaded.model.named_parameters()):
+        if name.startswith("embed."):
+            continue  # an embedding table is read one row per token
+        total += t.numel() * t.element_size()
+    return total
+
+
+def int8_accuracy(model_dir: Path, tokens: int = 64) -> dict:
+    """Int8 against float32 on the same prompts: the largest logit error (absolute, and
+    relative to the largest logit) over every prompt position, and greedy agreement: the
+    share of prompts whose `tokens` greedy tokens are identical, and of positions that
+    match before the first divergence."""
+    import torch
+    from codevista.models.engine import Engine, SamplingParams
+    from codevista.models.kv_cache import KVCache
+    from codevista.models.loader import load_model
+
+    f32 = load_model(model_dir)
+    q8 = load_model(model_dir, dtype="int8")
+    cfg = f32.config
+    if (model_dir / "tokenizer.json").is_file():
+        prompts = lookup_prompts(f32.tokenizer, min(256, f32.model.max_positions - tokens - 1),
+                                 cuts=3)
+    else:
+        prompts = [_prompt(128, cfg.vocab_size)[i:] for i in range(0, 40, 10)]
+    err = rel = 0.0
+    same = 0
+    prefix = 0
+    with Engine(f32, lookup=False) as e1, Engine(q8, lookup=False) as e2:
+        for ids in prompts:
+            logits = []
+            for m in (f32, q8):
+                cache = KVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, len(ids),
+                                torch.float32)
+                logits.append(m.model(torch.tensor(ids), cache, 0, all_logits=True))
+            d = (logits[0] - logits[1]).abs().max().item()
+            err = max(err, d)
+            rel = max(rel, d / logits[0].abs().max().item())
+            p = SamplingParams(max_new_tokens=tokens, ignore_eos=True)
+            a, b = e1.generate(ids, p).token_ids, e2.generate(ids, p).token_ids
+            same += a == b
+            prefix += next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
+    return {"prompts": len(prompts), "max_logit_abs_error": round(err, 4),
+            "max_logit_rel_error": round(rel, 4),
+            "greedy_identical_share": round(same / len(prompts), 3),
+            "greedy_tokens_before_divergence_share": round(prefix / (tokens * len(prompts)),
+                                                           3)}
+
+
 def best(runs: list[dict]) -> dict:
     """Per metric, the best of several runs (highest rate, lowest time or memory)."""
     out = dict(runs[0])
@@ -310,7 +368,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2,
                     help="runs per engine, alternated; the best of each metric is kept "
                          "(shared machines are noisy)")
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--dtypes", default="float32,int8",
+                    help="codevista weight types to run (float32, bfloat16, int8)")
     ap.add_argument("--llamacpp", default="",
                     help="GGUF types to run with llama.cpp too, e.g. f32,f16,q8_0")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -319,8 +378,9 @@ def main() -> None:
     lengths = [int(x) for x in (args.lengths or ("64,256" if args.quick else "512,2048")
                                 ).split(",")]
     if args.worker:
-        if args.worker == "codevista":
-            res = worker_codevista(args.model, lengths, args.decode_tokens, args.dtype)
+        if args.worker.startswith("codevista-"):
+            res = worker_codevista(args.model, lengths, args.decode_tokens,
+                                   args.worker.split("-", 1)[1])
         elif args.worker.startswith("llama.cpp-"):
             res = worker_llamacpp(args.gguf, lengths, args.decode_tokens,
                                   args.worker.split("-", 1)[1])
@@ -331,7 +391,9 @@ def main() -> None:
     model = args.model or make_random_checkpoint(
         args.cache / ("tiny-random" if args.quick else "qwen2.5-coder-0.5b-shape-random"),
         TINY if args.quick else QWEN_05B)
-    runs: dict[str, list[dict]] = {"codevista": [], "transformers": []}
+    dtypes = [d for d in args.dtypes.split(",") if d]
+    runs: dict[str, list[dict]] = {f"codevista-{d}": [] for d in dtypes}
+    runs["transformers"] = []
     ggufs: dict[str, Path] = {}
     for kind in filter(None, args.llamacpp.split(",")):
         from codevista.models.gguf_export import export_gguf
@@ -346,7 +408,7 @@ def main() -> None:
         for name in runs:
             cmd = [sys.executable, __file__, "--worker", name, "--model", str(model),
                    "--lengths", ",".join(map(str, lengths)),
-                   "--decode-tokens", str(args.decode_tokens), "--dtype", args.dtype]
+                   "--decode-tokens", str(args.decode_tokens)]
             if name in ggufs:
                 cmd += ["--gguf", str(ggufs[name])]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
@@ -357,22 +419,30 @@ def main() -> None:
     results = {name: best(r) for name, r in runs.items()}
     for res in results.values():
         print(json.dumps({"model": model.name, "runs": args.repeat, **res}), flush=True)
-    cv, hf = results["codevista"], results["transformers"]
-    ratios = {"ratios": "codevista / transformers",
-              "decode_speedup": round(cv["decode_tps"] / hf["decode_tps"], 2),
-              **{f"prefill_speedup_{n}": round(cv[f"prefill_tps_{n}"] / hf[f"prefill_tps_{n}"], 2)
-                 for n in lengths},
-              "ttft_cold_speedup": round(hf["ttft_cold_s"] / cv["ttft_cold_s"], 2),
-              "ttft_append_over_decode_step": round(cv["ttft_append_s"] * cv["decode_tps"], 2),
-              "peak_rss_ratio": round(cv["peak_rss_mb"] / hf["peak_rss_mb"], 2)}
-    for name in ggufs:
-        lc = results[name]
-        ratios[f"decode_vs_{name}"] = round(cv["decode_tps"] / lc["decode_tps"], 2)
-        ratios[f"prefill_{lengths[-1]}_vs_{name}"] = round(
-            cv[f"prefill_tps_{lengths[-1]}"] / lc[f"prefill_tps_{lengths[-1]}"], 2)
+    hf = results["transformers"]
+    ratios: dict = {"ratios": "codevista / reference (above 1: codevista faster or larger)"}
+    for d in dtypes:
+        cv = results[f"codevista-{d}"]
+        r = {"decode_vs_transformers": round(cv["decode_tps"] / hf["decode_tps"], 2),
+             **{f"prefill_{n}_vs_transformers": round(
+                 cv[f"prefill_tps_{n}"] / hf[f"prefill_tps_{n}"], 2) for n in lengths},
+             "ttft_cold_speedup_vs_transformers": round(hf["ttft_cold_s"] / cv["ttft_cold_s"],
+                                                        2),
+             "ttft_append_over_decode_step": round(cv["ttft_append_s"] * cv["decode_tps"], 2),
+             "peak_rss_vs_transformers": round(cv["peak_rss_mb"] / hf["peak_rss_mb"], 2)}
+        for name in ggufs:
+            lc = results[name]
+            r[f"decode_vs_{name}"] = round(cv["decode_tps"] / lc["decode_tps"], 2)
+            r[f"prefill_{lengths[-1]}_vs_{name}"] = round(
+                cv[f"prefill_tps_{lengths[-1]}"] / lc[f"prefill_tps_{lengths[-1]}"], 2)
+        ratios[f"codevista-{d}"] = r
+    if "int8" in dtypes:
+        print(json.dumps({"int8_accuracy": int8_accuracy(Path(model))}), flush=True)
     limits = machine_limits()
     fp32_bytes = weight_bytes(Path(model))
-    per_engine = {name: (ggufs[name].stat().st_size if name in ggufs else fp32_bytes)
+    per_engine = {name: (ggufs[name].stat().st_size if name in ggufs
+                         else int8_bytes(Path(model)) if name == "codevista-int8"
+                         else fp32_bytes // 2 if name == "codevista-bfloat16" else fp32_bytes)
                   for name in results}
     limits["decode_percent_of_bandwidth_limit"] = {
         name: round(100 * results[name]["decode_tps"] * per_engine[name]

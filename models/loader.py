@@ -258,9 +258,15 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32",
         raise CheckpointNotFoundError(f"model directory {directory} does not exist")
     if not (directory / "config.json").is_file():
         raise CheckpointNotFoundError(f"{directory} has no config.json")
+    if isinstance(dtype, str) and dtype not in (*DTYPES, "int8"):
+        raise ConfigError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)}, int8)")
+    quantize = dtype == "int8"  # float32 activations, int8 linear weights (models/quant.py)
+    if quantize:
+        from .quant import kernel
+
+        kernel()  # no compiler: fail before reading gigabytes
+        dtype = "float32"
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    if isinstance(dtype, str) and dtype not in DTYPES:
-        raise ConfigError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
     raw = read_config(directory / "config.json")
     defaults = GenerationDefaults.from_file(directory / "generation_config.json")
     vision = None
@@ -291,6 +297,10 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32",
             model = Transformer(cfg)
         load_weights(model, directory, torch_dtype)
     model = model.to(device)
+    if quantize:
+        from .quant import quantize_int8
+
+        quantize_int8(model)
     model.setup_rope()
     model.eval()
     stops = set(cfg.eos_token_ids) | set(defaults.eos_token_ids)

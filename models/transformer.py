@@ -192,11 +192,12 @@ class Transformer(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        """The activations' dtype (that of the weights, unless they are quantized)."""
+        return self.norm.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.norm.weight.device
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.embed is not None:

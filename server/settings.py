@@ -87,7 +87,7 @@ FIELDS = {
     "temperature": ("temperature", _temperature),
     "contextTokens": ("context_tokens", lambda v: _positive_int(v, 32768)),
     "languages": ("languages", _languages),
-    "dtype": ("dtype", _choice(("float32", "bfloat16"))),
+    "dtype": ("dtype", _choice(("float32", "bfloat16", "int8"))),
     "visionModelPath": ("vision_model_path", _path),
     "visionMaxTokens": ("vision_max_tokens", lambda v: _positive_int(v, 4096)),
     "allowedImageRoots": ("allowed_image_roots", _roots),

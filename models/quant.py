@@ -1,0 +1,153 @@
+"""Int8 weight-only quantization (`dtype="int8"`).
+
+Every linear layer's weight becomes int8 with one float32 scale per output row
+(symmetric, scale = max |w| / 127); norms, embeddings of untied models and the KV cache
+stay float32, and so do the activations. A decode step then reads one byte per weight
+instead of four, which is what bounds decoding on a CPU.
+
+The matrix product for a few rows (a decode step, a speculative draft) is our C kernel
+(models/kernels/int8_gemm.c), compiled on first use with the machine's C compiler for
+the machine's own instruction set and kept in the user's cache folder; longer inputs
+(prefill chunks) dequantize a block of rows at a time and use the float32 matmul.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("kernels") / "int8_gemm.c"
+FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"], ["-O3"])
+DEQUANT_ROWS = 4096  # rows of W dequantized at a time for long inputs
+
+_lib = None
+_lib_lock = threading.Lock()
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "codevista" / "kernels"
+
+
+def _compile() -> ctypes.CDLL:
+    src = SOURCE.read_bytes()
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise ConfigError("int8 weights need a C compiler (cc or gcc) to build their kernel "
+                          "once; install one or use dtype float32")
+    errors = []
+    for flags in FLAG_SETS:
+        key = hashlib.sha256(src + " ".join([cc, *flags, platform.machine(),
+                                             platform.node()]).encode()).hexdigest()[:16]
+        target = _cache_dir() / f"int8_gemm-{key}.so"
+        if not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+            os.close(fd)
+            try:
+                proc = subprocess.run([cc, *flags, "-shared", "-fPIC", "-o", tmp,
+                                       str(SOURCE)], capture_output=True, text=True,
+                                      timeout=120)
+                failed = proc.returncode != 0 and (proc.stderr.strip().splitlines()[-1:]
+                                                   or ["failed"])[0]
+            except (OSError, subprocess.SubprocessError) as e:
+                failed = str(e)
+            if failed:
+                os.unlink(tmp)
+                errors.append(failed)
+                continue
+            os.replace(tmp, target)  # atomic: concurrent builders never see half a file
+            log.info("built the int8 kernel (%s)", " ".join(flags))
+        lib = ctypes.CDLL(str(target))
+        fn = lib.cv_int8_gemm
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                       ctypes.c_int]
+        lib.cv_int8_max_rows.restype = ctypes.c_int
+        return lib
+    raise ConfigError(f"the int8 kernel did not compile with {cc}: {errors[-1]}; use dtype "
+                      "float32, or set CC to a working C compiler")
+
+
+def kernel() -> ctypes.CDLL:
+    global _lib
+    with _lib_lock:
+        if _lib is None:
+            _lib = _compile()
+        return _lib
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (q * scale).T + bias, q int8 (out, in), scale float32 (out,)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        w = weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+        self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp_(-127, 127)
+                             .to(torch.int8).contiguous())
+        self.register_buffer("scale", scale.contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(),
+                                                           requires_grad=False)
+        self.out_features, self.in_features = w.shape
+        lib = kernel()
+        self._gemm = lib.cv_int8_gemm
+        self.max_rows = lib.cv_int8_max_rows()
+
+    def dequantized(self, rows: slice = slice(None)) -> torch.Tensor:
+        return self.qweight[rows].float() * self.scale[rows, None]
+
+    def unpack(self) -> torch.Tensor:
+        return self.dequantized()
+
+    def columns(self, idx: torch.Tensor) -> torch.Tensor:
+        """Rows of the dequantized weight (embedding vectors of a tied model)."""
+        return self.qweight[idx].float() * self.scale[idx, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float().contiguous()
+        T = x.shape[0]
+        if T <= self.max_rows:
+            y = torch.empty(T, self.out_features)
+            rc = self._gemm(x.data_ptr(), T, self.in_features, self.qweight.data_ptr(),
+                            self.scale.data_ptr(),
+                            None if self.bias is None else self.bias.data_ptr(),
+                            y.data_ptr(), self.out_features, torch.get_num_threads())
+            if rc != 0:
+                raise RuntimeError("int8 kernel rejected its arguments")
+            return y
+        y = torch.empty(T, self.out_features)
+        for o in range(0, self.out_features, DEQUANT_ROWS):
+            rows = slice(o, min(o + DEQUANT_ROWS, self.out_features))
+            y[:, rows] = x @ self.dequantized(rows).t()
+        if self.bias is not None:
+            y += self.bias
+        return y
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """Replace every linear layer of a loaded Transformer by its int8 form, in place."""
+    from .transformer import Linear
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Linear):
+                setattr(parent, name, Int8Linear(child.unpack(), child.bias))
+                del child
+    return model

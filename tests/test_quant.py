@@ -1,0 +1,82 @@
+"""Int8 weight-only quantization: the kernel against a float reference, the whole model
+against float32, and a clear error where no compiler can build the kernel."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from codevista.models.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def quant():
+    from codevista.models import quant
+
+    try:
+        quant.kernel()
+    except ConfigError as e:
+        pytest.skip(f"no C compiler here: {e}")
+    return quant
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16, 17, 40])
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_linear_equals_its_dequantized_weight(quant, rows, bias):
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(200, 77, generator=g)  # odd sizes: the SIMD loops' tails run too
+    b = torch.randn(200, generator=g) if bias else None
+    lin = quant.Int8Linear(w, b)
+    x = torch.randn(rows, 77, generator=g)
+    ref = x @ lin.dequantized().t() + (b if bias else 0)
+    y = lin(x)
+    assert y.shape == (rows, 200)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+    # and the quantization itself is within half a step of each row's scale
+    err = (lin.dequantized() - w).abs() / lin.scale[:, None]
+    assert err.max() <= 0.5 + 1e-5
+    assert lin.qweight.dtype == torch.int8 and lin.qweight.abs().max() == 127
+
+
+def test_int8_model_tracks_float32(quant):
+    from codevista.models.engine import Engine, SamplingParams
+    from codevista.models.kv_cache import KVCache
+    from codevista.models.loader import DEFAULT_MODEL_DIR, load_model
+
+    f32 = load_model(DEFAULT_MODEL_DIR)
+    q8 = load_model(DEFAULT_MODEL_DIR, dtype="int8")
+    assert q8.dtype == torch.float32 and any(
+        isinstance(m, quant.Int8Linear) for m in q8.model.modules())
+    text = ("<|lang:python|>import os\n\n\ndef read_lines(path):\n    with open(path) as f:\n"
+            "        return [line.rstrip() for line in f]\n\n\ndef main():\n")
+    ids = f32.tokenizer.encode(text, add_special_tokens=False)
+    cfg = f32.config
+    logits = []
+    for m in (f32, q8):
+        cache = KVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, len(ids), torch.float32)
+        logits.append(m.model(torch.tensor(ids), cache, 0, all_logits=True))
+    rel = (logits[0] - logits[1]).abs().max() / logits[0].abs().max()
+    assert rel < 0.05, rel
+    agree = (logits[0].argmax(-1) == logits[1].argmax(-1)).float().mean()
+    assert agree >= 0.95, agree
+    params = SamplingParams(max_new_tokens=24)
+    with Engine(f32) as a, Engine(q8) as b:
+        ra, rb = a.generate(ids, params), b.generate(ids, params)
+    assert rb.text and rb.token_ids[:8] == ra.token_ids[:8]
+
+
+def test_without_a_compiler_int8_is_a_clear_error(monkeypatch, tmp_path):
+    from codevista.models import quant
+    from codevista.models.loader import DEFAULT_MODEL_DIR, load_model
+
+    monkeypatch.setattr(quant, "_lib", None)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    with pytest.raises(ConfigError, match="int8 kernel did not compile|C compiler"):
+        load_model(DEFAULT_MODEL_DIR, dtype="int8")
+
+
+def test_unknown_dtype_names_the_choices():
+    from codevista.models.loader import DEFAULT_MODEL_DIR, load_model
+
+    with pytest.raises(ConfigError, match="int8"):
+        load_model(DEFAULT_MODEL_DIR, dtype="int4")
