@@ -243,6 +243,40 @@ async function explainClipboard(): Promise<void> {
   else await explainImage(spec, "", spec.path);
 }
 
+async function generateImage(): Promise<void> {
+  if (!client) return;
+  const prompt = await vscode.window.showInputBox({
+    title: "codevista: Generate image",
+    prompt: "Describe the picture (it is written to generated-images/ in the workspace)",
+    placeHolder: "2 shapes: a red circle top left, a blue square centre",
+  });
+  if (!prompt?.trim()) return;
+  const token = randomUUID();
+  await vscode.window.withProgress({ location: vscode.ProgressLocation.Notification,
+    title: "codevista: drawing", cancellable: true }, async (progress, cancelled) => {
+    let shown = 0;
+    const sub = client!.onProgress(anyProgress, token, (v: any) => {
+      if (typeof v?.rows !== "number" || typeof v?.totalRows !== "number") return;
+      progress.report({ message: `row ${v.rows}/${v.totalRows}`,
+        increment: (100 * (v.rows - shown)) / v.totalRows });
+      shown = v.rows;
+    });
+    try {
+      const result: any = await client!.sendRequest("workspace/executeCommand",
+        { command: "codevista.generateImage", arguments: [{ prompt, partialResultToken: token }] },
+        cancelled);
+      await vscode.commands.executeCommand("vscode.open", vscode.Uri.parse(result.uri),
+        vscode.ViewColumn.Beside);
+    } catch (e: any) {
+      if (!cancelled.isCancellationRequested) {
+        void vscode.window.showErrorMessage(`codevista: ${e?.message ?? e}`);
+      }
+    } finally {
+      sub.dispose();
+    }
+  });
+}
+
 // -- activation ---------------------------------------------------------------------------
 
 export async function activate(context: vscode.ExtensionContext): Promise<void> {
@@ -257,6 +291,7 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
     vscode.commands.registerCommand("codevista.translateSelection", translate),
     vscode.commands.registerCommand("codevista.explainImageFile", explainImageCommand),
     vscode.commands.registerCommand("codevista.explainImageClipboard", explainClipboard),
+    vscode.commands.registerCommand("codevista.generateImageFromPrompt", generateImage),
     vscode.commands.registerCommand("codevista.showStatus", () => {
       output.show(true);
       void vscode.window.showInformationMessage(

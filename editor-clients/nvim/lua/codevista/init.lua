@@ -290,6 +290,33 @@ function M.explain_image(path, question)
   return buf
 end
 
+-- Draws a PNG from `prompt` with the text-to-image model; the server writes it inside the
+-- workspace (opts.output: a path in the workspace; opts.seed, opts.size) and the rows decoded
+-- so far show in the command line. opts.done(result) gets {uri, width, height, seed}.
+function M.generate_image(prompt, opts)
+  opts = opts or {}
+  local bufnr = vim.api.nvim_get_current_buf()
+  local client = M.client(bufnr) or vim.lsp.get_clients({ name = "codevista" })[1]
+  if not client then return log("the server is not running", vim.log.levels.WARN) end
+  local token = new_token("image")
+  local args = { prompt = prompt, seed = opts.seed, size = opts.size, partialResultToken = token }
+  if opts.output then args.outputUri = vim.fn.fnamemodify(opts.output, ":p") end
+  state.tokens[token] = function(value)
+    if type(value) == "table" and value.rows then
+      vim.api.nvim_echo({ { ("codevista: image row %d/%d"):format(value.rows, value.totalRows or 0) } },
+        false, {})
+    end
+  end
+  req(client, "workspace/executeCommand", { command = "codevista.generateImage", arguments = { args } },
+    function(err, result)
+      state.tokens[token] = nil
+      if err then return log(err.message or "request failed", vim.log.levels.ERROR) end
+      log(("image written to %s (%dx%d)"):format(vim.uri_to_fname(result.uri), result.width,
+        result.height))
+      if opts.done then opts.done(result) end
+    end, bufnr)
+end
+
 -- server ----------------------------------------------------------------------------------
 
 local function on_progress(err, result, ctx, cfg)
@@ -368,6 +395,9 @@ function M.setup(opts)
     local path, question = c.fargs[1], table.concat(vim.list_slice(c.fargs, 2), " ")
     M.explain_image(path, question)
   end, { nargs = "+", complete = "file", desc = "Explain an image with the vision model" })
+  vim.api.nvim_create_user_command("CodevistaGenerateImage", function(c)
+    M.generate_image(c.args)
+  end, { nargs = "+", desc = "Draw a PNG in the workspace from a description" })
   vim.api.nvim_set_hl(0, "CodevistaGhost", { link = M.config.hl_group, default = true })
   return M
 end
