@@ -94,8 +94,9 @@ def main() -> None:
     p.add_argument("--flowcharts", type=int, default=20)
     p.add_argument("--charts", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None, help="default: the checkpoint's")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="default: the checkpoint's generation_config.json")
     p.add_argument("--timing-runs", type=int, default=5)
     p.add_argument("--vlm", action="store_true")
     p.add_argument("--samples", type=Path, default=None,
@@ -138,8 +139,9 @@ def main() -> None:
         generated.append(g.image)
         seconds.append(g.result.total_s)
         used.update(g.codes.flatten().tolist())
-    emit({"section": "generation", "seed": args.seed, "top_k": args.top_k,
-          "temperature": args.temperature,
+    sp = model.params(args.seed, args.temperature, args.top_k)
+    emit({"section": "generation", "seed": args.seed, "top_k": sp.top_k,
+          "temperature": sp.temperature,
           **{k: shares(v) for k, v in got.items()},
           "all_kinds": shares([r for v in got.values() for r in v]),
           "codes_used": round(len(used) / K, 3),

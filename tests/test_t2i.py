@@ -250,7 +250,6 @@ def test_service_writes_a_png_and_reports_rows(tiny_t2i, tmp_path):
 def test_generate_image_command_over_lsp(tmp_path):
     """The real server: progress rows streamed, a PNG inside the workspace, a path outside
     refused with a clear error, and the server still answering after it."""
-    import pytest_lsp  # noqa: F401  (the client library the e2e suite uses)
     from lsprotocol import types
     from pygls.exceptions import JsonRpcException
     from pytest_lsp import LanguageClient, client_capabilities
@@ -268,10 +267,9 @@ def test_generate_image_command_over_lsp(tmp_path):
 
         await client.start_io(sys.executable, "-m", "codevista.server.cli", "serve")
         try:
-            await client.initialize_async(types.InitializeParams(
+            await client.initialize_session(types.InitializeParams(
                 capabilities=client_capabilities("visual_studio_code"),
                 workspace_folders=[types.WorkspaceFolder(uri=ws.as_uri(), name="ws")]))
-            client.initialized(types.InitializedParams())
             token = str(uuid.uuid4())
             res = await client.workspace_execute_command_async(types.ExecuteCommandParams(
                 command="codevista.generateImage", arguments=[{
@@ -286,8 +284,7 @@ def test_generate_image_command_over_lsp(tmp_path):
             again = await client.workspace_execute_command_async(types.ExecuteCommandParams(
                 command="codevista.generateImage",
                 arguments=[{"prompt": "1 shape: a red circle centre"}]))
-            await client.shutdown_async(None)
-            client.exit(None)
+            await client.shutdown_session()
             return res, again, progress.get(token, [])
         finally:
             await client.stop()

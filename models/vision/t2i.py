@@ -126,9 +126,15 @@ class TextToImage:
         return [self.layout.pad_token_id] * (n - len(ids)) + ids + [
             self.layout.image_start_token_id]
 
-    def params(self, seed: int | None = None, temperature: float = 1.0, top_k: int = 0,
-               deadline_s: float | None = None) -> SamplingParams:
-        """Sampling restricted to the codebook. Greedy is top_k=1 (at temperature 1)."""
+    def params(self, seed: int | None = None, temperature: float | None = None,
+               top_k: int | None = None, deadline_s: float | None = None) -> SamplingParams:
+        """Sampling restricted to the codebook; what is not given comes from the
+        checkpoint's generation_config.json. Greedy is top_k=1 (at temperature 1)."""
+        d = self.loaded.defaults
+        if temperature is None:
+            temperature = d.temperature if d.temperature > 0 else 1.0
+        if top_k is None:
+            top_k = d.top_k if d.temperature > 0 else 1
         if not temperature > 0:
             raise RequestError("temperature must be positive (use top_k=1 for greedy)")
         return SamplingParams(max_new_tokens=self.layout.tokens, temperature=temperature,
