@@ -14,9 +14,15 @@ model saw in training is exactly what it gets when serving.
 - Vision (the default VLM, and any LLaVA checkpoint without a chat template):
                 USER: <|image|>\n{question} ASSISTANT:{answer}<|endoftext|>
   where the question of each task comes from `vision_question`.
+- Vision with text read by OCR (the lines of `ocr_context`, before the question):
+                USER: <|image|>\nText in the image (OCR, [x1,y1,x2,y2] 0-1000):\n
+                [40,120,610,160] Traceback (most recent call last):\n...\n{question}
+                ASSISTANT:{answer}<|endoftext|>
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 EOT = "<|endoftext|>"
 FIM_PREFIX = "<|fim_prefix|>"
@@ -85,5 +91,23 @@ def vision_question(task: str, question: str | None) -> str:
     return base
 
 
-def vision_prompt(question: str, image_token: str = IMAGE) -> str:
-    return f"USER: {image_token}\n{question} ASSISTANT:"
+OCR_HEADER = "Text in the image (OCR, [x1,y1,x2,y2] 0-1000):"
+
+
+def ocr_line(text: str, box: Sequence[int]) -> str:
+    """One OCR line of a vision prompt: its box (0-1000, top left is 0,0), then its text."""
+    x1, y1, x2, y2 = (int(v) for v in box)
+    return f"[{x1},{y1},{x2},{y2}] {' '.join(text.split())}\n"
+
+
+def ocr_context(lines: Sequence[tuple[str, Sequence[int]]]) -> str:
+    """The OCR block that goes between the image and the question ("" when no text was
+    read, so that a prompt without OCR is exactly the plain vision prompt)."""
+    if not lines:
+        return ""
+    return OCR_HEADER + "\n" + "".join(ocr_line(t, b) for t, b in lines)
+
+
+def vision_prompt(question: str, image_token: str = IMAGE, ocr: str = "") -> str:
+    """`ocr` is an `ocr_context` block (or "")."""
+    return f"USER: {image_token}\n{ocr}{question} ASSISTANT:"

@@ -44,7 +44,7 @@ from .errors import ArgumentError, DocumentNotOpenError, NotReadyError, to_jsonr
 from .features.completion import CompletionService
 from .features.generate_image import ImageService, resolve_output
 from .features.translate import TranslationService
-from .features.vision import VisionService
+from .features.vision import OCR_MODEL, VisionService
 from .settings import Settings, parse_settings
 from .translation import other_language, resolve_language, suggested_file_name
 from .vision import load_image, resolve_task
@@ -509,7 +509,10 @@ async def explain_image(ls: CodevistaServer, args: tuple[Any, ...], on_partial
         raise ArgumentError("'question' must be a string")
     img, source = await asyncio.to_thread(load_image, arg.get("image"), ls.image_roots())
     remote = getattr(getattr(ls.backend, "cfg", None), "vision_model", None)
-    if remote:  # a served vision-language model (the remote backend's visionModel)
+    if task == "transcribe":  # read by OCR alone: no vision model needed
+        answer = await ls.vision.transcribe(img, on_partial)
+        model = OCR_MODEL
+    elif remote:  # a served vision-language model (the remote backend's visionModel)
         if ls.backend.state != "ready":
             raise NotReadyError(f"the remote backend is not ready ({ls.backend.state}"
                                 f"{': ' + ls.backend.error if ls.backend.error else ''})")
@@ -526,6 +529,7 @@ async def explain_image(ls: CodevistaServer, args: tuple[Any, ...], on_partial
                            "model": model}
     if task == "locate":
         out["boxes"] = answer.boxes
+    out.update(answer.ocr_fields())  # transcription, language, lines (when OCR ran)
     return out
 
 

@@ -53,7 +53,10 @@ ERRORS = [
      "The compiler wants a semicolon after {w}: add the missing ';'."),
 ]
 FONTS = ("DejaVuSansMono.ttf", "DejaVuSans.ttf", "DejaVuSerif.ttf")
-FONT_DIRS = (Path("/usr/share/fonts/truetype/dejavu"), Path("/usr/share/fonts/dejavu"))
+FONT_DIRS = (Path("/usr/share/fonts/truetype/dejavu"), Path("/usr/share/fonts/dejavu"),
+             Path("/usr/share/fonts/truetype/liberation"))
+# Monospace fonts of different designs, for screenshot-size code (OCR evaluation).
+MONO_FONTS = ("DejaVuSansMono.ttf", "LiberationMono-Regular.ttf", "DejaVuSansMono-Bold.ttf")
 
 
 @dataclass
@@ -90,6 +93,11 @@ def _canvas(rng: random.Random, dark: bool = False):
 
     g = rng.randint(20, 45) if dark else rng.randint(235, 255)
     return Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (g, g, g))
+
+
+def _text_box(d, xy: tuple[float, float], text: str, f) -> list[int]:
+    """The 0-1000 box of text drawn at xy (for the simulated OCR input)."""
+    return box_1000(*d.textbbox(xy, text, font=f))
 
 
 # -- shapes -------------------------------------------------------------------------------
@@ -197,6 +205,7 @@ def flowchart(rng: random.Random, split: str) -> Sample:
     cells = rng.sample([(c, r) for c in range(3) for r in range(3)], k)
     cells.sort(key=lambda cr: (cr[1], cr[0]))  # reading order
     boxes = []
+    texts = []
     f = font("DejaVuSans.ttf", 10)
     for (c, r), label in zip(cells, labels, strict=True):
         cx, cy = 27 + c * 53, 27 + r * 53
@@ -204,6 +213,7 @@ def flowchart(rng: random.Random, split: str) -> Sample:
         d.rectangle(box, outline=fg, width=1)
         w = d.textlength(label, font=f)
         d.text((cx - w / 2, cy - 6), label, fill=fg, font=f)
+        texts.append((label, _text_box(d, (cx - w / 2, cy - 6), label, f)))
         boxes.append(box)
     edges = [(i, i + 1) for i in range(k - 1)]
     if k >= 3 and rng.random() < 0.4:
@@ -216,7 +226,8 @@ def flowchart(rng: random.Random, split: str) -> Sample:
     edge_text = ", ".join(f"{labels[a]} -> {labels[b]}" for a, b in edges)
     answer = f"Nodes: {', '.join(labels)}. Edges: {edge_text}."
     return Sample(img, "describe-diagram", None, answer, "diagram",
-                  {"nodes": labels, "edges": [(labels[a], labels[b]) for a, b in edges]})
+                  {"nodes": labels, "edges": [(labels[a], labels[b]) for a, b in edges],
+                   "text_boxes": texts})
 
 
 # -- bar charts ----------------------------------------------------------------------------
@@ -237,22 +248,26 @@ def bar_chart(rng: random.Random, split: str) -> Sample:
     d.line((left, top, left, base), fill=(0, 0, 0))
     d.line((left, base, IMAGE_SIZE - 6, base), fill=(0, 0, 0))
     slot = (IMAGE_SIZE - left - 10) / k
+    texts = []
     for i, (label, v) in enumerate(zip(labels, values, strict=True)):
         x = left + 4 + i * slot
         h = (base - top) * v / 9
         d.rectangle((x, base - h, x + slot * 0.6, base), fill=color)
         d.text((x, base + 3), label, fill=(0, 0, 0), font=f)
         d.text((x + slot * 0.15, base - h - 11), str(v), fill=(0, 0, 0), font=f)
+        texts += [(label, _text_box(d, (x, base + 3), label, f)),
+                  (str(v), _text_box(d, (x + slot * 0.15, base - h - 11), str(v), f))]
     kind = rng.choice(["highest", "value", "describe"])
+    meta = {"text_boxes": texts}
     if kind == "highest":
         return Sample(img, "explain", "Which bar is the highest?",
-                      labels[values.index(max(values))], "chart")
+                      labels[values.index(max(values))], "chart", meta)
     if kind == "value":
         i = rng.randrange(k)
         return Sample(img, "explain", f"What is the value of {labels[i]}?", str(values[i]),
-                      "chart")
+                      "chart", meta)
     pairs = ", ".join(f"{a} {v}" for a, v in zip(labels, values, strict=True))
-    return Sample(img, "explain", None, f"A bar chart: {pairs}.", "chart")
+    return Sample(img, "explain", None, f"A bar chart: {pairs}.", "chart", meta)
 
 
 # -- code and errors -----------------------------------------------------------------------
@@ -279,11 +294,14 @@ def code(rng: random.Random, split: str) -> Sample:
         line = t.format(a=rng.choice(pool), b=rng.choice(pool), n=rng.randint(0, 99))
         lines.append(line[:18])
     y = rng.randint(6, 20)
+    texts = []
     for line in lines:
         d.text((6, y), line, fill=fg, font=f)
+        texts.append((line, _text_box(d, (6, y), line, f)))
         y += size + 5
     text = "\n".join(lines)
-    return Sample(img, "transcribe", None, text, "transcribe", {"text": text})
+    return Sample(img, "transcribe", None, text, "transcribe",
+                  {"text": text, "text_boxes": texts})
 
 
 def error_dialog(rng: random.Random, split: str) -> Sample:
@@ -307,12 +325,15 @@ def error_dialog(rng: random.Random, split: str) -> Sample:
         else:
             cur = trial
     lines.append(cur)
+    texts = [("Error", _text_box(d, (12, 32), "Error", font("DejaVuSans.ttf", 11)))]
     for i, line in enumerate(lines[:5]):
         d.text((12, 52 + i * 13), line, fill=(20, 20, 20), font=f)
+        texts.append((line, _text_box(d, (12, 52 + i * 13), line, f)))
     if rng.random() < 0.5:
         return Sample(img, "transcribe", None, "\n".join(lines[:5]), "transcribe",
-                      {"text": "\n".join(lines[:5])})
-    return Sample(img, "explain", None, f"{message}. {explanation}", "error")
+                      {"text": "\n".join(lines[:5]), "text_boxes": texts})
+    return Sample(img, "explain", None, f"{message}. {explanation}", "error",
+                  {"text_boxes": texts})
 
 
 GENERATORS = ((shapes, 0.45), (flowchart, 0.2), (bar_chart, 0.12), (code, 0.13),
@@ -328,3 +349,115 @@ def sample(split: str, seed: int) -> Sample:
         if r < acc:
             return gen(rng, split)
     return GENERATORS[-1][0](rng, split)
+
+
+# -- OCR input for training (simulated from the drawn text) ---------------------------------
+
+# What a real OCR confuses in code and UI text (each way round).
+CONFUSIONS = (("O", "0"), ("l", "1"), ("I", "l"), ("S", "5"), (";", ":"), (".", ","),
+              ("'", "`"), ("rn", "m"), ("{", "("), ("}", ")"), ("B", "8"), ("Z", "2"))
+
+
+def _noisy(text: str, rng: random.Random, noise: float) -> str:
+    out = " ".join(text.split())  # OCR reads runs of spaces as one
+    for a, b in CONFUSIONS:
+        for src, dst in ((a, b), (b, a)):
+            if src in out and rng.random() < noise * out.count(src):
+                i = rng.choice([m for m in range(len(out)) if out.startswith(src, m)])
+                out = out[:i] + dst + out[i + len(src):]
+    if " " in out and rng.random() < noise * 2:  # a space missed
+        spaces = [i for i, ch in enumerate(out) if ch == " "]
+        i = rng.choice(spaces)
+        out = out[:i] + out[i + 1:]
+    return out
+
+
+def simulated_ocr(s: Sample, rng: random.Random, noise: float = 0.03
+                  ) -> list[tuple[str, list[int]]]:
+    """OCR lines for a training sample, made from the text the generator drew: each line
+    (text, [x1, y1, x2, y2] in 0-1000), with the kinds of error a real OCR makes at rate
+    `noise`: confusable characters, a missed space, a missed line, boxes a few units off.
+    `formats.ocr_context` turns them into the prompt's OCR block; with them a model learns
+    to quote and ground the text it is shown, as the server gives it real OCR lines."""
+    out = []
+    for text, box in s.meta.get("text_boxes", []):
+        if rng.random() < noise / 2:
+            continue
+        j = max(1, round(1000 / IMAGE_SIZE))  # about a pixel
+        jb = [min(1000, max(0, v + rng.randint(-2 * j, 2 * j))) for v in box]
+        out.append((_noisy(text, rng, noise), [min(jb[0], jb[2]), min(jb[1], jb[3]),
+                                               max(jb[0], jb[2]), max(jb[1], jb[3])]))
+    return out
+
+
+def training_prompt(s: Sample, rng: random.Random | None = None, ocr_rate: float = 0.0,
+                    noise: float = 0.03) -> str:
+    """The prompt of a sample as `vlm.py` trains it; with probability `ocr_rate` it carries
+    simulated OCR lines (0, the default, is the prompt the current default VLM learned)."""
+    from codevista.models import formats
+
+    question = formats.vision_question(s.task, s.question)
+    ocr = ""
+    if ocr_rate > 0 and rng is not None and rng.random() < ocr_rate:
+        ocr = formats.ocr_context(simulated_ocr(s, rng, noise))
+    return formats.vision_prompt(question, ocr=ocr)
+
+
+# -- screenshot-size pictures (OCR evaluation) ----------------------------------------------
+
+def render_code(text: str, font_name: str = "DejaVuSansMono.ttf", size: int = 14,
+                dark: bool = False, margin: int = 12, tab: int = 4):
+    """An editor-like screenshot of code: one line per text line at 1.5x the font size,
+    tabs expanded. Returns (image, the text as drawn)."""
+    from PIL import Image, ImageDraw
+
+    lines = text.expandtabs(tab).split("\n")
+    f = font(font_name, size)
+    pitch = round(size * 1.5)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    width = max([probe.textlength(ln, font=f) for ln in lines] + [size])
+    bg, fg = ((30, 30, 30), (212, 212, 212)) if dark else ((255, 255, 255), (30, 30, 30))
+    img = Image.new("RGB", (int(width) + 2 * margin, pitch * len(lines) + 2 * margin), bg)
+    d = ImageDraw.Draw(img)
+    for i, ln in enumerate(lines):
+        d.text((margin, margin + i * pitch), ln, fill=fg, font=f)
+    return img, "\n".join(lines)
+
+
+def render_dialog(title: str, message: str, width: int = 460, size: int = 15,
+                  font_name: str = "DejaVuSans.ttf", accent=(200, 40, 40)):
+    """An error dialog: a title bar, a round "!" icon, the message wrapped to the dialog's
+    width (lines of the message kept), an OK button. Returns (image, the lines drawn)."""
+    from PIL import Image, ImageDraw
+
+    f, fb = font(font_name, size), font("DejaVuSans-Bold.ttf", size)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_x, room = 76, width - 76 - 18
+    lines: list[str] = []
+    for para in message.split("\n"):
+        cur = ""
+        for word in para.split(" "):
+            trial = f"{cur} {word}" if cur else word
+            if cur and probe.textlength(trial, font=f) > room:
+                lines.append(cur)
+                cur = word
+            else:
+                cur = trial
+        lines.append(cur)
+    pitch = round(size * 1.45)
+    bar = size + 16
+    height = bar + 24 + pitch * len(lines) + 58
+    img = Image.new("RGB", (width, height), (236, 236, 236))
+    d = ImageDraw.Draw(img)
+    d.rectangle((0, 0, width - 1, height - 1), outline=(120, 120, 120))
+    d.rectangle((1, 1, width - 2, bar), fill=(60, 64, 72))
+    d.text((12, 8), title, fill=(255, 255, 255), font=fb)
+    d.ellipse((20, bar + 20, 56, bar + 56), fill=accent)
+    d.text((34, bar + 26), "!", fill=(255, 255, 255), font=font("DejaVuSans-Bold.ttf", 22))
+    for i, ln in enumerate(lines):
+        d.text((text_x, bar + 22 + i * pitch), ln, fill=(20, 20, 20), font=f)
+    bx = width - 96
+    by = height - 44
+    d.rectangle((bx, by, bx + 76, by + 30), fill=(250, 250, 250), outline=(110, 110, 110))
+    d.text((bx + 26, by + 6), "OK", fill=(20, 20, 20), font=f)
+    return img, lines

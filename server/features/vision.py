@@ -4,19 +4,29 @@ The vision model is its own backend (a second engine): it is loaded on first use
 session that never asks about an image never pays for it, and reloaded when its setting
 changes. The prompt is the checkpoint's chat template with an image entry in the user's
 message when it has one, else LLaVA-1.5's `USER: <image>\\n... ASSISTANT:`.
+
+Text in the image is read by OCR (server/ocr.py, the optional `ocr` extra) in a worker
+thread: `transcribe` answers with the OCR's transcription alone (no vision model needed);
+the other tasks get the OCR lines with their boxes in the prompt, between the image and
+the question (`formats.ocr_context`), trimmed to the context left. Without the extra,
+those tasks go on from the image alone and `transcribe` says what to install.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from codevista.models import formats
 from codevista.models.engine import SamplingParams
 from codevista.models.loader import DEFAULT_VLM_DIR
 
+from .. import ocr
 from ..backend import LocalBackend
 from ..errors import NotReadyError
 from ..vision import ImageRequestError, parse_boxes, question_for
@@ -32,15 +42,33 @@ class Explanation:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     generated_tokens: int = 0
+    transcription: str | None = None  # what the OCR read, laid out (None: no OCR ran)
+    language: str | None = None  # the language the transcription looks like
+    ocr_lines: list[tuple[str, list[int]]] = field(default_factory=list)  # 0-1000 boxes
+    ocr_in_prompt: int = 0  # how many of the OCR lines the prompt held
+
+    def ocr_fields(self) -> dict[str, Any]:
+        """What the command result adds when OCR ran."""
+        if self.transcription is None:
+            return {}
+        return {"transcription": self.transcription, "language": self.language,
+                "lines": [{"text": t, "box": b} for t, b in self.ocr_lines]}
 
 
-def vision_prompt(backend: LocalBackend, question: str) -> str:
-    """The prompt text, holding the image token exactly once."""
+OCR_MODEL = "PP-OCR (rapidocr)"
+OCR_CACHE = 8  # images whose OCR is kept (transcribe, then explain, reads once)
+ANSWER_ROOM = 128  # tokens kept for the answer when OCR lines fill the prompt
+
+
+def vision_prompt(backend: LocalBackend, question: str, ocr_text: str = "") -> str:
+    """The prompt text, holding the image token exactly once; `ocr_text` is an
+    `formats.ocr_context` block, put before the question."""
     loaded = backend.loaded
     assert loaded is not None and loaded.vision is not None
     image = loaded.tokenizer.tok.id_to_token(loaded.vision.image_token_id) or "<image>"
     template = backend.chat_template
     if template is not None:
+        question = ocr_text + question
         for content in ([{"type": "image"}, {"type": "text", "text": question}],
                         f"{image}\n{question}"):
             try:
@@ -49,7 +77,7 @@ def vision_prompt(backend: LocalBackend, question: str) -> str:
                 continue
             if text.count(image) == 1:
                 return text
-    return formats.vision_prompt(question, image)
+    return formats.vision_prompt(question, image, ocr_text)
 
 
 class VisionService:
@@ -57,6 +85,51 @@ class VisionService:
         self.backend = LocalBackend(cache_bytes=256 << 20)
         self.path: str | None = None
         self._load: asyncio.Task[None] | None = None
+        self.ocr = ocr.OcrEngine()
+        self._ocr_cache: OrderedDict[str, ocr.OcrResult] = OrderedDict()
+        self._ocr_warned = False
+
+    async def read_text(self, img, required: bool = False) -> ocr.OcrResult | None:
+        """The OCR of an image (cached for a few images), or None when the OCR extra is
+        not installed and the task can do without it."""
+        if not ocr.available():
+            if required:
+                ocr.require("transcribe")
+            if not self._ocr_warned:
+                self._ocr_warned = True
+                log.warning("OCR not installed (%s): images are explained without reading "
+                            "their text", ocr.INSTALL_HINT)
+            return None
+        key = hashlib.sha256(f"{img.mode}{img.size}".encode() + img.tobytes()).hexdigest()
+        if key in self._ocr_cache:
+            self._ocr_cache.move_to_end(key)
+            return self._ocr_cache[key]
+        result = await self.ocr.aread(img)
+        log.info("OCR: %d lines in %.2f s", len(result.lines), result.seconds)
+        self._ocr_cache[key] = result
+        while len(self._ocr_cache) > OCR_CACHE:
+            self._ocr_cache.popitem(last=False)
+        return result
+
+    async def transcribe(self, img, on_partial: Callable[[str], None] | None = None
+                         ) -> Explanation:
+        """The `transcribe` task: the OCR's lines laid out as code, and their language."""
+        result = await self.read_text(img, required=True)
+        assert result is not None
+        t = ocr.transcribe(result)
+        if on_partial is not None and t.text.strip():
+            on_partial(t.text)
+        return Explanation(t.text, "transcribe", transcription=t.text, language=t.language,
+                           ocr_lines=result.boxes_1000())
+
+    @staticmethod
+    def _with_ocr(answer: Explanation, result: ocr.OcrResult | None, held: int
+                  ) -> Explanation:
+        if result is not None:
+            t = ocr.transcribe(result)
+            answer.transcription, answer.language = t.text, t.language
+            answer.ocr_lines, answer.ocr_in_prompt = result.boxes_1000(), held
+        return answer
 
     async def ensure(self, path: str | None, report: Callable[[str], None]) -> LocalBackend:
         if path is None:
@@ -79,17 +152,43 @@ class VisionService:
 
     async def explain(self, backend: LocalBackend, img, task: str, question: str | None,
                       on_partial: Callable[[str], None] | None = None,
-                      max_tokens: int = 256) -> Explanation:
+                      max_tokens: int = 256, use_ocr: bool = True) -> Explanation:
+        if task == "transcribe":
+            return await self.transcribe(img, on_partial)
         loaded = backend.loaded
         assert loaded is not None and loaded.vision is not None
-        text = vision_prompt(backend, question_for(task, question))
+        q = question_for(task, question)
+        read = await self.read_text(img) if use_ocr else None
         tok = loaded.tokenizer
         bos = (tok.tok.id_to_token(tok.bos_token_id) if tok.bos_token_id is not None
                else None)
-        # a rendered template that starts with BOS already has it
-        ids = tok.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
+
+        def encode(ocr_text: str) -> list[int]:
+            text = vision_prompt(backend, q, ocr_text)
+            # a rendered template that starts with BOS already has it
+            return tok.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
+
+        ids = encode("")
         if ids.count(loaded.vision.image_token_id) != 1:
             raise ImageRequestError("the prompt does not hold the image token exactly once")
+        fixed = len(ids) + loaded.vision.tokens_per_image - 1
+        lines = read.boxes_1000() if read is not None else []
+        held = 0
+        if lines:  # as many OCR lines, in reading order, as leave room for the answer
+            budget = backend.max_positions - fixed - min(max_tokens, ANSWER_ROOM)
+            budget -= len(tok.encode(formats.OCR_HEADER + "\n", add_special_tokens=False))
+            for t, b in lines:
+                budget -= len(tok.encode(formats.ocr_line(t, b), add_special_tokens=False))
+                if budget < 0:
+                    break
+                held += 1
+            while held:
+                with_ocr = encode(formats.ocr_context(lines[:held]))
+                if backend.max_positions - (len(with_ocr) + loaded.vision.tokens_per_image
+                                            - 1) >= min(max_tokens, ANSWER_ROOM):
+                    ids = with_ocr
+                    break
+                held -= 1
         pixels = await asyncio.to_thread(loaded.vision.preprocess, img)
         room = backend.max_positions - (len(ids) + loaded.vision.tokens_per_image - 1)
         if room < 8:
@@ -111,22 +210,29 @@ class VisionService:
         if result.error is not None:
             raise result.error
         answer = result.text.strip()
-        log.info("image %s: %d prompt tokens (%d cached), %d generated", task,
-                 result.prompt_tokens, result.cached_tokens, result.generated_tokens)
-        return Explanation(answer, task, parse_boxes(answer) if task == "locate" else [],
-                           result.prompt_tokens, result.cached_tokens,
-                           result.generated_tokens)
+        log.info("image %s: %d prompt tokens (%d cached, %d of %d OCR lines), %d generated",
+                 task, result.prompt_tokens, result.cached_tokens, held, len(lines),
+                 result.generated_tokens)
+        return self._with_ocr(Explanation(
+            answer, task, parse_boxes(answer) if task == "locate" else [],
+            result.prompt_tokens, result.cached_tokens, result.generated_tokens), read, held)
 
     async def explain_remote(self, backend, img, task: str, question: str | None,
                              on_partial: Callable[[str], None] | None = None,
                              max_tokens: int = 256) -> Explanation:
         """The same task on a served vision-language model (`visionModel` of a remote
         backend): the image, re-encoded as PNG from the decoded pixels (no metadata, no
-        bytes the user did not see), goes as an `image_url` data URL."""
+        bytes the user did not see), goes as an `image_url` data URL; the OCR lines (at
+        most REMOTE_OCR_LINES) go before the question."""
+        if task == "transcribe":
+            return await self.transcribe(img, on_partial)
+        read = await self.read_text(img)
+        lines = read.boxes_1000()[:REMOTE_OCR_LINES] if read is not None else []
         url = await asyncio.to_thread(image_data_url, img)
+        text = formats.ocr_context(lines) + question_for(task, question)
         messages = [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": url}},
-            {"type": "text", "text": question_for(task, question)}]}]
+            {"type": "text", "text": text}]}]
         params = SamplingParams(max_new_tokens=max_tokens, temperature=0.0)
         gen = backend.submit_chat(messages, params, vision=True)
         out = ""
@@ -142,13 +248,15 @@ class VisionService:
         if result.error is not None:
             raise result.error
         answer = result.text.strip()
-        return Explanation(answer, task, parse_boxes(answer) if task == "locate" else [],
-                           result.prompt_tokens, result.cached_tokens, 0)
+        return self._with_ocr(Explanation(
+            answer, task, parse_boxes(answer) if task == "locate" else [],
+            result.prompt_tokens, result.cached_tokens, 0), read, len(lines))
 
     def close(self) -> None:
         self.backend.close()
 
 
+REMOTE_OCR_LINES = 200
 MAX_REMOTE_SIDE = 1536  # served VLMs tile or resize anyway; this bounds the request size
 
 
