@@ -38,8 +38,14 @@ def line_content(text: str, starts: list[int], line: int) -> str:
     return text[starts[line]:end].rstrip("\r\n")
 
 
+_CODECS = {"utf-16": ("utf-16-le", 2), "utf-8": ("utf-8", 1), "utf-32": ("utf-32-le", 4)}
+
+
 def to_offset(text: str, line: int, character: int, encoding: str = "utf-16") -> int:
-    """String index of an LSP position; PositionError if the position does not exist."""
+    """String index of an LSP position; PositionError if the position does not exist.
+
+    The line is encoded once (C speed: an 8 MB line costs milliseconds, not seconds) and
+    the position's code units decoded back to count the characters before it."""
     starts = line_starts(text)
     if line < 0 or character < 0:
         raise PositionError(f"negative position {line}:{character}")
@@ -47,18 +53,22 @@ def to_offset(text: str, line: int, character: int, encoding: str = "utf-16") ->
         raise PositionError(f"line {line} is past the end of the document "
                             f"({len(starts)} lines)")
     content = line_content(text, starts, line)
-    units = 0
-    for i, ch in enumerate(content):
-        if units == character:
-            return starts[line] + i
-        units += _units(ch, encoding)
-        if units > character:
+    codec, width = _CODECS.get(encoding, _CODECS["utf-16"])
+    data = content.encode(codec, errors="surrogatepass")
+    units = len(data) // width
+    if character > units:
+        raise PositionError(f"character {character} is past the end of line {line} "
+                            f"({units} {encoding} units)")
+    at = character * width
+    if at < len(data):
+        unit = int.from_bytes(data[at:at + width], "little")
+        prev = int.from_bytes(data[at - width:at], "little") if at else 0
+        inside = (0xDC00 <= unit <= 0xDFFF and 0xD800 <= prev <= 0xDBFF
+                  if encoding == "utf-16" else 0x80 <= unit <= 0xBF and encoding == "utf-8")
+        if inside:
             raise PositionError(f"character {character} of line {line} is inside a "
                                 f"character ({encoding} units)")
-    if units == character:
-        return starts[line] + len(content)
-    raise PositionError(f"character {character} is past the end of line {line} "
-                        f"({units} {encoding} units)")
+    return starts[line] + len(data[:at].decode(codec, errors="surrogatepass"))
 
 
 def apply_changes(text: str, changes: list[Any], encoding: str = "utf-16") -> str:

@@ -22,12 +22,22 @@ class NotReadyError(RuntimeError):
     """No model is loaded (still loading, or the load failed)."""
 
 
+MAX_MESSAGE = 1000
+
+
+def _short(text: str) -> str:
+    """A message that echoes a huge argument (an 8 MB "uri") is cut, not sent back whole."""
+    if len(text) <= MAX_MESSAGE:
+        return text
+    return f"{text[:MAX_MESSAGE - 40]}… ({len(text)} characters)"
+
+
 def to_jsonrpc(error: Exception) -> JsonRpcException:
     if isinstance(error, JsonRpcException):
         return error
     if isinstance(error, PositionError | DocumentNotOpenError | RequestError | ArgumentError
                   | UnsupportedLanguageError | ImageRequestError):
-        return JsonRpcInvalidParams(str(error))
+        return JsonRpcInvalidParams(_short(str(error)))
     if isinstance(error, ModelError | NotReadyError):
-        return JsonRpcInternalError(str(error))
-    return JsonRpcInternalError(f"{type(error).__name__}: {error}")
+        return JsonRpcInternalError(_short(str(error)))
+    return JsonRpcInternalError(_short(f"{type(error).__name__}: {error}"))

@@ -154,6 +154,10 @@ def build_prompt(family: Family, tok: Tokenizer, snap: Snapshot, budget: int,
         suffix = ""
     lines = snap.prefix.split("\n")
     prefix_chars = int((budget - suffix_budget) * CHARS_PER_TOKEN)
+    if len(lines[-1]) > prefix_chars:  # one huge line (minified code): only its end can fit;
+        # cut on a 256-character grid so that the prompt's start stays put while typing
+        cut = -(-(len(lines[-1]) - prefix_chars) // 256) * 256
+        lines[-1] = lines[-1][cut:]
     first = _first_line(lines, prefix_chars)
     # Other documents fill what the current file leaves of the prefix budget (at most a
     # quarter of it); they change only when those documents do, so the cache survives.
