@@ -12,7 +12,8 @@ far faster than one large GEMV (measured with MKL on 2 cores, Qwen2.5-Coder-0.5B
 a decode step 113-144 ms -> 76-92 ms; prefill unchanged). With tied embeddings the LM
 head's matrix serves as the embedding table too (a column lookup).
 
-Batch size is one sequence per call; the engine interleaves sequences.
+`forward_many` runs several sequences (each with its own cache and position) in one
+pass: the engine batches concurrent requests so the weights are read once per step.
 """
 
 from __future__ import annotations
@@ -111,8 +112,11 @@ class Attention(nn.Module):
         self.wo = Linear(cfg.q_dim, cfg.hidden_size, cfg.o_bias, blocks)
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
-                pos: int, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                segs: list[Segment], masks: list[dict]) -> torch.Tensor:
+        """x (T, hidden) holds the tokens of every segment back to back; the projections
+        run once over all of them (one pass over the weights), attention per segment
+        against its own cache."""
         T = x.shape[0]
         qkv = self.wqkv(x)  # (T, q_dim + 2 kv_dim)
         q, k, v = qkv.split([self.n_heads * self.head_dim, self.n_kv * self.head_dim,
@@ -122,7 +126,22 @@ class Attention(nn.Module):
         v = v.view(T, self.n_kv, self.head_dim).transpose(0, 1)  # (KV, T, D)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        keys, values = cache.update(self.layer, pos, k, v)  # (KV, L, D)
+        if len(segs) == 1:
+            y = self._attend(q, k, v, segs[0], masks[0].get(self.window))
+        else:
+            outs, start = [], 0
+            for seg, m in zip(segs, masks, strict=True):
+                end = start + seg.length
+                outs.append(self._attend(q[:, start:end], k[:, start:end], v[:, start:end],
+                                         seg, m.get(self.window)))
+                start = end
+            y = torch.cat(outs)
+        return self.wo(y)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Segment,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        T = q.shape[1]
+        keys, values = seg.cache.update(self.layer, seg.pos, k, v)  # (KV, L, D)
         L = keys.shape[1]
         if self.window is not None and T == 1 and L > self.window:
             keys, values = keys[:, L - self.window:], values[:, L - self.window:]
@@ -138,8 +157,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(
                 q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0), attn_mask=mask,
                 is_causal=mask is None, scale=self.scale, enable_gqa=group > 1).squeeze(0)
-        y = y.transpose(0, 1).reshape(T, self.n_heads * self.head_dim)  # (T, H*D)
-        return self.wo(y)
+        return y.transpose(0, 1).reshape(T, self.n_heads * self.head_dim)  # (T, H*D)
 
 
 class MLP(nn.Module):
@@ -170,9 +188,9 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(cfg)
         self.mlp = MLP(cfg, blocks)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
-                pos: int, mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, pos, mask)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                segs: list[Segment], masks: list[dict]) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, segs, masks)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -244,18 +262,48 @@ class Transformer(nn.Module):
 
         Returns logits (T, vocab) if `all_logits`, else (1, vocab) for the last position.
         """
+        return self.forward_many([Segment(tokens, cache, pos, embeds, all_logits)])[0]
+
+    @torch.inference_mode()
+    def forward_many(self, segs: list[Segment]) -> list[torch.Tensor]:
+        """Several sequences in one pass (batching): each segment's tokens run at its own
+        positions against its own cache; the weights are read once for all of them.
+        Returns each segment's logits, as `forward` does."""
         assert self.rope_cos is not None and self.rope_sin is not None, "call setup_rope()"
-        T = tokens.shape[0]
-        x = self.embed_tokens(tokens) if embeds is None else embeds.to(self.dtype)
-        cos = self.rope_cos[pos:pos + T]  # (T, D), broadcasts over heads
-        sin = self.rope_sin[pos:pos + T]
-        masks: dict[int | None, torch.Tensor | None] = {}
+        xs, cos, sin = [], [], []
+        for seg in segs:
+            T = seg.length
+            xs.append(self.embed_tokens(seg.tokens) if seg.embeds is None
+                      else seg.embeds.to(self.dtype))
+            cos.append(self.rope_cos[seg.pos:seg.pos + T])  # (T, D), broadcasts over heads
+            sin.append(self.rope_sin[seg.pos:seg.pos + T])
+        if len(segs) == 1:
+            x, c, s = xs[0], cos[0], sin[0]
+        else:
+            x, c, s = torch.cat(xs), torch.cat(cos), torch.cat(sin)
+        windows = {layer.attn.window for layer in self.layers}  # type: ignore[union-attr]
+        masks = [{w: self._mask(seg.pos, seg.length, w, x.device) for w in windows}
+                 if seg.length > 1 else {} for seg in segs]
         for layer in self.layers:
-            assert isinstance(layer, Block)
-            window = layer.attn.window
-            if T > 1 and window not in masks:
-                masks[window] = self._mask(pos, T, window, x.device)
-            x = layer(x, cos, sin, cache, pos, masks.get(window))
-        if not all_logits:
-            x = x[-1:]
-        return self.lm_head(self.norm(x)).float()
+            x = layer(x, c, s, segs, masks)
+        rows, start = [], 0
+        for seg in segs:
+            end = start + seg.length
+            rows.append(torch.arange(start, end) if seg.all_logits
+                        else torch.tensor([end - 1]))
+            start = end
+        picked = x[torch.cat(rows)] if len(segs) > 1 or not segs[0].all_logits else x
+        logits = self.lm_head(self.norm(picked)).float()
+        return list(logits.split([len(r) for r in rows]))
+
+
+class Segment:
+    """One sequence's share of a batched forward pass."""
+
+    __slots__ = ("tokens", "cache", "pos", "embeds", "all_logits", "length")
+
+    def __init__(self, tokens: torch.Tensor, cache: KVCache, pos: int,
+                 embeds: torch.Tensor | None = None, all_logits: bool = False) -> None:
+        self.tokens, self.cache, self.pos = tokens, cache, pos
+        self.embeds, self.all_logits = embeds, all_logits
+        self.length = int(tokens.shape[0])

@@ -1,11 +1,12 @@
 """The engine: one thread owns the model and runs every request.
 
 Callers `submit()` a prompt and get a RequestHandle immediately. The engine thread
-admits requests into prefix-cache slots, then works round-robin: each turn gives one
-request one unit of work (a prefill chunk or one decode step), so a short completion
+admits requests into prefix-cache slots, then works in turns: each turn is one forward
+pass in which every decoding request advances one step (batched: the weights are read
+once for all of them) and one prefilling request runs one chunk, so a short completion
 that arrives during a long translation gets its first token after at most one chunk
 of the other's work, not after it ends. Cancellation and deadlines are checked before
-every unit.
+every turn.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from ..loader import LoadedModel
 from ..sampling import sample
 from ..stopping import StopStringMatcher
 from ..tokenizer import IncrementalDetokenizer
+from ..transformer import Segment
 from ..vision.image import content_key
 from .lookup import NgramIndex
 from .prefix_cache import PrefixCache, Slot
@@ -86,12 +88,15 @@ class EngineStats:
     completed: int
     drafted: int = 0  # prompt-lookup draft tokens verified
     accepted: int = 0  # ... of which greedy decoding agreed with
+    turns: int = 0  # forward passes
+    batched_turns: int = 0  # ... that carried more than one request
 
 
 class Engine:
     def __init__(self, loaded: LoadedModel, cache_bytes: int = DEFAULT_CACHE_BYTES,
                  prefill_chunk: int = 512, warmup: bool = False,
-                 num_threads: int | None = None, lookup: bool = True) -> None:
+                 num_threads: int | None = None, lookup: bool = True,
+                 max_batch: int = 8) -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -102,7 +107,9 @@ class Engine:
         self.warmup = warmup
         # Speculative decoding by prompt lookup for greedy requests (output unchanged).
         self.lookup = lookup
+        self.max_batch = max_batch  # decoding requests batched into one forward pass
         self._drafted = self._accepted = 0
+        self._turns = self._batched = 0
         self.num_threads = num_threads or auto_threads(self.model)
         self.prefill_threads = num_threads or torch.get_num_threads()
         self._threads_now = 0
@@ -221,7 +228,8 @@ class Engine:
                 slots=len(self.cache.slots), busy_slots=sum(s.busy for s in self.cache.slots),
                 cache_bytes=self.cache.used_bytes, cache_budget_bytes=self.cache.budget_bytes,
                 evictions=self.cache.evictions, completed=self._completed,
-                drafted=self._drafted, accepted=self._accepted)
+                drafted=self._drafted, accepted=self._accepted, turns=self._turns,
+                batched_turns=self._batched)
 
     def _notify(self) -> None:
         with self._cv:
@@ -252,9 +260,7 @@ class Engine:
                         if not self._inbox and not self._stop:
                             self._cv.wait(0.05)
                     continue
-                state = self._active[0]
-                self._active.rotate(-1)
-                self._step(state)
+                self._turn()
         finally:
             self._fail_all(EngineStoppedError("the engine stopped"))
 
@@ -300,41 +306,85 @@ class Engine:
                 required=p.required_prefix))
         self._waiting = still
 
-    def _step(self, st: _Active) -> None:
-        req = st.request
-        if req.cancelled.is_set():
-            return self._finish(st, "cancelled")
-        deadline = req.deadline
-        if deadline is not None and time.monotonic() >= deadline:
-            return self._finish(st, "deadline")
-        try:
-            prompt = req.prompt_ids
+    def _turn(self) -> None:
+        """One engine turn, one forward pass: every decoding request advances (its pending
+        token, and a prompt-lookup draft if it has one) and one prefilling request runs
+        one chunk. Batching reads the weights once for all of them, so a completion that
+        arrives during a translation neither waits for it nor slows it much."""
+        now = time.monotonic()
+        for st in list(self._active):
+            req = st.request
+            if req.cancelled.is_set():
+                self._finish(st, "cancelled")
+            elif req.deadline is not None and now >= req.deadline:
+                self._finish(st, "deadline")
+        work: list[tuple[_Active, list[int], list[int] | None]] = []
+        prefill = None
+        for st in self._active:
+            prompt = st.request.prompt_ids
             if st.pos < len(prompt):
-                end = min(len(prompt), st.pos + self.prefill_chunk)
-                logits = self._forward(st, prompt[st.pos:end])
-                if end < len(prompt):
-                    return  # more prefill chunks to go
-            else:
+                if prefill is None:
+                    end = min(len(prompt), st.pos + self.prefill_chunk)
+                    prefill = (st, prompt[st.pos:end], None)
+            elif len(work) < self.max_batch:
                 assert st.pending is not None
                 draft = self._draft(st)
+                work.append((st, [st.pending, *draft], draft))
+        if prefill is not None:
+            work.append(prefill)
+        if not work:
+            return
+        self._turns += 1
+        self._batched += len(work) > 1
+        for st, _, _ in work:  # served this turn: to the back of the queue
+            self._active.remove(st)
+            self._active.append(st)
+        try:
+            outputs = self._forward_many(work)
+        except Exception:
+            if len(work) == 1:
+                outputs = [None]
+                self._fail(work[0][0])
+            else:  # find the request that breaks the batch; the others go on
+                outputs = []
+                for item in work:
+                    try:
+                        outputs.extend(self._forward_many([item]))
+                    except Exception:
+                        outputs.append(None)
+                        self._fail(item[0])
+        for (st, _, draft), logits in zip(work, outputs, strict=True):
+            if logits is None or st.pos < len(st.request.prompt_ids):
+                continue  # failed, or more prefill chunks to go
+            try:
                 if draft:
-                    return self._speculate(st, draft)
-                logits = self._forward(st, [st.pending])
-            p = req.params
-            row = logits[-1]
-            if st.required:
-                row = self._constrain(row, st.required)
-            start = 0
-            if p.token_range is not None:
-                start = p.token_range[0]
-                row = row[start:p.token_range[1]]
-            token = start + sample(row, p.temperature, p.top_k, p.top_p, st.generator)
-        except ModelError as e:
+                    self._verify(st, logits, draft)
+                else:
+                    self._accept(st, self._sample(st, logits[-1]))
+            except ModelError as e:
+                self._finish(st, "error", e)
+            except Exception as e:  # a bug: report it, keep serving others
+                log.exception("request %d failed", st.request.id)
+                self._finish(st, "error", ModelError(f"generation failed: {e}"))
+
+    def _fail(self, st: _Active) -> None:
+        import sys
+
+        e = sys.exc_info()[1]
+        if isinstance(e, ModelError):
             return self._finish(st, "error", e)
-        except Exception as e:  # a bug or out-of-memory: report it, keep serving others
-            log.exception("request %d failed", req.id)
-            return self._finish(st, "error", ModelError(f"generation failed: {e}"))
-        self._accept(st, token)
+        log.exception("request %d failed", st.request.id)
+        self._finish(st, "error", ModelError(f"generation failed: {e}"))
+
+    def _sample(self, st: _Active, row: torch.Tensor) -> int:
+        p = st.request.params
+        if st.required:
+            row = self._constrain(row, st.required)
+        start = 0
+        if p.token_range is not None:
+            start = p.token_range[0]
+            row = row[start:p.token_range[1]]
+        return start + sample(row, p.temperature, p.top_k, p.top_p, st.generator)
 
     def _draft(self, st: _Active) -> list[int]:
         p = st.request.params
@@ -345,19 +395,12 @@ class Engine:
         room = p.max_new_tokens - len(st.generated) - 1
         return st.lookup.draft(min(st.draft_len, room))
 
-    def _speculate(self, st: _Active, draft: list[int]) -> None:
-        """Feed the pending token and the draft in one pass; keep the draft's longest
-        prefix that greedy decoding agrees with, then the model's own next token. The
-        keys and values of rejected draft tokens are dropped (their positions are
+    def _verify(self, st: _Active, logits: torch.Tensor, draft: list[int]) -> None:
+        """The pending token and the draft went through in one pass: keep the draft's
+        longest prefix that greedy decoding agrees with, then the model's own next token.
+        The keys and values of rejected draft tokens are dropped (their positions are
         overwritten later)."""
-        try:
-            logits = self._forward(st, [st.pending, *draft], all_logits=True)
-            best = logits.argmax(-1).tolist()
-        except ModelError as e:
-            return self._finish(st, "error", e)
-        except Exception as e:
-            log.exception("request %d failed", st.request.id)
-            return self._finish(st, "error", ModelError(f"generation failed: {e}"))
+        best = logits.argmax(-1).tolist()
         n = 0
         while n < len(draft) and draft[n] == best[n]:
             n += 1
@@ -403,26 +446,31 @@ class Engine:
             x[k] = self._image_features(t, st.request.images[t])[p - start]
         return x
 
-    def _forward(self, st: _Active, tokens: list[int], all_logits: bool = False
-                 ) -> torch.Tensor:
+    def _forward_many(self, work: list[tuple[_Active, list[int], list[int] | None]]
+                      ) -> list[torch.Tensor]:
         # Prefill chunks are matrix products big enough for every core; a small model's
         # decode steps are not (see auto_threads).
-        threads = self.num_threads if len(tokens) <= 32 else self.prefill_threads
+        total = sum(len(tokens) for _, tokens, _ in work)
+        threads = self.num_threads if total <= 32 else self.prefill_threads
         if threads != self._threads_now:
             torch.set_num_threads(threads)
             self._threads_now = threads
-        ids = torch.tensor([max(t, 0) for t in tokens], dtype=torch.long,
-                           device=self.model.device)
-        try:
+        segs = []
+        for st, tokens, draft in work:
+            ids = torch.tensor([max(t, 0) for t in tokens], dtype=torch.long,
+                               device=self.model.device)
             embeds = self._embeds(st, tokens) if any(t < 0 for t in tokens) else None
-            logits = self.model(ids, st.slot.cache, st.pos, all_logits=all_logits,
-                                embeds=embeds)
+            segs.append(Segment(ids, st.slot.cache, st.pos, embeds, all_logits=bool(draft)))
+        try:
+            logits = self.model.forward_many(segs)
         except BaseException:
-            # K/V may be half written: the slot's content is no longer trustworthy.
-            st.slot.tokens = st.slot.tokens[:st.pos]
+            # K/V may be half written: the slots' content is no longer trustworthy.
+            for st, _, _ in work:
+                st.slot.tokens = st.slot.tokens[:st.pos]
             raise
-        st.slot.tokens.extend(tokens)
-        st.pos += len(tokens)
+        for st, tokens, _ in work:
+            st.slot.tokens.extend(tokens)
+            st.pos += len(tokens)
         return logits
 
     def _constrain(self, row: torch.Tensor, required: str) -> torch.Tensor:
