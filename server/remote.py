@@ -256,6 +256,9 @@ class OpenAIBackend:
         return {"Authorization": f"Bearer {key}"} if key else {}
 
     def http_error(self, status: int, body: str, vision: bool = False) -> RemoteError:
+        key = os.environ.get(self.cfg.api_key_env) if self.cfg.api_key_env else None
+        if key:  # a server (or proxy) that echoes the request must not put it in our logs
+            body = body.replace(key, "<api key>")
         if status in (401, 403):
             env = self.cfg.api_key_env
             return RemoteError(f"the server at {self.cfg.url} refused the API key (HTTP "

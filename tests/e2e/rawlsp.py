@@ -31,11 +31,16 @@ def frame(body: bytes | str) -> bytes:
 
 class RawServer:
     def __init__(self, *args: str, log_level: str = "INFO",
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, prelude: str | None = None) -> None:
+        """`args` go after `serve`; `prelude` is Python run in the server process first."""
         self.log = Path(tempfile.mkstemp(prefix="codevista-raw-", suffix=".log")[1])
         self._log_file = self.log.open("wb")
+        cli = ["--log-level", log_level, "serve", *args]
+        cmd = [*SERVE[:3], *cli] if prelude is None else [
+            sys.executable, "-c", f"{prelude}\nimport sys\nfrom codevista.server.cli import main"
+            f"\nsys.exit(main({cli!r}))"]
         self.proc = subprocess.Popen(
-            [*SERVE[:3], "--log-level", log_level, *SERVE[3:], *args],
+            cmd,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log_file,
             env={**os.environ, **(env or {})})
         self.messages: list[dict[str, Any]] = []  # everything the server sent, in order
