@@ -153,7 +153,9 @@ class _Reader:
             tensor = handle.get_tensor(name)
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise CorruptCheckpointError(f"cannot read {name!r} from {path.name}: {e}") from e
-        return tensor.to(dtype)
+        # A copy, never a view of the file's memory map: a checkpoint rewritten or truncated
+        # in place while the server runs would otherwise kill it (SIGBUS) at the next read.
+        return tensor.to(dtype, copy=True)
 
 
 def _hf_names(cfg: DecoderConfig, i: int) -> dict[str, list[str]]:
