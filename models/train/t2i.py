@@ -179,13 +179,15 @@ class Layout:
         return [self.pad] * (PROMPT_TOKENS - len(ids)) + ids + [self.boi]
 
 
-def init_decoder(init: Path, vocab: int) -> CodeLM:
-    """A decoder with the init model's weights and new rows for the image tokens."""
+def init_decoder(init: Path, vocab: int, layers: int | None = None) -> CodeLM:
+    """A decoder with the init model's weights (its first `layers` layers) and new rows
+    for the image tokens."""
     from safetensors.torch import load_file
 
     cfg = json.loads((init / "config.json").read_text())
+    layers = layers or cfg["num_hidden_layers"]
     shape = ModelShape(vocab_size=vocab, hidden_size=cfg["hidden_size"],
-                       num_layers=cfg["num_hidden_layers"],
+                       num_layers=layers,
                        num_heads=cfg["num_attention_heads"],
                        num_kv_heads=cfg["num_key_value_heads"],
                        intermediate_size=cfg["intermediate_size"],
@@ -193,7 +195,8 @@ def init_decoder(init: Path, vocab: int) -> CodeLM:
                        rope_theta=cfg.get("rope_theta", 10000.0),
                        rms_norm_eps=cfg["rms_norm_eps"])
     model = CodeLM(shape)
-    state = load_file(str(init / "model.safetensors"))
+    state = {k: v for k, v in load_file(str(init / "model.safetensors")).items()
+             if not k.startswith("model.layers.") or int(k.split(".")[2]) < layers}
     emb = model.model.embed_tokens.weight.detach().clone()
     old = state.pop("model.embed_tokens.weight")
     emb[:old.shape[0]] = old
@@ -236,7 +239,7 @@ def train_lm(args: argparse.Namespace) -> None:
     vq = load_trained_vq(args.vq_run)
     lm_run = run / "lm"
     lm_run.mkdir(parents=True, exist_ok=True)
-    model = init_decoder(args.init, tok.vocab_size)
+    model = init_decoder(args.init, tok.vocab_size, args.layers)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95),
                             weight_decay=0.05)
     state = load_checkpoint(lm_run, model, opt) or {
@@ -300,8 +303,10 @@ def export(run: Path, vq_run: Path, out: Path) -> None:
               metadata={"format": "pt"})
     save_vq(load_trained_vq(vq_run), out)
     pad = layout.pad
+    layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("model.layers."))
     config = {
         **{k: v for k, v in cfg.items() if k != "torch_dtype"},
+        "num_hidden_layers": layers,
         "vocab_size": tok.vocab_size,
         "max_position_embeddings": PROMPT_TOKENS + 1 + VQ.grid ** 2 + 1,
         "eos_token_id": layout.eoi, "pad_token_id": pad, "torch_dtype": "float32",
@@ -353,6 +358,8 @@ def main() -> None:
     lm.add_argument("--run", type=Path, required=True)
     lm.add_argument("--vq-run", type=Path, required=True)
     lm.add_argument("--init", type=Path, default=DEFAULT_INIT)
+    lm.add_argument("--layers", type=int, default=None,
+                    help="keep the init model's first N layers (default: all)")
     lm.add_argument("--steps", type=int, default=2000)
     lm.add_argument("--batch", type=int, default=8)
     lm.add_argument("--lr", type=float, default=1e-3)
