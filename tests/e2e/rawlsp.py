@@ -45,6 +45,7 @@ class RawServer:
             env={**os.environ, **(env or {})})
         self.messages: list[dict[str, Any]] = []  # everything the server sent, in order
         self.unparsable: list[bytes] = []  # frames that were not JSON (must stay empty)
+        self.arrived: dict[str, float] = {}  # json.dumps(id) -> when its first response came
         self._responses: dict[Any, queue.Queue[dict[str, Any]]] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -88,6 +89,7 @@ class RawServer:
             key = json.dumps(msg.get("id"))
             with self._lock:
                 q = self._responses.setdefault(key, queue.Queue())
+                self.arrived.setdefault(key, time.monotonic())
             q.put(msg)
 
     def send_bytes(self, data: bytes) -> None:
