@@ -63,13 +63,14 @@ static void rows_gemm(const float *x, int m, int n_in, const int8_t *w,
 }
 
 /* y (m, n_out) = x (m, n_in) @ w^T * scale + bias; m <= 16. Returns 0, or -1 if m is too
- * large. Rows of W are shared among `threads` OpenMP threads in blocks of 16. */
+ * large. Rows of W are shared among `threads` OpenMP threads in blocks of 16, handed out
+ * dynamically (a thread the OS preempts does not hold the others up). */
 int cv_int8_gemm(const float *x, int m, int n_in, const int8_t *w, const float *scale,
                  const float *bias, float *y, int n_out, int threads)
 {
     if (m < 1 || m > MAX_M) return -1;
     int blocks = (n_out + 15) / 16;
-#pragma omp parallel for schedule(static) num_threads(threads) if(threads > 1)
+#pragma omp parallel for schedule(dynamic, 4) num_threads(threads) if(threads > 1)
     for (int blk = 0; blk < blocks; blk++) {
         int o0 = blk * 16, o1 = o0 + 16 < n_out ? o0 + 16 : n_out;
         rows_gemm(x, m, n_in, w, scale, bias, y, n_out, o0, o1);
