@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from rawlsp import RawServer
 from test_checkpoints import _bad
 from test_reliability_images import hostile_bytes
@@ -96,6 +97,7 @@ def test_model_directory_removed_and_rewritten_while_serving(qwen_dir, tmp_path)
         assert _complete(s)["result"] == before
 
 
+@pytest.mark.slow
 def test_inputs_beyond_every_budget_get_clear_errors(qwen_dir, llava_dirs, tmp_path):
     """A translation source over the 1 MiB cap, an image question longer than the vision
     model's context, a completion in a file far past the model's context (answered from
@@ -121,6 +123,7 @@ def test_inputs_beyond_every_budget_get_clear_errors(qwen_dir, llava_dirs, tmp_p
         assert "result" in _complete(s)
 
 
+@pytest.mark.slow
 def test_hostile_images_through_the_server(llava_dirs, tmp_path):
     (tmp_path / "ok.png").write_bytes(hostile_bytes()["one_pixel"][0])
     with RawServer() as s:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -274,6 +275,9 @@ def requests(draw) -> tuple[str, Any]:
     return method, _mutate(base, path, draw(json_values))
 
 
+OUTCOMES: Counter[Any] = Counter()  # printed by the test after this one (run with -s)
+
+
 @FUZZ
 @given(msgs=st.lists(st.one_of(requests(), st.tuples(st.sampled_from(NOTIFICATIONS),
                                                       json_values)), min_size=1, max_size=4))
@@ -288,10 +292,16 @@ def test_wrong_field_types_get_an_error_or_are_ignored(model_server, msgs):
             s.notify(method, params)
     for msg_id in sent:
         r = s.response(msg_id, 30)
+        OUTCOMES[r["error"]["code"] if "error" in r else "result"] += 1
         if "error" in r:
             assert r["error"]["code"] in (INVALID_PARAMS, INTERNAL, -32800), r
             assert "Traceback" not in r["error"]["message"]
     _serving(s)
+
+
+def test_fuzzed_outcomes_summary():
+    print("\nFUZZED REQUESTS", dict(OUTCOMES))
+    assert OUTCOMES.get(INTERNAL, 0) == 0 or not OUTCOMES  # wrong types are InvalidParams
 
 
 # -- positions and edits against a reference model -------------------------------------------

@@ -89,6 +89,7 @@ def _inet(proc: psutil.Process) -> list:
     return [c for c in proc.net_connections(kind="inet")]
 
 
+@pytest.mark.slow
 def test_a_full_session_unpickles_nothing_and_opens_no_socket(tmp_path):
     """The embedded code model and VLM: load, complete, translate, explain an image."""
     with RawServer(prelude=TRAP) as s:
