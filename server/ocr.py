@@ -105,10 +105,10 @@ class OcrEngine:
 
     Screenshot-specific choices: no orientation classifier (screens are upright), a dark
     image is inverted before reading (the models saw mostly dark text on light paper), and
-    each text box is widened by `pad` of its height before recognition so that a thin last
-    character (a closing quote) is not cut off."""
+    each text box can be widened by `pad` of its height before recognition (0 reads the
+    held-out validation code best)."""
 
-    def __init__(self, threads: int = 0, min_score: float = 0.5, pad: float = 0.3,
+    def __init__(self, threads: int = 0, min_score: float = 0.5, pad: float = 0.0,
                  invert_dark: bool = True) -> None:
         self.threads = threads  # onnxruntime intra-op threads; 0: onnxruntime's default
         self.min_score = min_score
@@ -210,13 +210,17 @@ _LOOKALIKES = str.maketrans({"′": "'", "‘": "'", "’": "'", "´": "'", "“
                              "″": '"', "–": "-", "—": "-", "−": "-", "…": "...", "·": "."})
 
 
+_STARS = str.maketrans({c: "*" for c in "米★☆×✱∗⁎"})
+
+
 def normalise(text: str) -> str:
     """Full-width forms to ASCII (NFKC) and typographic look-alikes to code punctuation;
-    a lone 米 is how the recogniser reads an asterisk."""
+    米, ★ and × are how the recogniser reads an asterisk in otherwise ASCII text."""
     import unicodedata
 
     text = unicodedata.normalize("NFKC", text).translate(_LOOKALIKES)
-    return "*" if text.strip() == "米" else text
+    stars = text.translate(_STARS)
+    return stars if stars.isascii() else text
 
 
 # -- layout: rows, columns, blank lines -------------------------------------------------------
@@ -242,41 +246,60 @@ def _centres(ln: OcrLine) -> list[float]:
     return [(x1 + x2) / 2 for _, x1, x2 in ln.chars]
 
 
-NARROW, WIDE = set("il.,;:!'|jtfrI1`"), set("mwMW@%&")
+MONO_RESIDUAL = 0.25  # in character widths; measured ~0.14 for monospace, >= 0.33 otherwise
 
 
 def char_width(lines: list[OcrLine]) -> tuple[float, bool]:
-    """The width of one character (the median over boxes of the least-squares slope of
-    character centre against position in the text), and whether the font is monospace:
-    pairs of neighbours with a narrow glyph (i, l, '.') are as far apart as pairs with a
-    wide one (m, w) in a monospace font, about half as far in a proportional one."""
-    slopes = []
-    narrow, wide = [], []
+    """The width of one character, and whether the font is monospace.
+
+    Per box, the centres of each word's characters are fit by least squares to their
+    positions in the word (centre = a_word + width * index, one width per box, so that the
+    spaces between words, which the OCR may have read wrong, do not count): the width is the
+    median over boxes. In a monospace font every character sits on its word's line, up to
+    the recogniser's coarse horizontal steps; in a proportional one, narrow and wide glyphs
+    pull centres off it. So the font is taken as monospace when the boxes' 90th-percentile
+    distance from the line is under MONO_RESIDUAL widths (boxes with 8 such characters or
+    more decide; none: not monospace), and a space the OCR read is as wide as a character
+    (in a proportional font it is about half as wide)."""
+    slopes, residuals, spaces = [], [], []
     for ln in lines:
         c = _centres(ln)
-        if len(c) < 4:
+        words: list[list[tuple[int, float]]] = [[]]
+        k = 0
+        for i, ch in enumerate(ln.text):
+            if ch == " ":
+                words.append([])
+            elif k < len(c):
+                words[-1].append((i, c[k]))
+                k += 1
+        words = [w for w in words if len(w) >= 2]
+        means = [(sum(i for i, _ in w) / len(w), sum(x for _, x in w) / len(w)) for w in words]
+        var = sum((i - mi) ** 2 for w, (mi, _) in zip(words, means, strict=True) for i, _ in w)
+        if var <= 0:
             continue
-        idx = [i for i, ch in enumerate(ln.text) if ch != " "]
-        mi, mc = sum(idx) / len(idx), sum(c) / len(c)
-        var = sum((i - mi) ** 2 for i in idx)
-        if var > 0:
-            slopes.append(sum((i - mi) * (x - mc) for i, x in zip(idx, c, strict=True)) / var)
-        for k in range(1, len(c)):
-            if idx[k] - idx[k - 1] != 1:
-                continue
-            pair = {ln.chars[k - 1][0], ln.chars[k][0]}
-            if pair & WIDE:
-                wide.append(c[k] - c[k - 1])
-            elif pair <= NARROW:
-                narrow.append(c[k] - c[k - 1])
+        slope = sum((i - mi) * (x - mx) for w, (mi, mx) in zip(words, means, strict=True)
+                    for i, x in w) / var
+        if slope <= 0:
+            continue
+        slopes.append(slope)
+        if len(c) == len(ln.chars):
+            k = 0
+            for i, ch in enumerate(ln.text):
+                if ch != " ":
+                    k += 1
+                elif 0 < k < len(c) and ln.text[i - 1] != " " and ln.text[i + 1] != " ":
+                    spaces.append((c[k] - c[k - 1]) / slope - 1)
+        r = sorted(abs(x - mx - slope * (i - mi)) / slope
+                   for w, (mi, mx) in zip(words, means, strict=True) for i, x in w)
+        if len(r) >= 8:
+            residuals.append(r[int(0.9 * (len(r) - 1))])
     if not slopes:
         ws = [(ln.box[2] - ln.box[0]) / len(ln.text) for ln in lines if ln.text]
         return (median(ws) if ws else 8.0), False
-    cw = median(slopes)
-    mono = True
-    if len(narrow) >= 2 and len(wide) >= 2:
-        mono = median(narrow) > 0.8 * median(wide)
-    return cw, mono
+    mono = bool(residuals) and median(residuals) < MONO_RESIDUAL
+    if spaces:
+        mono = mono and median(spaces) > 0.75
+    return median(slopes), mono
 
 
 def _columns(starts: list[float], cw: float) -> list[int]:
@@ -366,8 +389,18 @@ def reassemble(lines: list[OcrLine], layout: bool = True) -> tuple[str, float]:
             piece = (_spaced(b, cw) if mono else b.text).strip()
             start = col_of[id(b)]
             text += " " * (max(start - len(text), 1 if text else 0)) + piece
-        out.append(text.rstrip())
+        out.append(_comment_star(text.rstrip(), out))
     return "\n".join(out), cw
+
+
+def _comment_star(line: str, before: list[str]) -> str:
+    """An X that opens a line inside a /* ... */ block is how some fonts' asterisk reads."""
+    body = line.lstrip()
+    prev = next((b.lstrip() for b in reversed(before) if b.strip()), "")
+    if body[:2] in ("X ", "x ", "X", "x") and prev.startswith(("/*", "*")) \
+            and not prev.endswith("*/"):
+        return line[:len(line) - len(body)] + "*" + body[1:]
+    return line
 
 
 # -- which language ---------------------------------------------------------------------------

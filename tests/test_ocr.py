@@ -1,0 +1,255 @@
+"""OCR of screenshots: layout recovery, the transcribe task, the prompt's OCR block, the
+missing extra, and the `codevista.explainImage` command with `task: transcribe` over LSP.
+
+Tests that run the real OCR model skip when the `ocr` extra (rapidocr + onnxruntime) is
+not installed; the layout, prompt and missing-extra tests run everywhere."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import random
+import sys
+import threading
+
+import pytest
+import pytest_lsp
+from lsprotocol import types
+from pygls.exceptions import JsonRpcException
+from pytest_lsp import ClientServerConfig, LanguageClient
+
+from codevista.models import formats
+from codevista.models.train import vlm_data
+from codevista.server import ocr
+from codevista.server.ocr import OcrLine
+
+needs_ocr = pytest.mark.skipif(not ocr.available(), reason="the ocr extra is not installed")
+
+SNIPPET = '''import os
+
+
+def walk(root, depth=0):
+    """Yield (path, depth) below root."""
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name)
+        if os.path.isdir(path):
+            yield from walk(path, depth + 1)
+        else:
+            yield path, depth  # a file'''
+
+
+def _line(text: str, col: int, row: int, cw: float = 9.0, pitch: float = 24.0,
+          x0: float = 10.0, mono: bool = True) -> OcrLine:
+    """An OCR line as the model reports it for `text` drawn at (col, row): a box with a
+    little padding, one span per non-space character."""
+    chars, x = [], x0 + col * cw
+    for ch in text:
+        w = cw if mono else cw * (0.45 if ch in "il.,'" else 1.6 if ch in "mwMW" else 1.0)
+        if ch != " ":
+            chars.append((ch, x + 0.5, x + w - 0.5))
+        x += w
+    y = 8 + row * pitch
+    return OcrLine(" ".join(text.split()), (x0 + col * cw - 2, y, x + 2, y + 16), 0.99,
+                   tuple(chars))
+
+
+# -- layout, without the model --------------------------------------------------------------
+
+def test_layout_recovers_indentation_spaces_and_blank_lines():
+    lines = [_line("def f(x):", 0, 0), _line("if x:", 4, 1), _line("return  x  # two", 8, 2),
+             _line("pass", 4, 4)]
+    rng = random.Random(0)
+    rng.shuffle(lines)  # reading order comes from the boxes, not from the list
+    text, cw = ocr.reassemble(lines)
+    assert text == "def f(x):\n    if x:\n        return  x  # two\n\n    pass"
+    assert cw == pytest.approx(9.0, rel=0.02)
+    plain, _ = ocr.reassemble(lines, layout=False)
+    assert plain == "def f(x):\nif x:\nreturn x # two\npass"
+
+
+def test_layout_joins_boxes_of_one_row_at_their_columns():
+    first = _line("x = 1", 0, 0)
+    second = _line("# set x", 12, 0)
+    text, _ = ocr.reassemble([second, first, _line("y = 2", 0, 1)])
+    assert text == "x = 1       # set x\ny = 2"
+
+
+def test_a_proportional_font_keeps_the_ocr_spaces():
+    lines = [_line("Traceback (most recent call last): will wait", 0, 0, mono=False),
+             _line("MemoryError: impossible allocation", 0, 1, mono=False)]
+    cw, mono = ocr.char_width(lines)
+    assert not mono
+    text, _ = ocr.reassemble(lines)
+    assert text == ("Traceback (most recent call last): will wait\n"
+                    "MemoryError: impossible allocation")
+
+
+def test_normalise_maps_look_alikes_to_code_punctuation():
+    assert ocr.normalise("x：1，“a”") == 'x:1,"a"'
+    assert ocr.normalise("/★") == "/*" and ocr.normalise("米") == "*"
+    assert ocr.normalise("注释 米") == "注释 米"  # real CJK text is left alone
+
+
+@pytest.mark.parametrize("lang,code", [
+    ("python", SNIPPET),
+    ("java", "public class A {\n    public static void main(String[] args) {\n"
+             "        System.out.println(args.length);\n    }\n}"),
+    ("go", "package main\n\nimport \"fmt\"\n\nfunc main() {\n\tx := 1\n\tfmt.Println(x)\n}"),
+    ("rust", "fn main() {\n    let mut v = Vec::new();\n    v.push(1);\n}"),
+    ("javascript", "const fs = require('fs');\nconsole.log(fs.existsSync('a') === true);"),
+    ("python", "Traceback (most recent call last):\n  File \"a.py\", line 1, in <module>\n"
+               "ZeroDivisionError: division by zero"),
+])
+def test_guess_language(lang, code):
+    assert ocr.guess_language(code) == lang
+
+
+def test_guess_language_says_nothing_about_prose():
+    assert ocr.guess_language("The build finished") is None
+    assert ocr.guess_language("") is None
+
+
+def test_require_names_the_extra(monkeypatch):
+    monkeypatch.setattr(ocr, "available", lambda: False)
+    with pytest.raises(ocr.OcrMissingError, match=r"pip install 'codevista\[ocr\]'"):
+        ocr.require("transcribe")
+    from codevista.server.features.vision import VisionService
+
+    img, _ = vlm_data.render_code("x = 1")
+    service = VisionService()
+    try:
+        with pytest.raises(ocr.OcrMissingError, match="transcribe"):
+            asyncio.run(service.transcribe(img))
+        assert asyncio.run(service.read_text(img)) is None  # other tasks go on without
+    finally:
+        service.close()
+
+
+# -- the prompt and the training input ------------------------------------------------------
+
+def test_ocr_block_in_the_prompt():
+    q = formats.vision_question("explain", None)
+    assert formats.vision_prompt(q, ocr=formats.ocr_context([])) == formats.vision_prompt(q)
+    p = formats.vision_prompt(q, ocr=formats.ocr_context(
+        [("KeyError:  'x'", [10, 20, 300, 60]), ("at line 3", (10, 70, 200, 90))]))
+    assert p == (f"USER: {formats.IMAGE}\n{formats.OCR_HEADER}\n[10,20,300,60] KeyError: 'x'\n"
+                 f"[10,70,200,90] at line 3\n{q} ASSISTANT:")
+
+
+def test_simulated_ocr_follows_the_drawn_text():
+    s = next(vlm_data.sample("test", 1_000_000 + i) for i in range(200)
+             if vlm_data.sample("test", 1_000_000 + i).kind == "diagram")
+    clean = vlm_data.simulated_ocr(s, random.Random(0), noise=0.0)
+    assert [t for t, _ in clean] == s.meta["nodes"]
+    for _, b in clean:
+        assert 0 <= b[0] < b[2] <= 1000 and 0 <= b[1] < b[3] <= 1000
+    noisy = [vlm_data.simulated_ocr(s, random.Random(k), noise=0.5) for k in range(20)]
+    assert any(n != clean for n in noisy)
+    assert vlm_data.simulated_ocr(s, random.Random(3), 0.5) == \
+        vlm_data.simulated_ocr(s, random.Random(3), 0.5)
+    prompt = vlm_data.training_prompt(s, random.Random(0), ocr_rate=1.0, noise=0.0)
+    assert formats.OCR_HEADER in prompt and s.meta["nodes"][0] in prompt
+    assert vlm_data.training_prompt(s) == formats.vision_prompt(
+        formats.vision_question(s.task, s.question))
+
+
+# -- the real OCR model -----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def engine():
+    return ocr.OcrEngine()
+
+
+@needs_ocr
+@pytest.mark.parametrize("font,size,dark", [("DejaVuSansMono.ttf", 16, False),
+                                            ("LiberationMono-Regular.ttf", 15, True)])
+def test_transcription_of_a_rendered_snippet_round_trips(engine, font, size, dark):
+    img, drawn = vlm_data.render_code(SNIPPET, font, size, dark)
+    result = engine.read(img)
+    t = ocr.transcribe(result)
+    assert t.text == drawn == SNIPPET
+    assert t.language == "python"
+    boxes = result.boxes_1000()
+    assert [b[1] for _, b in boxes] == sorted(b[1] for _, b in boxes)  # reading order
+    assert all(0 <= v <= 1000 for _, b in boxes for v in b)
+
+
+@needs_ocr
+def test_a_cancelled_read_stops_and_the_engine_serves_the_next(engine):
+    img, _ = vlm_data.render_code(SNIPPET, size=14)
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(ocr.OcrCancelled):
+        engine.read(img, stop)
+
+    async def cancel_midway():
+        task = asyncio.ensure_future(engine.aread(img))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return await asyncio.wait_for(engine.aread(img), 60)
+
+    again = asyncio.run(cancel_midway())
+    assert ocr.transcribe(again).text == SNIPPET
+
+
+# -- over LSP ----------------------------------------------------------------------------------
+
+SERVER = [sys.executable, "-m", "codevista.server.cli", "serve"]
+# The same server with the OCR packages made unimportable.
+SERVER_NO_OCR = [sys.executable, "-c",
+                 "import sys; sys.modules['rapidocr'] = None; sys.modules['onnxruntime'] = None;"
+                 " from codevista.server.cli import main; sys.exit(main(['serve']))"]
+
+
+def _png(img) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+async def _start(client: LanguageClient, root) -> None:
+    await client.initialize_session(types.InitializeParams(
+        capabilities=types.ClientCapabilities(),
+        workspace_folders=[types.WorkspaceFolder(uri=root.as_uri(), name="ws")]))
+
+
+async def _transcribe(client: LanguageClient, image: dict) -> dict:
+    return await client.workspace_execute_command_async(types.ExecuteCommandParams(
+        command="codevista.explainImage", arguments=[{"image": image, "task": "transcribe"}]))
+
+
+@pytest_lsp.fixture(config=ClientServerConfig(server_command=SERVER))
+async def server(lsp_client: LanguageClient, tmp_path):
+    await _start(lsp_client, tmp_path)
+    yield
+    await lsp_client.shutdown_session()
+
+
+@pytest_lsp.fixture(config=ClientServerConfig(server_command=SERVER_NO_OCR))
+async def server_without_ocr(lsp_client: LanguageClient, tmp_path):
+    await _start(lsp_client, tmp_path)
+    yield
+    await lsp_client.shutdown_session()
+
+
+@needs_ocr
+async def test_transcribe_command_returns_the_code(server):
+    img, _ = vlm_data.render_code(SNIPPET, "DejaVuSansMono.ttf", 16)
+    r = await _transcribe(server, {"data": _png(img), "mimeType": "image/png"})
+    assert r["task"] == "transcribe" and r["text"] == SNIPPET
+    assert r["language"] == "python" and r["transcription"] == SNIPPET
+    assert r["lines"][0]["text"] == "import os" and len(r["lines"][0]["box"]) == 4
+    with pytest.raises(JsonRpcException) as info:  # a bad image: a clear error, still serving
+        await _transcribe(server, {"data": base64.b64encode(b"no image here").decode()})
+    assert "not an image" in str(info.value)
+    assert (await _transcribe(server, {"data": _png(img)}))["text"] == SNIPPET
+
+
+async def test_transcribe_without_the_extra_says_what_to_install(server_without_ocr):
+    img, _ = vlm_data.render_code("x = 1")
+    with pytest.raises(JsonRpcException) as info:
+        await _transcribe(server_without_ocr, {"data": _png(img)})
+    assert "codevista[ocr]" in str(info.value)
