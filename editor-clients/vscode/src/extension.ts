@@ -243,6 +243,125 @@ async function explainClipboard(): Promise<void> {
   else await explainImage(spec, "", spec.path);
 }
 
+// -- a screenshot of an error: transcription (OCR) first, then the explanation streamed ------
+
+let lastTranscription: { text: string; language?: string; editor?: vscode.TextEditor } | undefined;
+
+/** An image on the system clipboard as base64 PNG, through the platform's clipboard tool. */
+function clipboardImageBytes(): Promise<string | undefined> {
+  const { execFile } = require("child_process");
+  const tools: [string, string[]][] = process.platform === "darwin"
+    ? [["pngpaste", ["-"]]]
+    : process.platform === "win32"
+      ? [["powershell", ["-NoProfile", "-Command", "Add-Type -AssemblyName System.Windows.Forms;" +
+        "$i=[Windows.Forms.Clipboard]::GetImage();if($i){$m=New-Object IO.MemoryStream;" +
+        "$i.Save($m,[Drawing.Imaging.ImageFormat]::Png);[Convert]::ToBase64String($m.ToArray())}"]]]
+      : [["wl-paste", ["--no-newline", "--type", "image/png"]],
+        ["xclip", ["-selection", "clipboard", "-target", "image/png", "-out"]]];
+  const attempt = (i: number): Promise<string | undefined> => i >= tools.length
+    ? Promise.resolve(undefined)
+    : new Promise((resolve) => {
+      const [cmd, args] = tools[i];
+      execFile(cmd, args, { encoding: "buffer", maxBuffer: 32 << 20, timeout: 5000 },
+        (err: any, stdout: Buffer) => {
+          if (err || !stdout || stdout.length < 8) return resolve(attempt(i + 1));
+          resolve(process.platform === "win32" ? stdout.toString().trim()
+            : stdout.toString("base64"));
+        });
+    });
+  return attempt(0);
+}
+
+async function screenshotSource(uri?: vscode.Uri):
+  Promise<{ spec: { path?: string; data?: string }; src: string; label: string } | undefined> {
+  if (uri) return { spec: { path: uri.fsPath }, src: "", label: require("path").basename(uri.fsPath) };
+  const pick = await vscode.window.showQuickPick(
+    [{ label: "$(clippy) Paste from the clipboard", id: "clip" },
+      { label: "$(file-media) Pick an image file…", id: "file" }],
+    { title: "codevista: Explain a screenshot of an error" });
+  if (!pick) return undefined;
+  if (pick.id === "file") {
+    const picked = await vscode.window.showOpenDialog({ canSelectMany: false,
+      filters: { Images: ["png", "jpg", "jpeg", "webp", "bmp", "gif"] } });
+    if (!picked?.[0]) return undefined;
+    return { spec: { path: picked[0].fsPath }, src: "", label: require("path").basename(picked[0].fsPath) };
+  }
+  const fromText = imageFromClipboard(await vscode.env.clipboard.readText());
+  if (fromText && "data" in fromText) {
+    return { spec: fromText, src: `data:image/png;base64,${fromText.data}`, label: "clipboard" };
+  }
+  if (fromText) return { spec: fromText, src: "", label: fromText.path };
+  const data = await clipboardImageBytes();
+  if (data) return { spec: { data }, src: `data:image/png;base64,${data}`, label: "clipboard" };
+  void vscode.window.showWarningMessage("codevista: the clipboard holds no image");
+  return undefined;
+}
+
+async function insertTranscription(): Promise<void> {
+  const t = lastTranscription;
+  if (!t?.text) {
+    void vscode.window.showWarningMessage("codevista: no transcription yet");
+    return;
+  }
+  const editor = t.editor && !t.editor.document.isClosed ? t.editor : vscode.window.activeTextEditor;
+  if (!editor) {
+    void vscode.window.showWarningMessage("codevista: no editor to insert into");
+    return;
+  }
+  await editor.edit((b) => b.insert(editor.selection.active, t.text));
+}
+
+async function explainScreenshot(uri?: vscode.Uri): Promise<void> {
+  if (!client) return;
+  const editor = vscode.window.activeTextEditor;
+  const source = await screenshotSource(uri);
+  if (!source) return;
+  const { spec, label } = source;
+  const panel = vscode.window.createWebviewPanel("codevistaScreenshot", `Error: ${label}`,
+    vscode.ViewColumn.Beside, { enableScripts: true,
+      localResourceRoots: spec.path ? [vscode.Uri.file(require("path").dirname(spec.path))] : [] });
+  const src = spec.path ? panel.webview.asWebviewUri(vscode.Uri.file(spec.path)).toString() : source.src;
+  panel.webview.html = `<!DOCTYPE html><html><body>
+    <img src="${escapeHtml(src)}" style="max-width:100%;max-height:30vh"/>
+    <h3 id="head">Transcription</h3>
+    <pre id="code" style="white-space:pre;overflow-x:auto">reading the image…</pre>
+    <button id="insert" disabled>Insert at cursor</button>
+    <h3>Explanation</h3>
+    <pre id="out" style="white-space:pre-wrap">…</pre>
+    <script>const vscode = acquireVsCodeApi();
+      document.getElementById('insert').onclick = () => vscode.postMessage({ type: 'insert' });
+      window.addEventListener('message', e => {
+        const m = e.data;
+        if (m.code !== undefined) { document.getElementById('code').textContent = m.code;
+          document.getElementById('head').textContent = 'Transcription' + (m.language ? ' (' + m.language + ')' : '');
+          document.getElementById('insert').disabled = !m.code; }
+        if (m.text !== undefined) document.getElementById('out').textContent = m.text; });
+    </script></body></html>`;
+  panel.webview.onDidReceiveMessage((m: any) => { if (m?.type === "insert") void insertTranscription(); });
+  try {
+    const t: any = await client.sendRequest("workspace/executeCommand",
+      { command: "codevista.explainImage", arguments: [{ image: spec, task: "transcribe" }] });
+    lastTranscription = { text: t.text ?? "", language: t.language ?? undefined, editor };
+    void panel.webview.postMessage({ code: t.text ?? "", language: t.language ?? "" });
+  } catch (e: any) {
+    void panel.webview.postMessage({ code: `codevista: ${e?.message ?? e}`, text: "" });
+    return;
+  }
+  const token = randomUUID();
+  const sub = client.onProgress(anyProgress, token, (v: any) => {
+    if (typeof v?.text === "string") void panel.webview.postMessage({ text: v.text });
+  });
+  try {
+    const result: any = await client.sendRequest("workspace/executeCommand",
+      { command: "codevista.explainImage", arguments: [{ image: spec, partialResultToken: token }] });
+    void panel.webview.postMessage({ text: result.text });
+  } catch (e: any) {
+    void panel.webview.postMessage({ text: `codevista: ${e?.message ?? e}` });
+  } finally {
+    sub.dispose();
+  }
+}
+
 async function generateImage(): Promise<void> {
   if (!client) return;
   const prompt = await vscode.window.showInputBox({
@@ -291,6 +410,8 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
     vscode.commands.registerCommand("codevista.translateSelection", translate),
     vscode.commands.registerCommand("codevista.explainImageFile", explainImageCommand),
     vscode.commands.registerCommand("codevista.explainImageClipboard", explainClipboard),
+    vscode.commands.registerCommand("codevista.explainErrorScreenshot", explainScreenshot),
+    vscode.commands.registerCommand("codevista.insertTranscription", insertTranscription),
     vscode.commands.registerCommand("codevista.generateImageFromPrompt", generateImage),
     vscode.commands.registerCommand("codevista.showStatus", () => {
       output.show(true);

@@ -290,6 +290,93 @@ function M.explain_image(path, question)
   return buf
 end
 
+-- A screenshot of an error: the text read by OCR (the `transcribe` task, with its language)
+-- shows first, then the explanation streams below it. `path` is an image file; without one,
+-- the image on the clipboard (wl-paste, xclip or pngpaste). The transcription is kept for
+-- M.insert_transcription(), which puts it at the cursor of the window the flow began in.
+local function clipboard_image()
+  local tries = {
+    { "wl-paste", "--no-newline", "--type", "image/png" },
+    { "xclip", "-selection", "clipboard", "-target", "image/png", "-out" },
+    { "pngpaste", "-" },
+  }
+  for _, cmd in ipairs(tries) do
+    if vim.fn.executable(cmd[1]) == 1 then
+      local out = vim.system(cmd, { text = false }):wait()
+      if out.code == 0 and out.stdout and #out.stdout > 8 then
+        return vim.base64.encode(out.stdout)
+      end
+    end
+  end
+  return nil
+end
+
+local function fenced(result)
+  local lang = result.language or ""
+  return "## Transcription" .. (lang ~= "" and (" (" .. lang .. ")") or "") .. "\n\n```"
+    .. lang .. "\n" .. (result.text or "") .. "\n```\n"
+end
+
+function M.explain_screenshot(path, question)
+  local bufnr = vim.api.nvim_get_current_buf()
+  local origin = { win = vim.api.nvim_get_current_win(), buf = bufnr }
+  local client = M.client(bufnr) or vim.lsp.get_clients({ name = "codevista" })[1]
+  if not client then return log("the server is not running", vim.log.levels.WARN) end
+  local image
+  if path and path ~= "" then
+    image = { path = vim.fn.fnamemodify(path, ":p") }
+  else
+    local data = clipboard_image()
+    if not data then
+      return log("no image file given and no image on the clipboard", vim.log.levels.WARN)
+    end
+    image = { data = data, mimeType = "image/png" }
+  end
+  local buf = scratch("markdown", "codevista://screenshot/" .. state.seq)
+  vim.api.nvim_set_current_win(origin.win)
+  set_text(buf, "reading the image…")
+  req(client, "workspace/executeCommand", { command = "codevista.explainImage",
+    arguments = { { image = image, task = "transcribe" } } }, function(err, result)
+    if err then
+      set_text(buf, "codevista: " .. (err.message or vim.inspect(err)))
+      return log(err.message or "request failed", vim.log.levels.ERROR)
+    end
+    state.transcription = { text = result.text or "", language = result.language, origin = origin }
+    local head = fenced(result) .. "\n## Explanation\n\n"
+    set_text(buf, head .. "…")
+    local token = new_token("screenshot")
+    state.tokens[token] = function(value)
+      if type(value) == "table" and type(value.text) == "string" then set_text(buf, head .. value.text) end
+    end
+    local args = { image = image, task = "explain", partialResultToken = token }
+    if question and question ~= "" then args.question = question end
+    req(client, "workspace/executeCommand", { command = "codevista.explainImage",
+      arguments = { args } }, function(err2, res2)
+      state.tokens[token] = nil
+      if err2 then return set_text(buf, head .. "codevista: " .. (err2.message or "request failed")) end
+      set_text(buf, head .. (res2.text or ""))
+    end, bufnr)
+  end, bufnr)
+  return buf
+end
+
+-- Inserts the last transcription at the cursor (of the window the screenshot flow began in
+-- when it is still open, else of the current one). Returns false when there is none.
+function M.insert_transcription()
+  local t = state.transcription
+  if not t or t.text == "" then
+    log("no transcription yet: run :CodevistaExplainScreenshot first", vim.log.levels.WARN)
+    return false
+  end
+  if t.origin and vim.api.nvim_win_is_valid(t.origin.win) then
+    vim.api.nvim_set_current_win(t.origin.win)
+  end
+  vim.api.nvim_put(vim.split(t.text, "\n", { plain = true }), "c", false, true)
+  return true
+end
+
+function M.transcription() return state.transcription and state.transcription.text or nil end
+
 -- Draws a PNG from `prompt` with the text-to-image model; the server writes it inside the
 -- workspace (opts.output: a path in the workspace; opts.seed, opts.size) and the rows decoded
 -- so far show in the command line. opts.done(result) gets {uri, width, height, seed}.
@@ -395,6 +482,14 @@ function M.setup(opts)
     local path, question = c.fargs[1], table.concat(vim.list_slice(c.fargs, 2), " ")
     M.explain_image(path, question)
   end, { nargs = "+", complete = "file", desc = "Explain an image with the vision model" })
+  vim.api.nvim_create_user_command("CodevistaExplainScreenshot", function(c)
+    local path, question = c.fargs[1], table.concat(vim.list_slice(c.fargs, 2), " ")
+    M.explain_screenshot(path, question)
+  end, { nargs = "*", complete = "file",
+    desc = "Transcribe and explain a screenshot of an error (a file, or the clipboard's image)" })
+  vim.api.nvim_create_user_command("CodevistaInsertTranscription", function()
+    M.insert_transcription()
+  end, { nargs = 0, desc = "Insert the last screenshot's transcription at the cursor" })
   vim.api.nvim_create_user_command("CodevistaGenerateImage", function(c)
     M.generate_image(c.args)
   end, { nargs = "+", desc = "Draw a PNG in the workspace from a description" })
