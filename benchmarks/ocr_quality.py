@@ -37,7 +37,6 @@ import difflib
 import io
 import json
 import random
-import re
 import shutil
 import subprocess
 import sys
@@ -305,12 +304,11 @@ def eval_errors(engine, which: set[str]) -> dict[str, Any]:
 # -- diagrams with and without OCR input ------------------------------------------------------
 
 def eval_diagrams(engine, model_dir: Path, n: int) -> dict[str, Any]:
-    from vision_quality import f1, parse_diagram
-
     from codevista.models import formats
     from codevista.models.engine import Engine, SamplingParams
     from codevista.models.loader import load_model
     from codevista.models.train.vlm_data import sample
+    from vision_quality import f1, parse_diagram
 
     loaded = load_model(model_dir)
     vision = loaded.vision
@@ -392,7 +390,6 @@ def main() -> int:
     args = p.parse_args()
 
     import torch
-
     from codevista.server import ocr
 
     ocr.require("benchmark")

