@@ -18,7 +18,13 @@ def test_engine_benchmark_prints_results_and_ratios(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
     engines = {line.get("engine") for line in lines}
-    assert {"codevista-float32", "transformers-float32"} <= engines
+    assert {"codevista-float32", "codevista-int8", "transformers-float32"} <= engines
     ratios = lines[-1]
-    for key in ("decode_speedup", "prefill_speedup_256", "ttft_append_over_decode_step"):
-        assert ratios[key] > 0
+    for engine in ("codevista-float32", "codevista-int8"):
+        for key in ("decode_vs_transformers", "prefill_256_vs_transformers",
+                    "ttft_append_over_decode_step"):
+            assert ratios[engine][key] > 0
+    cv = next(x for x in lines if x.get("engine") == "codevista-float32")
+    assert cv["lookup_identical"] is True and cv["lookup_speedup"] > 0
+    accuracy = next(x["int8_accuracy"] for x in lines if "int8_accuracy" in x)
+    assert 0 <= accuracy["max_logit_rel_error"] < 0.1

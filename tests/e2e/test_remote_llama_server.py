@@ -60,7 +60,8 @@ def server(tmp_path_factory):
     proc = subprocess.Popen(
         [str(BINARY), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
          "-c", "1024", "-np", "1", "-t", "2", "--alias", ALIAS, "--no-webui"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "LD_LIBRARY_PATH": str(BINARY.parent)})  # a shared-library build
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(300):
