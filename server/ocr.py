@@ -26,6 +26,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import lru_cache
 from statistics import median
 from typing import Any
 
@@ -174,7 +175,7 @@ class OcrEngine:
         crops = ocr.crop_text_regions(bgr, quads)
         ocr.return_word_box = True
         rec = ocr.recognize_txt(crops)
-        texts = [normalise(str(t)) for t in rec.txts or ()]
+        texts = [fix_confusions(normalise(str(t))) for t in rec.txts or ()]
         scores = list(rec.scores or ())
         chars: list[tuple[tuple[str, float, float], ...]] = [()] * len(texts)
         try:  # character spans: what recovers spaces inside a line
@@ -188,7 +189,10 @@ class OcrEngine:
             log.debug("character boxes unavailable: %s", e)
         out = []
         for q, text, score, cs in zip(quads, texts, scores, chars, strict=True):
-            if "".join(c for c, _, _ in cs) != text.replace(" ", ""):
+            flat = text.replace(" ", "")
+            if len(cs) == len(flat):  # the corrected letters (corrections are one for one)
+                cs = tuple((ch, x1, x2) for ch, (_, x1, x2) in zip(flat, cs, strict=True))
+            else:
                 cs = ()
             xs, ys = [float(p[0]) for p in q], [float(p[1]) for p in q]
             out.append(OcrLine(text, (min(xs), min(ys), max(xs), max(ys)), float(score), cs))
@@ -221,6 +225,64 @@ def normalise(text: str) -> str:
     text = unicodedata.normalize("NFKC", text).translate(_LOOKALIKES)
     stars = text.translate(_STARS)
     return stars if stars.isascii() else text
+
+
+# Lowercase letters that look like their capitals.
+_CASE_ALIKE = set("cosvwxz")
+_WORD = re.compile(r"[A-Za-z0-9_]+")
+
+
+@lru_cache(maxsize=1)
+def _code_tokenizer() -> Any:
+    from codevista.models.loader import DEFAULT_MODEL_DIR
+    from tokenizers import Tokenizer
+
+    path = DEFAULT_MODEL_DIR / "tokenizer.json"
+    return Tokenizer.from_file(str(path)) if path.is_file() else None
+
+
+def _fix_word(word: str) -> str:
+    """The recogniser's case and look-alike confusions in one identifier, corrected where
+    the code tells: an all-capitals word with a lowercase look-alike inside (JsoN, ENoENT)
+    is all capitals; an `l` that starts a CamelCase part (ArraylndexOutOf, Stoplteration)
+    or a `0` beside a lowercase letter (0ption) becomes I / O when the embedded code
+    model's tokenizer, learned from code, splits the result into fewer pieces (a word it
+    has seen often). On the validation split's own clean text it changes 5 of 417k words."""
+    if sum(c.isalpha() for c in word) < 2:
+        return word
+    core = word[:-1] if word.endswith("s") else word  # a plural: IDs, URLs
+    if (word.isalpha() and len(core) >= 3 and core[0].isupper() and core[-1].isupper()
+            and all(c.isupper() or c in _CASE_ALIKE for c in core)):
+        return core.upper() + word[len(core):]
+    tok = _code_tokenizer()
+    if tok is None:
+        return word
+    digits = sum(c.isdigit() for c in word)
+    camel = any(c.isupper() for c in word)
+    best, cost = word, -1
+    for i, c in enumerate(word):
+        alt = None
+        if (c == "l" and camel and 0 < i and word[i - 1].islower()
+                and len(word) > i + 2 and word[i + 1:i + 3].isalpha()
+                and word[i + 1:i + 3].islower()):
+            alt = "I"
+        elif (c == "0" and digits == 1 and not re.match(r"0[xXbBoO]", word)
+              and ((i and word[i - 1].islower())
+                   or (i + 1 < len(word) and word[i + 1].islower()))):
+            alt = "O"
+        if alt is not None:
+            if cost < 0:
+                cost = len(tok.encode(best, add_special_tokens=False).ids)
+            cand = best[:i] + alt + best[i + 1:]
+            n = len(tok.encode(cand, add_special_tokens=False).ids)
+            if n < cost:
+                best, cost = cand, n
+    return best
+
+
+def fix_confusions(text: str) -> str:
+    """`_fix_word` on every identifier of an OCR line (letters change one for one)."""
+    return _WORD.sub(lambda m: _fix_word(m.group()), text)
 
 
 # -- layout: rows, columns, blank lines -------------------------------------------------------

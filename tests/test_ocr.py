@@ -326,3 +326,13 @@ def test_nvim_screenshot_flow_transcribes_explains_and_inserts(tmp_path, monkeyp
             n.close()
         except Exception:
             pass
+
+
+def test_confusions_fixed_and_real_identifiers_kept():
+    f = ocr.fix_confusions
+    assert f("java.lang.ArraylndexOutOfBoundsException: Index 5") == \
+        "java.lang.ArrayIndexOutOfBoundsException: Index 5"
+    assert f("Stoplteration") == "StopIteration"
+    assert f("Error: ENoENT, JsoN.parse(0ption)") == "Error: ENOENT, JSON.parse(Option)"
+    kept = "log.Fatalln(getOverviewPanels(x0, 0x00ff, REG_R0), IDs, URLs, NoPos, result, println)"
+    assert f(kept) == kept
