@@ -22,6 +22,7 @@ errors    Real error messages, produced here by running small Python, Java and N
           the exception line as its message and (b) as a terminal screenshot of the whole
           trace. Metric: the exception type and message found exactly in the transcription
           (whitespace-normalised, since a dialog wraps long messages).
+language  The language guessed (server/ocr.guess_language) for 350 held-out windows, as text.
 diagrams  Held-out flowcharts of models/train/vlm_data (label words never seen in training):
           the vision model's edge / node F1 with the image only and with the OCR lines in
           the prompt (the default VLM was not trained with OCR input), and the share of
@@ -194,6 +195,19 @@ def eval_code(engine, corpus: Path, n: int, lines: int, fonts: tuple[str, ...]
             "language_guess": round(100 * lang_ok / max(1, len(snips)), 1),
             "seconds_per_image": round(sum(seconds) / max(1, len(seconds)), 2),
             "examples": examples}
+
+
+def eval_language(corpus: Path, n: int, lines: int) -> dict[str, Any]:
+    """The language guess on held-out code windows as they are (text only, no OCR)."""
+    from codevista.server.ocr import guess_language
+
+    snips = snippets(corpus, n, lines, seed=1)
+    by: dict[str, list[int]] = defaultdict(list)
+    for lang, _, text in snips:
+        by[lang].append(guess_language(text) == lang)
+    return {"windows": len(snips), "accuracy": round(100 * sum(sum(v) for v in by.values())
+                                                     / max(1, len(snips)), 1),
+            "by_language": {k: round(100 * sum(v) / len(v), 1) for k, v in sorted(by.items())}}
 
 
 # -- real error messages ----------------------------------------------------------------------
@@ -403,6 +417,8 @@ def main() -> int:
                          tuple(args.fonts.split(",")))
         print(json.dumps({"group": "code", **{k: v for k, v in code.items()
                                               if k != "examples"}}), flush=True)
+    language = eval_language(args.corpus, 350, args.lines)
+    print(json.dumps({"group": "language", **language}), flush=True)
     if args.errors:
         errors = eval_errors(engine, set(args.errors.split(",")))
         print(json.dumps({"group": "errors", **{k: v for k, v in errors.items()
@@ -410,7 +426,7 @@ def main() -> int:
     if args.diagrams > 0:
         diagrams = eval_diagrams(engine, args.model, args.diagrams)
         print(json.dumps({"group": "diagrams", **diagrams}), flush=True)
-    results = {"code": code, "errors": errors, "diagrams": diagrams,
+    results = {"code": code, "language": language, "errors": errors, "diagrams": diagrams,
                "seconds": round(time.time() - t0, 1)}
     print(json.dumps({"group": "total", "seconds": results["seconds"]}))
     print(markdown(code, errors, diagrams), file=sys.stderr)
