@@ -49,6 +49,10 @@ PROMPT_TOKENS = 60  # prompts are left-padded to this many tokens
 VQ = VQConfig(image_size=IMAGE_SIZE, channels=(32, 64, 64), code_dim=32, codebook_size=256)
 CROP = 32
 BOI, EOI = "<|image_start|>", "<|image_end|>"
+# Default sampling of the exported model, chosen on held-out prompts of other seeds than
+# the benchmark's (greedy, T 1, T 0.7, top-k 2 and 3 compared on 24 shape prompts): as
+# faithful as greedy, and the seed still matters.
+SAMPLING = {"temperature": 0.5, "top_k": 3}
 
 
 def code_token(i: int) -> str:
@@ -320,7 +324,8 @@ def export(run: Path, vq_run: Path, out: Path) -> None:
     (out / "config.json").write_text(json.dumps(config, indent=1))
     (out / "generation_config.json").write_text(json.dumps(
         {"eos_token_id": layout.eoi, "pad_token_id": pad, "do_sample": True,
-         "temperature": 1.0, "top_k": 0, "top_p": 1.0}, indent=1))
+         "temperature": SAMPLING["temperature"], "top_k": SAMPLING["top_k"], "top_p": 1.0},
+        indent=1))
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tok_dir / name, out / name)
     from PIL import Image
