@@ -301,3 +301,23 @@ def test_generate_image_command_over_lsp(tmp_path):
     assert all(v["isIncomplete"] for v in values)
     assert not (tmp_path / "escape.png").exists()
     assert again["uri"].startswith((ws / "generated-images").resolve().as_uri())
+
+
+def test_cli_writes_a_png_and_refuses_bad_arguments(tiny_t2i, tmp_path):
+    import subprocess
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "codevista.server.cli",
+                               "generate-image", *args, "--model", str(tiny_t2i)],
+                              capture_output=True, text=True, timeout=120)
+
+    out = tmp_path / "x.png"
+    ok = cli("a red circle", "-o", str(out), "--seed", "3", "--size", "40")
+    assert ok.returncode == 0, ok.stderr
+    assert Image.open(out).size == (40, 40) and str(out) in ok.stdout
+    assert "row 4/4" in ok.stderr  # progress on stderr, never on stdout
+    for args, needle in [(("a", "-o", str(tmp_path / "x.jpg")), ".png"),
+                         (("", "-o", str(out)), "empty")]:
+        bad = cli(*args)
+        assert bad.returncode == 2 and "codevista: error:" in bad.stderr and needle in bad.stderr
+        assert bad.stdout == ""
