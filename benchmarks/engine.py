@@ -5,6 +5,12 @@
     python benchmarks/engine.py --quick         # tiny shape: checks the harness in seconds
     python benchmarks/engine.py --llamacpp f32,q8_0   # also llama.cpp on GGUF exports
     python benchmarks/engine.py --dtypes float32,int8 # codevista variants (default both)
+    python benchmarks/engine.py --interleaved 7 --llamacpp f32,q8_0   # decode only, see below
+
+--interleaved N loads every engine into one process and alternates short decode bursts
+between them N times (median tokens/s each): on a shared machine whose load changes by
+the minute, engines measured one after another are not measured under the same load;
+alternating bursts are.
 
 With --llamacpp (needs llama-cpp-python), the same weights are exported by
 `codevista export-gguf` in each listed type and run by llama.cpp in the same run. The
@@ -358,6 +364,57 @@ def best(runs: list[dict]) -> dict:
     return out
 
 
+def interleaved(model: Path, ggufs: dict[str, Path], dtypes: list[str], rounds: int,
+                tokens: int) -> dict:
+    import torch
+    from codevista.models.engine import Engine, SamplingParams
+    from codevista.models.loader import load_model
+
+    runners = {}
+    engines = []
+    for d in dtypes:
+        e = Engine(load_model(model, dtype=d), cache_bytes=1 << 30, warmup=True,
+                   lookup=False).start()
+        engines.append(e)
+        vocab = e.loaded.config.vocab_size
+
+        def run(e=e, vocab=vocab):
+            e.cache.clear()
+            r = e.generate(_prompt(64, vocab), SamplingParams(max_new_tokens=tokens + 1,
+                                                               ignore_eos=True))
+            return tokens / (r.total_s - r.ttft_s)
+        runners[f"codevista-{d}"] = run
+    if ggufs:
+        from llama_cpp import Llama
+    for name, path in ggufs.items():
+        llm = Llama(model_path=str(path), n_ctx=256, n_batch=512,
+                    n_threads=torch.get_num_threads(), verbose=False)
+
+        def run(llm=llm):
+            llm.reset()
+            stamps = []
+            for _ in llm.create_completion(_prompt(64, llm.n_vocab()), max_tokens=tokens + 1,
+                                           temperature=0.0, top_k=1, repeat_penalty=1.0,
+                                           stream=True):
+                stamps.append(time.perf_counter())
+            return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+        runners[name] = run
+    for run in runners.values():
+        run()  # warm-up
+    rates: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, run in runners.items():
+            rates[name].append(run())
+    for e in engines:
+        e.shutdown()
+    med = {name: round(statistics.median(r), 2) for name, r in rates.items()}
+    out: dict = {"interleaved_decode_tps": med, "rounds": rounds, "tokens": tokens}
+    for d in dtypes:
+        for name in ggufs:
+            out[f"codevista-{d}_vs_{name}"] = round(med[f"codevista-{d}"] / med[name], 2)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", type=Path, help="checkpoint directory (default: random 0.5B)")
@@ -372,6 +429,8 @@ def main() -> None:
                     help="codevista weight types to run (float32, bfloat16, int8)")
     ap.add_argument("--llamacpp", default="",
                     help="GGUF types to run with llama.cpp too, e.g. f32,f16,q8_0")
+    ap.add_argument("--interleaved", type=int, default=0, metavar="N",
+                    help="decode only: all engines in one process, N alternated bursts")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--gguf", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -404,6 +463,10 @@ def main() -> None:
             export_gguf(model, path, kind)
         ggufs[f"llama.cpp-{kind}"] = path
         runs[f"llama.cpp-{kind}"] = []
+    if args.interleaved:
+        print(json.dumps({"model": model.name, **interleaved(
+            Path(model), ggufs, dtypes, args.interleaved, args.decode_tokens)}), flush=True)
+        return
     for _ in range(args.repeat):
         for name in runs:
             cmd = [sys.executable, __file__, "--worker", name, "--model", str(model),

@@ -7,8 +7,10 @@ instead of four, which is what bounds decoding on a CPU.
 
 The matrix product for a few rows (a decode step, a speculative draft) is our C kernel
 (models/kernels/int8_gemm.c), compiled on first use with the machine's C compiler for
-the machine's own instruction set and kept in the user's cache folder; longer inputs
-(prefill chunks) dequantize a block of rows at a time and use the float32 matmul.
+the machine's own instruction set and kept in the user's cache folder; on CPUs with
+AVX-512 VNNI it also quantizes the activations to int8 in blocks of 64 (as llama.cpp's
+q8_0 does in blocks of 32). Longer inputs (prefill chunks) dequantize a block of rows at
+a time and use the float32 matmul.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ def _compile() -> ctypes.CDLL:
                        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
                        ctypes.c_int]
         lib.cv_int8_max_rows.restype = ctypes.c_int
+        lib.cv_int8_act_block.restype = ctypes.c_int
         return lib
     raise ConfigError(f"the int8 kernel did not compile with {cc}: {errors[-1]}; use dtype "
                       "float32, or set CC to a working C compiler")
@@ -109,6 +112,7 @@ class Int8Linear(nn.Module):
         lib = kernel()
         self._gemm = lib.cv_int8_gemm
         self.max_rows = lib.cv_int8_max_rows()
+        self.act_block = lib.cv_int8_act_block()  # 0: float activations in the kernel
 
     def dequantized(self, rows: slice = slice(None)) -> torch.Tensor:
         return self.qweight[rows].float() * self.scale[rows, None]

@@ -1,21 +1,79 @@
-/* Int8 weight-only matrix products for decoding: y = (x @ W^T) * scale (+ bias).
+/* Int8 weight matrix products for decoding: y = (x @ W^T) * scale (+ bias).
  *
  * W is int8 (out, in), row-major, one float32 scale per output row; x is float32 (m, in)
  * with m small (a decode step, or a speculative draft being verified). Each weight row is
- * read once, widened to float32 in registers, and multiplied against every row of x, so a
- * decode step streams one byte per weight from memory instead of four. The activations
- * stay float32: the only error is the weights' rounding.
+ * read once and multiplied against every row of x, so a decode step streams one byte per
+ * weight from memory instead of four.
  *
- * Built by codevista.models.quant with the machine's compiler (-O3 -march=native
- * -fopenmp); AVX-512 and AVX2 paths, and a plain loop the compiler vectorises elsewhere.
+ * With AVX-512 VNNI, x is first quantized to int8 in blocks of 64 (one float scale per
+ * block, absmax / 127) and each block's dot product is one VPDPBUSD over |w| and x with
+ * w's signs (four instructions per 64 weights); elsewhere the weights are widened to float
+ * in registers (AVX-512 or AVX2) and x stays float32. Built by codevista.models.quant with
+ * the machine's compiler (-O3 -march=native -fopenmp); a plain loop otherwise.
  */
+#include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
 
 #define MAX_M 16
+#define QB 64
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define CV_VNNI 1
+
+/* x (m, n_in) -> int8 blocks (m, nb * QB, zero padded) and scales (m, nb) */
+static void quantize_rows(const float *x, int m, int n_in, int8_t *xq, float *xs)
+{
+    int nb = (n_in + QB - 1) / QB;
+    memset(xq, 0, (size_t)m * nb * QB);
+    for (int r = 0; r < m; r++) {
+        const float *xr = x + (int64_t)r * n_in;
+        for (int b = 0; b < nb; b++) {
+            int i0 = b * QB, i1 = i0 + QB < n_in ? i0 + QB : n_in;
+            float amax = 0.0f;
+            for (int i = i0; i < i1; i++) amax = fmaxf(amax, fabsf(xr[i]));
+            float sc = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+            xs[r * nb + b] = sc;
+            int8_t *q = xq + ((int64_t)r * nb + b) * QB;
+            for (int i = i0; i < i1; i++) q[i - i0] = (int8_t)nearbyintf(xr[i] * inv);
+        }
+    }
+}
+
+static void rows_vnni(const int8_t *xq, const float *xs, int m, int n_in, const int8_t *w,
+                      const float *scale, const float *bias, float *y, int n_out,
+                      int o0, int o1)
+{
+    int nb = (n_in + QB - 1) / QB;
+    const __m512i zero = _mm512_setzero_si512();
+    for (int o = o0; o < o1; o++) {
+        const int8_t *row = w + (int64_t)o * n_in;
+        __m512 acc[MAX_M];
+        for (int r = 0; r < m; r++) acc[r] = _mm512_setzero_ps();
+        for (int b = 0; b < nb; b++) {
+            int i = b * QB, len = n_in - i < QB ? n_in - i : QB;
+            __mmask64 k = len == QB ? ~(__mmask64)0 : (((__mmask64)1 << len) - 1);
+            __m512i wv = _mm512_maskz_loadu_epi8(k, row + i);
+            __m512i aw = _mm512_abs_epi8(wv);
+            __mmask64 neg = _mm512_movepi8_mask(wv);
+            for (int r = 0; r < m; r++) {
+                __m512i xv = _mm512_loadu_si512((const void *)(xq + ((int64_t)r * nb + b) * QB));
+                __m512i sx = _mm512_mask_sub_epi8(xv, neg, zero, xv);
+                __m512i dp = _mm512_dpbusd_epi32(zero, aw, sx);
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dp),
+                                         _mm512_set1_ps(xs[r * nb + b]), acc[r]);
+            }
+        }
+        float bo = bias ? bias[o] : 0.0f;
+        for (int r = 0; r < m; r++)
+            y[(int64_t)r * n_out + o] = _mm512_reduce_add_ps(acc[r]) * scale[o] + bo;
+    }
+}
+#endif
 
 static void rows_gemm(const float *x, int m, int n_in, const int8_t *w,
                       const float *scale, const float *bias, float *y, int n_out,
@@ -70,6 +128,21 @@ int cv_int8_gemm(const float *x, int m, int n_in, const int8_t *w, const float *
 {
     if (m < 1 || m > MAX_M) return -1;
     int blocks = (n_out + 15) / 16;
+#ifdef CV_VNNI
+    int nb = (n_in + QB - 1) / QB;
+    int8_t *xq = malloc((size_t)m * nb * QB);
+    float *xs = malloc((size_t)m * nb * sizeof(float));
+    if (!xq || !xs) { free(xq); free(xs); return -2; }
+    quantize_rows(x, m, n_in, xq, xs);
+#pragma omp parallel for schedule(dynamic, 4) num_threads(threads) if(threads > 1)
+    for (int blk = 0; blk < blocks; blk++) {
+        int o0 = blk * 16, o1 = o0 + 16 < n_out ? o0 + 16 : n_out;
+        rows_vnni(xq, xs, m, n_in, w, scale, bias, y, n_out, o0, o1);
+    }
+    free(xq);
+    free(xs);
+    return 0;
+#endif
 #pragma omp parallel for schedule(dynamic, 4) num_threads(threads) if(threads > 1)
     for (int blk = 0; blk < blocks; blk++) {
         int o0 = blk * 16, o1 = o0 + 16 < n_out ? o0 + 16 : n_out;
@@ -79,3 +152,13 @@ int cv_int8_gemm(const float *x, int m, int n_in, const int8_t *w, const float *
 }
 
 int cv_int8_max_rows(void) { return MAX_M; }
+
+/* 64 when activations are quantized in blocks of that many (VNNI path), 0 when not */
+int cv_int8_act_block(void)
+{
+#ifdef CV_VNNI
+    return QB;
+#else
+    return 0;
+#endif
+}
