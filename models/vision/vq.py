@@ -114,12 +114,15 @@ class Decoder(nn.Module):
 class Quantizer(nn.Module):
     """Nearest codebook entry by cosine similarity, straight-through gradients."""
 
+    counts: torch.Tensor
+
     def __init__(self, cfg: VQConfig) -> None:
         super().__init__()
         self.beta = cfg.beta
         self.codebook = nn.Parameter(torch.randn(cfg.codebook_size, cfg.code_dim))
         # codes picked since the last reseed (a training-time monitor, not saved)
         self.register_buffer("counts", torch.zeros(cfg.codebook_size), persistent=False)
+        self._last: torch.Tensor | None = None  # the latest batch's vectors, for reseeding
 
     def lookup(self, z: torch.Tensor) -> torch.Tensor:
         """(N, D) encoder vectors -> (N,) code indices."""
@@ -153,7 +156,7 @@ class Quantizer(nn.Module):
         """Codes unused since the last call take the value of random encoder outputs of
         the latest batch (with a little noise); returns how many were re-seeded."""
         dead = (self.counts == 0).nonzero().flatten()
-        last = getattr(self, "_last", None)
+        last = self._last
         if len(dead) and last is not None:
             pick = torch.randint(0, last.shape[0], (len(dead),), generator=generator)
             noise = 0.01 * torch.randn(len(dead), last.shape[1], generator=generator)
