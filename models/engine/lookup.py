@@ -15,7 +15,7 @@ from collections.abc import Iterable
 class NgramIndex:
     """n-gram -> index of the token that followed its latest occurrence."""
 
-    def __init__(self, tokens: Iterable[int] = (), sizes: tuple[int, ...] = (3, 2, 1)) -> None:
+    def __init__(self, tokens: Iterable[int] = (), sizes: tuple[int, ...] = (3, 2)) -> None:
         self.sizes = tuple(sorted(sizes, reverse=True))  # longest match first
         self.tokens: list[int] = []
         self.seen: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in self.sizes}
