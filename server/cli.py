@@ -202,10 +202,13 @@ def _explain_image(args: argparse.Namespace) -> int:
                 printed = text
 
         try:
-            model = str(Path(args.model).expanduser().resolve()) if args.model else None
-            backend = await service.ensure(model, lambda m: None)
-            answer = await service.explain(backend, img, args.task, args.question,
-                                           on_partial, args.max_tokens)
+            if args.task == "transcribe":  # the OCR alone: no vision model to load
+                answer = await service.transcribe(img, on_partial)
+            else:
+                model = str(Path(args.model).expanduser().resolve()) if args.model else None
+                backend = await service.ensure(model, lambda m: None)
+                answer = await service.explain(backend, img, args.task, args.question,
+                                               on_partial, args.max_tokens)
         finally:
             service.close()
         rest = answer.text[len(printed):] if answer.text.startswith(printed) else ""
