@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import random
 import shutil
 import sys
 import time
@@ -36,7 +37,7 @@ from ..vision.tower import Projector, VisionConfig, VisionTower
 from .model import CodeLM, ModelShape
 from .plot import plot_losses
 from .train import load_checkpoint, lr_at, save_checkpoint
-from .vlm_data import IMAGE_SIZE, sample
+from .vlm_data import IMAGE_SIZE, sample, simulated_ocr
 
 log = logging.getLogger("codevista.train.vlm")
 PLACEHOLDER = -2
@@ -78,18 +79,24 @@ class TrainVLM(nn.Module):
 
 
 class Batcher:
-    def __init__(self, tok: Tokenizer, tokens_per_image: int) -> None:
+    def __init__(self, tok: Tokenizer, tokens_per_image: int, ocr_rate: float = 0.0,
+                 ocr_tasks: tuple[str, ...] = ("describe-diagram",)) -> None:
         self.tok = tok
+        # share of samples (of the tasks named) whose prompt carries OCR lines, simulated
+        # from the drawn text; their sequences are longer
+        self.ocr_rate = ocr_rate
+        self.ocr_tasks = ocr_tasks
+        self.seq_len = SEQ_LEN + (48 if ocr_rate > 0 else 0)
         self.proc = ImageProcessor.from_dict(PREPROCESSOR, IMAGE_SIZE)
         self.eot = tok.token_to_id(formats.EOT)
         self.image_id = tok.token_to_id(formats.IMAGE)
         self.p = tokens_per_image
         assert self.eot is not None and self.image_id is not None
 
-    def encode(self, task: str, question: str | None, answer: str | None
+    def encode(self, task: str, question: str | None, answer: str | None, ocr: str = ""
                ) -> tuple[list[int], int]:
         """(ids with the image expanded to placeholders, length of the prompt part)."""
-        prompt = formats.vision_prompt(formats.vision_question(task, question))
+        prompt = formats.vision_prompt(formats.vision_question(task, question), ocr=ocr)
         ids: list[int] = []
         for t in self.tok.encode(prompt, add_special_tokens=False):
             ids.extend([PLACEHOLDER] * self.p if t == self.image_id else [t])
@@ -102,11 +109,16 @@ class Batcher:
         pixels, inputs, targets = [], [], []
         for seed in seeds:
             s = sample(split, seed)
-            ids, n = self.encode(s.task, s.question, s.answer)
-            ids = ids[:SEQ_LEN + 1]
+            ocr = ""
+            if self.ocr_rate > 0 and s.task in self.ocr_tasks:
+                rng = random.Random(seed * 7919 + 17)
+                if rng.random() < self.ocr_rate:
+                    ocr = formats.ocr_context(simulated_ocr(s, rng))
+            ids, n = self.encode(s.task, s.question, s.answer, ocr)
+            ids = ids[:self.seq_len + 1]
             x, y = ids[:-1], ids[1:]
             y = [-1] * (n - 1) + y[n - 1:]
-            pad = SEQ_LEN - len(x)
+            pad = self.seq_len - len(x)
             inputs.append(x + [self.eot] * pad)
             targets.append(y + [-1] * pad)
             pixels.append(self.proc(s.image))
@@ -154,7 +166,7 @@ def train(args: argparse.Namespace) -> None:
     state = load_checkpoint(run, model, opt) or {
         "step": 0, "train_loss": [], "valid_loss": [], "seconds": 0.0,
         "args": {k: str(v) for k, v in vars(args).items()}, "device": args.device}
-    batcher = Batcher(tok, model.vision_tower.cfg.num_patches)
+    batcher = Batcher(tok, model.vision_tower.cfg.num_patches, args.ocr_rate)
     step_fn = torch.compile(model) if args.compile else model
     log.info("VLM: %.2fM parameters (%.2fM new); resuming at step %d",
              sum(p.numel() for p in model.parameters()) / 1e6,
@@ -256,6 +268,8 @@ def main() -> None:
     t.add_argument("--save-every", type=int, default=100)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--compile", action="store_true")
+    t.add_argument("--ocr-rate", type=float, default=0.0,
+                   help="share of samples trained with simulated OCR lines in the prompt")
     t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     e = sub.add_parser("export")
     e.add_argument("--run", type=Path, required=True)
