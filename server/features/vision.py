@@ -197,18 +197,7 @@ class VisionService:
                                 stop_token_ids=backend.stop_ids(()), deadline_s=300.0)
         assert backend.engine is not None
         gen = backend.engine.submit(ids, params, images=[pixels])
-        out = ""
-        try:
-            async for delta in gen.astream():
-                out += delta
-                if on_partial is not None and out.strip():
-                    on_partial(out)
-            result = await gen.aresult()
-        except asyncio.CancelledError:
-            gen.cancel()
-            raise
-        if result.error is not None:
-            raise result.error
+        result = await _stream(gen, on_partial)
         answer = result.text.strip()
         log.info("image %s: %d prompt tokens (%d cached, %d of %d OCR lines), %d generated",
                  task, result.prompt_tokens, result.cached_tokens, held, len(lines),
@@ -235,18 +224,7 @@ class VisionService:
             {"type": "text", "text": text}]}]
         params = SamplingParams(max_new_tokens=max_tokens, temperature=0.0)
         gen = backend.submit_chat(messages, params, vision=True)
-        out = ""
-        try:
-            async for delta in gen.astream():
-                out += delta
-                if on_partial is not None and out.strip():
-                    on_partial(out)
-            result = await gen.aresult()
-        except asyncio.CancelledError:
-            gen.cancel()
-            raise
-        if result.error is not None:
-            raise result.error
+        result = await _stream(gen, on_partial)
         answer = result.text.strip()
         return self._with_ocr(Explanation(
             answer, task, parse_boxes(answer) if task == "locate" else [],
@@ -254,6 +232,24 @@ class VisionService:
 
     def close(self) -> None:
         self.backend.close()
+
+
+async def _stream(gen, on_partial: Callable[[str], None] | None):
+    """Relay a generation's text so far to `on_partial`; its result, or its error raised.
+    Cancelling the caller cancels the generation."""
+    out = ""
+    try:
+        async for delta in gen.astream():
+            out += delta
+            if on_partial is not None and out.strip():
+                on_partial(out)
+        result = await gen.aresult()
+    except asyncio.CancelledError:
+        gen.cancel()
+        raise
+    if result.error is not None:
+        raise result.error
+    return result
 
 
 REMOTE_OCR_LINES = 200
