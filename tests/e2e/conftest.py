@@ -4,6 +4,7 @@ with real Neovim and VS Code client capabilities, on a tiny seeded checkpoint.""
 from __future__ import annotations
 
 import asyncio
+import socket
 import sys
 import uuid
 from pathlib import Path
@@ -16,6 +17,13 @@ from pytest_lsp import ClientServerConfig, LanguageClient, client_capabilities
 
 SERVER = [sys.executable, "-m", "codevista.server.cli", "serve"]
 CLIENTS = {"neovim": "neovim", "vscode": "visual_studio_code"}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nobody listens on (for servers the tests start)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def capabilities(name: str, streaming: bool = True) -> types.ClientCapabilities:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import time
 import uuid
@@ -26,6 +25,7 @@ from codevista.server.remote import OpenAIBackend, RemoteConfig, RemoteError  # 
 from conftest import (  # noqa: E402
     SERVER,
     capabilities,
+    free_port,
     inline,
     open_doc,
     record_partials,
@@ -45,18 +45,13 @@ if not os.access(BINARY, os.X_OK):
 ALIAS = "codevista-default"
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     from codevista.models.gguf_export import export_gguf
 
     gguf = export_gguf(DEFAULT_MODEL_DIR, tmp_path_factory.mktemp("gguf") / "cv.gguf", "f32")
-    port = _port()
+    port = free_port()
     proc = subprocess.Popen(
         [str(BINARY), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
          "-c", "1024", "-np", "1", "-t", "2", "--alias", ALIAS, "--no-webui"],

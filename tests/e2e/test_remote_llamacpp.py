@@ -25,6 +25,7 @@ from codevista.server.remote import OpenAIBackend, RemoteConfig  # noqa: E402
 from conftest import (  # noqa: E402
     SERVER,
     capabilities,
+    free_port,
     inline,
     open_doc,
     record_partials,
@@ -35,15 +36,9 @@ from lsprotocol import types  # noqa: E402
 from pytest_lsp import ClientServerConfig, LanguageClient  # noqa: E402
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     def __init__(self, gguf: Path, api_key: str | None = None) -> None:
-        self.gguf, self.api_key, self.port = gguf, api_key, _port()
+        self.gguf, self.api_key, self.port = gguf, api_key, free_port()
         self.proc: subprocess.Popen | None = None
 
     @property
