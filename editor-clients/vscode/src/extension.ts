@@ -206,6 +206,12 @@ async function explainImage(spec: { path?: string; data?: string }, imageSrc: st
     <pre id="out" style="white-space:pre-wrap">…</pre>
     <script>window.addEventListener('message', e => {
       document.getElementById('out').textContent = e.data.text; });</script></body></html>`;
+  await streamExplanation(panel, spec);
+}
+
+/** Explains the image, streaming the text so far into the panel as `{text}` messages. */
+async function streamExplanation(panel: vscode.WebviewPanel, spec: object): Promise<void> {
+  if (!client) return;
   const token = randomUUID();
   const sub = client.onProgress(anyProgress, token, (v: any) => {
     if (typeof v?.text === "string") void panel.webview.postMessage({ text: v.text });
@@ -347,19 +353,7 @@ async function explainScreenshot(uri?: vscode.Uri): Promise<void> {
     void panel.webview.postMessage({ code: `codevista: ${e?.message ?? e}`, text: "" });
     return;
   }
-  const token = randomUUID();
-  const sub = client.onProgress(anyProgress, token, (v: any) => {
-    if (typeof v?.text === "string") void panel.webview.postMessage({ text: v.text });
-  });
-  try {
-    const result: any = await client.sendRequest("workspace/executeCommand",
-      { command: "codevista.explainImage", arguments: [{ image: spec, partialResultToken: token }] });
-    void panel.webview.postMessage({ text: result.text });
-  } catch (e: any) {
-    void panel.webview.postMessage({ text: `codevista: ${e?.message ?? e}` });
-  } finally {
-    sub.dispose();
-  }
+  await streamExplanation(panel, spec);
 }
 
 async function generateImage(): Promise<void> {
