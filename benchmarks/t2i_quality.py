@@ -97,6 +97,8 @@ def main() -> None:
     p.add_argument("--top-k", type=int, default=None, help="default: the checkpoint's")
     p.add_argument("--temperature", type=float, default=None,
                    help="default: the checkpoint's generation_config.json")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (1: off; default: the checkpoint's)")
     p.add_argument("--timing-runs", type=int, default=5)
     p.add_argument("--vlm", action="store_true")
     p.add_argument("--samples", type=Path, default=None,
@@ -134,14 +136,14 @@ def main() -> None:
     generated, seconds, used = [], [], set()
     for s in scenes:
         g = model.generate(s.prompt, seed=args.seed, top_k=args.top_k,
-                           temperature=args.temperature)
+                           temperature=args.temperature, guidance=args.guidance)
         got[s.kind].append(grade(s, g.image))
         generated.append(g.image)
         seconds.append(g.result.total_s)
         used.update(g.codes.flatten().tolist())
-    sp = model.params(args.seed, args.temperature, args.top_k)
+    sp = model.params(args.seed, args.temperature, args.top_k, guidance=args.guidance)
     emit({"section": "generation", "seed": args.seed, "top_k": sp.top_k,
-          "temperature": sp.temperature,
+          "temperature": sp.temperature, "guidance": sp.guidance_scale,
           **{k: shares(v) for k, v in got.items()},
           "all_kinds": shares([r for v in got.values() for r in v]),
           "codes_used": round(len(used) / K, 3),
@@ -152,7 +154,7 @@ def main() -> None:
     times = []
     for i in range(args.timing_runs):
         t0 = time.perf_counter()
-        g = model.generate(prompt, seed=i)
+        g = model.generate(prompt, seed=i, guidance=args.guidance)
         times.append(time.perf_counter() - t0)
     ids = model.prompt_ids(prompt)
     toks = [int(t) for t in g.result.token_ids]

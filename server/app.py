@@ -539,13 +539,22 @@ async def generate_image(ls: CodevistaServer, args: tuple[Any, ...], on_partial
     """Draw a PNG from a description with the text-to-image model, inside the workspace."""
     if len(args) != 1 or not isinstance(args[0], dict):
         raise ArgumentError(f"{GENERATE_IMAGE_COMMAND} takes one object {{prompt, size?, "
-                            "seed?, outputUri?, partialResultToken?}")
+                            "seed?, guidance?, outputUri?, partialResultToken?}")
     arg = args[0]
     prompt, seed = arg.get("prompt"), arg.get("seed", 0)
     if not isinstance(prompt, str) or not prompt.strip():
         raise ArgumentError("'prompt' must be a non-empty string")
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
         raise ArgumentError("'seed' must be a non-negative integer")
+    guidance = arg.get("guidance")
+    if guidance is not None:
+        from codevista.models.errors import RequestError
+        from codevista.models.vision.t2i import check_guidance
+
+        try:
+            check_guidance(guidance)
+        except RequestError as e:
+            raise ArgumentError(f"'guidance': {e}") from e
     roots = [Path(unquote(urlparse(f.uri).path)) for f in ls.workspace.folders.values()
              if f.uri.startswith("file:")]
     if not roots and ls.workspace.root_path:
@@ -554,7 +563,8 @@ async def generate_image(ls: CodevistaServer, args: tuple[Any, ...], on_partial
     model = await ls.images.ensure(None, lambda m: ls.status(f"image model: {m}"))
     result = await ls.images.generate(
         model, prompt, out, arg.get("size"), seed,
-        lambda done, total: on_partial(f"{done}/{total} rows", rows=done, totalRows=total))
+        lambda done, total: on_partial(f"{done}/{total} rows", rows=done, totalRows=total),
+        guidance)
     return {"uri": result.path.as_uri(), "width": result.width, "height": result.height,
             "seed": result.seed}
 

@@ -234,6 +234,8 @@ def _add_generate_image(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, help="the PNG file to write")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=256, help="pixels per side (16-1024)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (1: off; default: the model's)")
     p.add_argument("--model", default=None,
                    help="a text-to-image checkpoint directory (default: the embedded one)")
     p.set_defaults(func=_generate_image)
@@ -255,7 +257,8 @@ def _generate_image(args: argparse.Namespace) -> int:
         def on_rows(done: int, total: int) -> None:
             print(f"\rrow {done}/{total}", end="", file=sys.stderr, flush=True)
 
-        gen = model.generate(args.prompt, seed=args.seed, size=args.size, on_rows=on_rows)
+        gen = model.generate(args.prompt, seed=args.seed, size=args.size, on_rows=on_rows,
+                             guidance=args.guidance)
     finally:
         model.close()
     print(file=sys.stderr)

@@ -347,3 +347,49 @@ def test_a_failing_request_does_not_take_its_batch_down(loaded_qwen, monkeypatch
     assert r_good.finish_reason == "length" and len(r_good.token_ids) == 20
     assert r_bad.finish_reason == "error" and "poisoned" in str(r_bad.error)
     assert again.token_ids == r_good.token_ids
+
+
+def _full_logits(loaded, ids: list[int]) -> torch.Tensor:
+    """The last position's logits of `ids`, computed from scratch (no cache reuse)."""
+    from codevista.models.kv_cache import KVCache
+
+    cfg = loaded.config
+    cache = KVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, len(ids), torch.float32,
+                    loaded.model.device)
+    with torch.inference_mode():
+        return loaded.model(torch.tensor(ids), cache, 0)[-1].float()
+
+
+@pytest.mark.parametrize("scale", [1.0, 3.0])
+def test_classifier_free_guidance_samples_from_the_mixed_logits(loaded_qwen, scale):
+    prompt, guide = _ids(20, seed=80), _ids(9, seed=81)
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True, guidance_prompt=tuple(guide),
+                            guidance_scale=scale, token_range=(4, 40))
+    expected: list[int] = []
+    for _ in range(params.max_new_tokens):  # the definition, step by step, uncached
+        c = _full_logits(loaded_qwen, prompt + expected)
+        u = _full_logits(loaded_qwen, guide + expected)
+        mixed = u + scale * (c - u)
+        expected.append(4 + int(mixed[4:40].argmax()))
+    with Engine(loaded_qwen) as e:
+        other = e.submit(_ids(30, seed=82), SamplingParams(max_new_tokens=15, ignore_eos=True))
+        got = e.generate(prompt, params)
+        other.result(60)
+        stats = e.stats()
+        again = e.generate(prompt, params)  # both sequences' prefixes now cached
+    assert got.token_ids == expected
+    assert again.token_ids == expected and again.cached_tokens == len(prompt) - 1
+    assert stats.busy_slots == 0 and stats.running == 0
+    if scale != 1.0:  # guidance changes the choice somewhere on random weights
+        plain = [4 + int(_full_logits(loaded_qwen, prompt + expected[:i])[4:40].argmax())
+                 for i in range(len(expected))]
+        assert plain != expected
+
+
+def test_guidance_parameters_are_checked(loaded_qwen):
+    with pytest.raises(RequestError):
+        SamplingParams(guidance_prompt=(), guidance_scale=2.0)
+    with pytest.raises(RequestError):
+        SamplingParams(guidance_prompt=(1, 2), guidance_scale=0.0)
+    with Engine(loaded_qwen) as e, pytest.raises(RequestError):
+        e.submit([5, 6], SamplingParams(guidance_prompt=(VOCAB + 5,), guidance_scale=2.0))

@@ -38,6 +38,22 @@ DEFAULT_CACHE_BYTES = 1 << 30
 
 
 @dataclass
+class _Guide:
+    """The guidance prompt's sequence of a request with classifier-free guidance: its own
+    cache slot, fed the same sampled tokens as the request."""
+
+    owner: _Active
+    slot: Slot
+    prompt: list[int]
+    pos: int
+    last: torch.Tensor | None = None  # logits after the latest token fed
+
+    @property
+    def prefilled(self) -> bool:
+        return self.pos >= len(self.prompt)
+
+
+@dataclass
 class _Active:
     """Engine-side state of one admitted request."""
 
@@ -58,10 +74,19 @@ class _Active:
     draft_len: int = 4
     drafted: int = 0
     accepted: int = 0
+    guide: _Guide | None = None
 
     @property
     def request(self) -> Request:
         return self.handle.request
+
+    @property
+    def guided(self) -> bool:
+        return self.guide is not None
+
+
+def _owner(st: _Active | _Guide) -> _Active:
+    return st.owner if isinstance(st, _Guide) else st
 
 
 SMALL_MODEL_BYTES = 64 << 20
@@ -175,6 +200,16 @@ class Engine:
         if params.token_range is not None and params.token_range[1] > vocab:
             raise RequestError(f"token_range {params.token_range} exceeds the vocabulary "
                                f"({vocab})")
+        guide = params.guidance_prompt
+        if guide is not None:
+            if any(t >= vocab for t in guide):
+                raise RequestError(f"guidance prompt token ids must be in [0, {vocab})")
+            n = len(guide) + params.max_new_tokens
+            if n > self.model.max_positions or not self.cache.fits_alone(n):
+                raise ContextLengthError(
+                    f"guidance prompt ({len(guide)} tokens) + max_new_tokens "
+                    f"({params.max_new_tokens}) exceeds the model's context or the KV "
+                    f"cache budget")
         ids, keyed = self._expand_images(ids, list(images))
         needed = len(ids) + params.max_new_tokens
         if needed > self.model.max_positions or not self.cache.fits_alone(needed):
@@ -292,6 +327,15 @@ class Engine:
                 continue
             slot, cached = got
             p = req.params
+            guide_slot = None
+            if p.guidance_prompt is not None and p.guidance_scale != 1:
+                gp = list(p.guidance_prompt)
+                guide_got = self.cache.acquire(gp, len(gp) + p.max_new_tokens)
+                if guide_got is None:
+                    self.cache.release(slot)
+                    still.append(handle)
+                    continue
+                guide_slot = guide_got
             stop_ids = (frozenset() if p.ignore_eos else
                         frozenset(p.stop_token_ids) if p.stop_token_ids is not None
                         else self.loaded.stop_token_ids)
@@ -304,6 +348,10 @@ class Engine:
                 detok=IncrementalDetokenizer(self.tokenizer, p.skip_special_tokens),
                 stops=StopStringMatcher(list(p.stop)), stop_ids=stop_ids, generator=gen,
                 required=p.required_prefix))
+            if guide_slot is not None:
+                st = self._active[-1]
+                st.guide = _Guide(owner=st, slot=guide_slot[0],
+                                  prompt=list(p.guidance_prompt or ()), pos=guide_slot[1])
         self._waiting = still
 
     def _turn(self) -> None:
@@ -318,18 +366,25 @@ class Engine:
                 self._finish(st, "cancelled")
             elif req.deadline is not None and now >= req.deadline:
                 self._finish(st, "deadline")
-        work: list[tuple[_Active, list[int], list[int] | None]] = []
+        work: list[tuple[_Active | _Guide, list[int], list[int] | None]] = []
         prefill = None
         for st in self._active:
             prompt = st.request.prompt_ids
-            if st.pos < len(prompt):
+            guide = st.guide
+            if st.pos < len(prompt) or (guide is not None and not guide.prefilled):
                 if prefill is None:
-                    end = min(len(prompt), st.pos + self.prefill_chunk)
-                    prefill = (st, prompt[st.pos:end], None)
+                    if guide is not None and not guide.prefilled:  # the guide's prompt first
+                        end = min(len(guide.prompt), guide.pos + self.prefill_chunk)
+                        prefill = (guide, guide.prompt[guide.pos:end], None)
+                    else:
+                        end = min(len(prompt), st.pos + self.prefill_chunk)
+                        prefill = (st, prompt[st.pos:end], None)
             elif len(work) < self.max_batch:
                 assert st.pending is not None
                 draft = self._draft(st)
                 work.append((st, [st.pending, *draft], draft))
+                if guide is not None:
+                    work.append((guide, [st.pending], None))
         if prefill is not None:
             work.append(prefill)
         if not work:
@@ -337,14 +392,15 @@ class Engine:
         self._turns += 1
         self._batched += len(work) > 1
         for st, _, _ in work:  # served this turn: to the back of the queue
-            self._active.remove(st)
-            self._active.append(st)
+            if isinstance(st, _Active):
+                self._active.remove(st)
+                self._active.append(st)
         try:
             outputs = self._forward_many(work)
         except Exception:
             if len(work) == 1:
                 outputs = [None]
-                self._fail(work[0][0])
+                self._fail(_owner(work[0][0]))
             else:  # find the request that breaks the batch; the others go on
                 outputs = []
                 for item in work:
@@ -352,20 +408,36 @@ class Engine:
                         outputs.extend(self._forward_many([item]))
                     except Exception:
                         outputs.append(None)
-                        self._fail(item[0])
+                        self._fail(_owner(item[0]))
+        for (st, _, _), logits in zip(work, outputs, strict=True):
+            if isinstance(st, _Guide):  # first, so that its owner below can use it
+                st.last = None if logits is None else logits[-1]
         for (st, _, draft), logits in zip(work, outputs, strict=True):
-            if logits is None or st.pos < len(st.request.prompt_ids):
-                continue  # failed, or more prefill chunks to go
+            if (logits is None or isinstance(st, _Guide)
+                    or not any(a is st for a in self._active)
+                    or st.pos < len(st.request.prompt_ids)
+                    or (st.guide is not None and not st.guide.prefilled)):
+                continue  # failed, a guide, or more prefill chunks to go
             try:
                 if draft:
                     self._verify(st, logits, draft)
                 else:
-                    self._accept(st, self._sample(st, logits[-1]))
+                    self._accept(st, self._sample(st, self._guided(st, logits[-1])))
             except ModelError as e:
                 self._finish(st, "error", e)
             except Exception as e:  # a bug: report it, keep serving others
                 log.exception("request %d failed", st.request.id)
                 self._finish(st, "error", ModelError(f"generation failed: {e}"))
+
+    def _guided(self, st: _Active, row: torch.Tensor) -> torch.Tensor:
+        """Classifier-free guidance: the guide's logits moved `scale` times the way from
+        them to the request's (scale 1 is the request's own logits)."""
+        if st.guide is None:
+            return row
+        base = st.guide.last
+        if base is None:
+            raise ModelError("the guidance sequence produced no logits")
+        return base + st.request.params.guidance_scale * (row - base)
 
     def _fail(self, st: _Active) -> None:
         import sys
@@ -388,7 +460,8 @@ class Engine:
 
     def _draft(self, st: _Active) -> list[int]:
         p = st.request.params
-        if not self.lookup or p.temperature > 0 or st.required or p.token_range is not None:
+        if (not self.lookup or p.temperature > 0 or st.required or p.token_range is not None
+                or st.guide is not None):
             return []  # drafts are verified against the unrestricted argmax
         if st.lookup is None:  # built on the first decode step: the prompt, then output
             st.lookup = NgramIndex(st.request.prompt_ids + st.generated)
@@ -446,7 +519,7 @@ class Engine:
             x[k] = self._image_features(t, st.request.images[t])[p - start]
         return x
 
-    def _forward_many(self, work: list[tuple[_Active, list[int], list[int] | None]]
+    def _forward_many(self, work: list[tuple[_Active | _Guide, list[int], list[int] | None]]
                       ) -> list[torch.Tensor]:
         # Prefill chunks are matrix products big enough for every core; a small model's
         # decode steps are not (see auto_threads).
@@ -459,7 +532,8 @@ class Engine:
         for st, tokens, draft in work:
             ids = torch.tensor([max(t, 0) for t in tokens], dtype=torch.long,
                                device=self.model.device)
-            embeds = self._embeds(st, tokens) if any(t < 0 for t in tokens) else None
+            embeds = (self._embeds(st, tokens) if isinstance(st, _Active)
+                      and any(t < 0 for t in tokens) else None)
             segs.append(Segment(ids, st.slot.cache, st.pos, embeds, all_logits=bool(draft)))
         try:
             logits = self.model.forward_many(segs)
@@ -519,6 +593,8 @@ class Engine:
                 st.handle._push(rest)
         self._active.remove(st)
         self.cache.release(st.slot)
+        if st.guide is not None:
+            self.cache.release(st.guide.slot)
         self._completed += 1
         req = st.request
         now = time.monotonic()

@@ -38,6 +38,11 @@ class SamplingParams:
     required_prefix: str = ""
     # Sample only ids in [start, end) (e.g. the image codes of a text-to-image model).
     token_range: tuple[int, int] | None = None
+    # Classifier-free guidance: a second prompt (e.g. the empty prompt a text-to-image
+    # model was also trained on) runs beside this one, and each step samples from
+    # guide + scale * (logits - guide). None or scale 1: off.
+    guidance_prompt: tuple[int, ...] | None = None
+    guidance_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -51,6 +56,14 @@ class SamplingParams:
         if self.token_range is not None and not 0 <= self.token_range[0] < self.token_range[1]:
             raise RequestError(f"token_range must be (start, end) with 0 <= start < end, "
                                f"got {self.token_range!r}")
+        if self.guidance_prompt is not None:
+            if not self.guidance_prompt or any(
+                    not isinstance(t, int) or t < 0 for t in self.guidance_prompt):
+                raise RequestError("guidance_prompt must be a non-empty sequence of token ids")
+        if not (isinstance(self.guidance_scale, (int, float))
+                and 0 < self.guidance_scale <= 100):
+            raise RequestError(f"guidance_scale must be in (0, 100], got "
+                               f"{self.guidance_scale!r}")
         if self.deadline_s is not None and not self.deadline_s > 0:
             raise RequestError(f"deadline must be positive, got {self.deadline_s!r}")
 

@@ -182,6 +182,10 @@ class Layout:
             raise ValueError(f"the prompt has {len(ids)} tokens; at most {PROMPT_TOKENS}")
         return [self.pad] * (PROMPT_TOKENS - len(ids)) + ids + [self.boi]
 
+    def unconditional_ids(self) -> list[int]:
+        """The empty prompt: padding only, then begin-image."""
+        return [self.pad] * PROMPT_TOKENS + [self.boi]
+
 
 def init_decoder(init: Path, vocab: int, layers: int | None = None) -> CodeLM:
     """A decoder with the init model's weights (its first `layers` layers) and new rows
@@ -224,12 +228,18 @@ def image_loss(model: CodeLM, x: torch.Tensor, codes: torch.Tensor, first: int,
     return F.cross_entropy(logits.reshape(-1, codebook).float(), codes.reshape(-1))
 
 
-def lm_batch(layout: Layout, vq: VQModel, split: str, seeds: list[int]
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+def lm_batch(layout: Layout, vq: VQModel, split: str, seeds: list[int],
+             cond_drop: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows and code targets for the scenes of `seeds`. With `cond_drop`, that share
+    of the rows (chosen by seed) has its prompt replaced by padding: the unconditional
+    model classifier-free guidance contrasts the prompt with."""
     scenes = [scene(split, s) for s in seeds]
     codes = vq.encode(to_pixels([s.image for s in scenes])).flatten(1)  # (B, grid^2)
-    rows = [layout.prompt_ids(s.prompt) + [layout.first + int(c) for c in cs[:-1]]
-            for s, cs in zip(scenes, codes, strict=True)]
+    rows = []
+    for seed, s, cs in zip(seeds, scenes, codes, strict=True):
+        drop = cond_drop > 0 and random.Random(f"drop:{split}:{seed}").random() < cond_drop
+        rows.append((layout.unconditional_ids() if drop else layout.prompt_ids(s.prompt))
+                    + [layout.first + int(c) for c in cs[:-1]])
     return torch.tensor(rows), codes
 
 
@@ -258,7 +268,8 @@ def train_lm(args: argparse.Namespace) -> None:
         for g in opt.param_groups:
             g["lr"] = args.lr * lr_at(step, args.steps, 1.0, args.warmup, 0.1)
         x, codes = lm_batch(layout, vq, "train",
-                            [step * args.batch + i for i in range(args.batch)])
+                            [step * args.batch + i for i in range(args.batch)],
+                            args.cond_drop)
         loss = image_loss(model, x, codes, layout.first, layout.codebook)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -291,8 +302,9 @@ def train_lm(args: argparse.Namespace) -> None:
 
 # -- export -------------------------------------------------------------------------------
 
-def export(run: Path, vq_run: Path, out: Path) -> None:
-    """Decoder + image tokenizer as one Hugging Face-style directory."""
+def export(run: Path, vq_run: Path, out: Path, guidance: float = 1.0) -> None:
+    """Decoder + image tokenizer as one Hugging Face-style directory. `guidance`: the
+    default classifier-free guidance scale (only for decoders trained with --cond-drop)."""
     from safetensors.torch import load_file, save_file
 
     tok_dir = run / "tokenizer"
@@ -319,7 +331,7 @@ def export(run: Path, vq_run: Path, out: Path) -> None:
             "prompt_tokens": PROMPT_TOKENS, "pad_token_id": pad,
             "image_start_token_id": layout.boi, "image_end_token_id": layout.eoi,
             "first_code_token_id": layout.first, "codebook_size": VQ.codebook_size,
-            "grid": VQ.grid, "image_size": VQ.image_size},
+            "grid": VQ.grid, "image_size": VQ.image_size, "guidance_scale": guidance},
     }
     (out / "config.json").write_text(json.dumps(config, indent=1))
     (out / "generation_config.json").write_text(json.dumps(
@@ -369,6 +381,10 @@ def main() -> None:
     lm.add_argument("--batch", type=int, default=8)
     lm.add_argument("--lr", type=float, default=1e-3)
     lm.add_argument("--warmup", type=int, default=50)
+    lm.add_argument("--cond-drop", type=float, default=0.0,
+                    help="share of training rows whose prompt is dropped (padding only), "
+                         "so the model also learns the unconditional distribution that "
+                         "classifier-free guidance needs")
     for sp in (v, lm):
         sp.add_argument("--log-every", type=int, default=10)
         sp.add_argument("--save-every", type=int, default=100)
@@ -378,9 +394,11 @@ def main() -> None:
     e.add_argument("--run", type=Path, required=True)
     e.add_argument("--vq-run", type=Path, required=True)
     e.add_argument("--out", type=Path, required=True)
+    e.add_argument("--guidance", type=float, default=1.0,
+                   help="default guidance scale written to config.json (1: off)")
     args = p.parse_args()
     if args.cmd == "export":
-        export(args.run, args.vq_run, args.out)
+        export(args.run, args.vq_run, args.out, args.guidance)
         return
     torch.set_num_threads(args.threads)
     (train_vq if args.cmd == "vq" else train_lm)(args)

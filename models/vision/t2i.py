@@ -9,7 +9,11 @@ tokenizer's weights in vq.safetensors.
 Generation is an ordinary engine request: the prompt, left-padded to the fixed prompt
 length the model was trained with, then begin-image; `grid * grid` new tokens sampled
 from the codebook's id range only (`SamplingParams.token_range`), so the KV cache,
-streaming, cancellation and deadlines are the engine's. Rows are complete every `grid`
+streaming, cancellation and deadlines are the engine's. With classifier-free guidance
+(`guidance` > 1; the checkpoint's default is `image_generation.guidance_scale`), the
+engine runs the empty prompt beside the request and samples from the logits pushed away
+from it; only checkpoints trained with dropped prompts give a meaningful empty-prompt
+distribution. Rows are complete every `grid`
 tokens (each code token streams as one text delta, `<|img_N|>`); `decode` turns the
 codes into pixels.
 """
@@ -32,6 +36,7 @@ from .vq import VQConfig, VQModel, load_vq, to_images
 
 DEFAULT_T2I_DIR = Path(__file__).resolve().parents[1] / "default" / "t2i"
 MIN_SIZE, MAX_SIZE = 16, 1024
+MAX_GUIDANCE = 20.0
 
 
 @dataclass(frozen=True)
@@ -82,8 +87,9 @@ class TextToImage:
     """A loaded text-to-image checkpoint and its engine."""
 
     def __init__(self, loaded: LoadedModel, vq: VQModel, layout: ImageLayout,
-                 engine: Engine) -> None:
+                 engine: Engine, guidance: float = 1.0) -> None:
         self.loaded, self.vq, self.layout, self.engine = loaded, vq, layout, engine
+        self.guidance = guidance  # the checkpoint's default guidance scale (1: off)
 
     @classmethod
     def load(cls, path: str | Path = DEFAULT_T2I_DIR, warmup: bool = False,
@@ -105,10 +111,14 @@ class TextToImage:
                               f"({loaded.config.vocab_size})")
         if layout.prompt_tokens + 1 + layout.tokens > loaded.model.max_positions:
             raise ConfigError("the model's context is too short for a prompt and an image")
+        guidance = raw["image_generation"].get("guidance_scale", 1.0)
+        if not isinstance(guidance, (int, float)) or not 0 < guidance <= MAX_GUIDANCE:
+            raise ConfigError(f"image_generation.guidance_scale must be in (0, "
+                              f"{MAX_GUIDANCE}], got {guidance!r}")
         vq = load_vq(directory, vq_cfg)
         engine = Engine(loaded, cache_bytes=64 << 20, warmup=warmup,
                         num_threads=num_threads).start()
-        return cls(loaded, vq, layout, engine)
+        return cls(loaded, vq, layout, engine, float(guidance))
 
     def close(self) -> None:
         self.engine.shutdown()
@@ -126,10 +136,17 @@ class TextToImage:
         return [self.layout.pad_token_id] * (n - len(ids)) + ids + [
             self.layout.image_start_token_id]
 
+    def unconditional_ids(self) -> list[int]:
+        """The empty prompt (padding only, then begin-image) that guidance contrasts with."""
+        return [self.layout.pad_token_id] * self.layout.prompt_tokens + [
+            self.layout.image_start_token_id]
+
     def params(self, seed: int | None = None, temperature: float | None = None,
-               top_k: int | None = None, deadline_s: float | None = None) -> SamplingParams:
+               top_k: int | None = None, deadline_s: float | None = None,
+               guidance: float | None = None) -> SamplingParams:
         """Sampling restricted to the codebook; what is not given comes from the
-        checkpoint's generation_config.json. Greedy is top_k=1 (at temperature 1)."""
+        checkpoint's generation_config.json and config.json (guidance). Greedy is top_k=1
+        (at temperature 1)."""
         d = self.loaded.defaults
         if temperature is None:
             temperature = d.temperature if d.temperature > 0 else 1.0
@@ -137,9 +154,15 @@ class TextToImage:
             top_k = d.top_k if d.temperature > 0 else 1
         if not temperature > 0:
             raise RequestError("temperature must be positive (use top_k=1 for greedy)")
+        if guidance is None:
+            guidance = self.guidance
+        check_guidance(guidance)
         return SamplingParams(max_new_tokens=self.layout.tokens, temperature=temperature,
                               top_k=top_k, seed=seed, ignore_eos=True,
-                              token_range=self.layout.code_range, deadline_s=deadline_s)
+                              token_range=self.layout.code_range, deadline_s=deadline_s,
+                              guidance_prompt=tuple(self.unconditional_ids())
+                              if guidance != 1 else None,
+                              guidance_scale=float(guidance))
 
     def submit(self, prompt: str, seed: int | None = None, **sampling: Any) -> RequestHandle:
         return self.engine.submit(self.prompt_ids(prompt), self.params(seed, **sampling))
@@ -184,6 +207,13 @@ class TextToImage:
         result = handle.result(timeout)
         codes = self.codes_of(result)
         return GeneratedImage(self.decode(codes, size), codes, result)
+
+
+def check_guidance(guidance: Any) -> None:
+    if (not isinstance(guidance, (int, float)) or isinstance(guidance, bool)
+            or not 0 < guidance <= MAX_GUIDANCE):
+        raise RequestError(f"guidance must be a number in (0, {MAX_GUIDANCE}] (1: off), got "
+                           f"{guidance!r}")
 
 
 def check_size(size: Any) -> None:

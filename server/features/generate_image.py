@@ -115,10 +115,12 @@ class ImageService:
 
     async def generate(self, model: TextToImage, prompt: str, out: Path,
                        size: int | None = None, seed: int = 0,
-                       on_rows: Callable[[int, int], None] | None = None) -> ImageResult:
-        """Generate, reporting `on_rows(done, total)` as rows complete; write the PNG."""
+                       on_rows: Callable[[int, int], None] | None = None,
+                       guidance: float | None = None) -> ImageResult:
+        """Generate, reporting `on_rows(done, total)` as rows complete; write the PNG.
+        `guidance`: the classifier-free guidance scale (None: the checkpoint's)."""
         check_size(size)
-        handle = model.submit(prompt, seed)
+        handle = model.submit(prompt, seed, guidance=guidance)
         grid, tokens = model.layout.grid, 0
         try:
             async for _ in handle.astream():  # one delta per image token, in order
