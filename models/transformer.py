@@ -102,6 +102,11 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+# Draft verification segments up to this long compute attention row by row, exactly like
+# decode steps (prompt lookup drafts are at most 8 tokens plus the pending one).
+VERIFY_ROWS = 16
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: DecoderConfig, layer: int, blocks: int) -> None:
         super().__init__()
@@ -143,21 +148,42 @@ class Attention(nn.Module):
         T = q.shape[1]
         keys, values = seg.cache.update(self.layer, seg.pos, k, v)  # (KV, L, D)
         L = keys.shape[1]
-        if self.window is not None and T == 1 and L > self.window:
-            keys, values = keys[:, L - self.window:], values[:, L - self.window:]
+        if T == 1:
+            keys, values = self._window(keys, values)
         group = self.n_heads // self.n_kv
         if T == 1:
-            # Decode: fold the query heads of each KV group into the time axis, so K and V
-            # are used as they are, never repeated. No mask: every cached key is visible.
-            qg = q.reshape(1, self.n_kv, group, self.head_dim)  # (1, KV, G, D)
-            y = F.scaled_dot_product_attention(qg, keys.unsqueeze(0), values.unsqueeze(0),
-                                               scale=self.scale)
-            y = y.reshape(self.n_heads, 1, self.head_dim)  # (H, 1, D)
+            y = self._decode_row(q, keys, values, group)
+        elif seg.all_logits and T <= VERIFY_ROWS:
+            # Verifying a draft: each row exactly as a single-token decode step would compute
+            # it (same kernel, same key range), so accepted drafts leave greedy output
+            # bit-for-bit unchanged.
+            start = L - T
+            y = torch.cat([self._decode_row(q[:, t:t + 1], *self._window(
+                keys[:, :start + t + 1], values[:, :start + t + 1]), group)
+                for t in range(T)], dim=1)
         else:
             y = F.scaled_dot_product_attention(
                 q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0), attn_mask=mask,
                 is_causal=mask is None, scale=self.scale, enable_gqa=group > 1).squeeze(0)
         return y.transpose(0, 1).reshape(T, self.n_heads * self.head_dim)  # (T, H*D)
+
+    def _window(self, keys: torch.Tensor, values: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys a single query at the end of `keys` sees (sliding-window layers)."""
+        L = keys.shape[1]
+        if self.window is not None and L > self.window:
+            return keys[:, L - self.window:], values[:, L - self.window:]
+        return keys, values
+
+    def _decode_row(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                    group: int) -> torch.Tensor:
+        """One query position (H, 1, D) against every key given: the query heads of each
+        KV group are folded into the time axis, so K and V are used as they are, never
+        repeated. No mask: every key given is visible."""
+        qg = q.reshape(1, self.n_kv, group, self.head_dim)  # (1, KV, G, D)
+        y = F.scaled_dot_product_attention(qg, keys.unsqueeze(0), values.unsqueeze(0),
+                                           scale=self.scale)
+        return y.reshape(self.n_heads, 1, self.head_dim)  # (H, 1, D)
 
 
 class MLP(nn.Module):

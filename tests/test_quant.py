@@ -90,3 +90,33 @@ def test_unknown_dtype_names_the_choices():
 
     with pytest.raises(ConfigError, match="int8"):
         load_model(DEFAULT_MODEL_DIR, dtype="int4")
+
+
+@pytest.mark.parametrize("prompt_len", [37, 300])
+def test_int8_draft_verification_is_bit_identical_to_decode_steps(quant, qwen_dir,
+                                                                  prompt_len):
+    """Prompt lookup keeps greedy output unchanged only if verifying a draft computes each
+    row exactly as a decode step would: the kernel is row-independent and attention runs
+    row by row for verification segments."""
+    from codevista.models.kv_cache import KVCache
+    from codevista.models.loader import load_model
+    from codevista.models.transformer import Segment
+
+    q8 = load_model(qwen_dir, dtype="int8")
+    m, cfg = q8.model, q8.config
+    g = torch.Generator().manual_seed(prompt_len)
+    prompt = torch.randint(4, cfg.vocab_size, (prompt_len,), generator=g)
+    draft = torch.randint(4, cfg.vocab_size, (9,), generator=g)
+
+    def prefilled() -> KVCache:
+        cache = KVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, prompt_len + 9,
+                        torch.float32)
+        m(prompt, cache, 0)
+        return cache
+
+    with torch.inference_mode():
+        cache = prefilled()
+        steps = torch.stack([m(draft[i:i + 1], cache, prompt_len + i)[-1] for i in range(9)])
+        verified = m.forward_many([Segment(draft, prefilled(), prompt_len,
+                                           all_logits=True)])[0]
+    assert torch.equal(verified, steps)
