@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from safetensors import SafetensorError, safe_open
 
 from .config import DecoderConfig, read_config
@@ -121,6 +123,7 @@ class _Reader:
     def __init__(self, files: dict[str, Path]) -> None:
         self.handles: dict[Path, Any] = {}
         self.names: dict[str, Path] = {}
+        self.spans: dict[str, tuple[torch.dtype, int, int]] = {}
         for path in sorted(set(files.values())):
             try:
                 handle = safe_open(str(path), framework="pt", device="cpu")
@@ -132,6 +135,7 @@ class _Reader:
             self.handles[path] = handle
             for k in keys:
                 self.names[k] = path
+            self.spans.update(_spans(path))
 
     def __contains__(self, name: str) -> bool:
         return name in self.names
@@ -149,13 +153,61 @@ class _Reader:
             raise ShapeMismatchError(
                 f"tensor {name!r} has shape {list(found)} but config.json implies "
                 f"{list(shape)}")
+        span = self.spans.get(name)
+        if span is not None:
+            # Read into our own memory (never a view of the file's memory map: a checkpoint
+            # rewritten or truncated in place while the server runs would otherwise kill it
+            # with SIGBUS at the next read), and without mapping the file at all, so that the
+            # file's pages never count towards the process's memory while loading.
+            stored, start, end = span
+            buf = bytearray(end - start)
+            try:
+                with open(path, "rb") as f:
+                    f.seek(start)
+                    got = f.readinto(buf)
+            except OSError as e:
+                raise CorruptCheckpointError(f"cannot read {name!r} from {path.name}: {e}"
+                                             ) from e
+            if got != len(buf):
+                raise CorruptCheckpointError(f"{path.name} is truncated: {name!r} needs "
+                                             f"{len(buf)} bytes, {got} were there")
+            tensor = torch.frombuffer(buf, dtype=stored) if buf else torch.empty(0, stored)
+            return tensor.reshape(shape).to(dtype)
         try:
             tensor = handle.get_tensor(name)
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise CorruptCheckpointError(f"cannot read {name!r} from {path.name}: {e}") from e
-        # A copy, never a view of the file's memory map: a checkpoint rewritten or truncated
-        # in place while the server runs would otherwise kill it (SIGBUS) at the next read.
-        return tensor.to(dtype, copy=True)
+        return tensor.to(dtype, copy=True)  # a copy, never a view of the memory map
+
+
+# safetensors dtype names of the floating-point tensors read directly (little-endian).
+_STORED = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "F64": torch.float64}
+
+
+def _spans(path: Path) -> dict[str, tuple[torch.dtype, int, int]]:
+    """Name -> (dtype, start, end) byte offsets of a safetensors file's float tensors, from
+    its header: an 8-byte little-endian length, then that many bytes of JSON whose entries
+    give each tensor's dtype and data_offsets relative to the end of the header. The file
+    was already validated by safe_open; anything unexpected here falls back to it."""
+    if sys.byteorder != "little":
+        return {}
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n <= 1 << 27:
+                return {}
+            header = json.loads(f.read(n))
+        base = 8 + n
+        out = {}
+        for name, info in header.items():
+            if name == "__metadata__" or info.get("dtype") not in _STORED:
+                continue
+            a, b = (int(x) for x in info["data_offsets"])
+            out[name] = (_STORED[info["dtype"]], base + a, base + b)
+        return out
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return {}
 
 
 def _hf_names(cfg: DecoderConfig, i: int) -> dict[str, list[str]]:
@@ -222,9 +274,11 @@ def _part_shape(cfg: DecoderConfig, hf_name: str, total: tuple[int, ...]) -> tup
 
 def load_weights(model: Transformer, directory: Path, dtype: torch.dtype,
                  reader: _Reader | None = None,
-                 rename: Callable[[str], str] | None = None) -> None:
+                 rename: Callable[[str], str] | None = None, int8: bool = False) -> None:
     """Load the decoder's weights; `rename` maps a standalone checkpoint's tensor name
-    (`model.layers.0...`, `lm_head.weight`) to its name in this file (LLaVA nests them)."""
+    (`model.layers.0...`, `lm_head.weight`) to its name in this file (LLaVA nests them).
+    With `int8`, each linear layer is quantized as soon as its weight is read
+    (models/quant.py), so no float copy of the whole model ever exists."""
     cfg = model.cfg
     reader = reader or _Reader(weight_files(directory))
     rename = rename or (lambda n: n)
@@ -232,15 +286,20 @@ def load_weights(model: Transformer, directory: Path, dtype: torch.dtype,
     modules = dict(model.named_modules())
     state: dict[str, torch.Tensor] = {}
     table = hf_name_table(cfg)
+    quantized: dict[str, nn.Module] = {}
     for ours, sources in table.items():
-        owner = modules[ours.rsplit(".", 1)[0]]
+        owner_name, leaf = ours.rsplit(".", 1)
+        owner = modules[owner_name]
         linear = isinstance(owner, Linear) and ours.endswith(".weight")
         hf_shape = ((owner.out_features, owner.in_features) if linear
                     else tuple(params[ours].shape))
         parts = [reader.get(rename(src), _part_shape(cfg, src, hf_shape) if len(sources) > 1
                             else hf_shape, dtype) for src in sources]
         tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-        state[ours] = owner.pack(tensor) if linear else tensor
+        if int8 and isinstance(owner, Linear):
+            _quantized_load(model, owner_name, leaf, tensor, quantized)
+        else:
+            state[ours] = owner.pack(tensor) if linear else tensor
         del parts, tensor
     used = {rename(src) for sources in table.values() for src in sources}
     extra = sorted(set(reader.names) - used - {rename("lm_head.weight")})
@@ -250,6 +309,21 @@ def load_weights(model: Transformer, directory: Path, dtype: torch.dtype,
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise MissingWeightError(f"parameters left without weights: {missing[:5]}")
+
+
+def _quantized_load(model: Transformer, name: str, leaf: str, tensor: torch.Tensor,
+                    done: dict[str, nn.Module]) -> None:
+    """Put an int8 layer in place of the (meta) linear layer `name` from its HF-layout
+    weight; its bias, read later, is attached to it."""
+    from .quant import Int8Linear
+
+    if leaf == "weight":
+        q = Int8Linear(tensor, None)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, q)
+        done[name] = q
+    else:
+        done[name].bias = nn.Parameter(tensor.float(), requires_grad=False)
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype = "float32",
@@ -288,7 +362,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32",
                 return head or prefix + "embed_tokens.weight"
             return prefix + name.removeprefix("model.")
 
-        load_weights(model, directory, torch_dtype, reader, rename)
+        load_weights(model, directory, torch_dtype, reader, rename, int8=quantize)
         vision = load_vision(directory, llava, reader, torch_dtype)
     else:
         cfg = DecoderConfig.from_hf(raw)
@@ -297,12 +371,8 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32",
         weight_files(directory)  # fail fast on missing or pickle-only weights
         with torch.device("meta"):
             model = Transformer(cfg)
-        load_weights(model, directory, torch_dtype)
+        load_weights(model, directory, torch_dtype, int8=quantize)
     model = model.to(device)
-    if quantize:
-        from .quant import quantize_int8
-
-        quantize_int8(model)
     model.setup_rope()
     model.eval()
     stops = set(cfg.eos_token_ids) | set(defaults.eos_token_ids)

@@ -101,14 +101,20 @@ class Int8Linear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
-        w = weight.detach().float()
-        scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
-        self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp_(-127, 127)
-                             .to(torch.int8).contiguous())
-        self.register_buffer("scale", scale.contiguous())
+        w = weight.detach()
+        out_features, in_features = w.shape
+        q = torch.empty(out_features, in_features, dtype=torch.int8)
+        scale = torch.empty(out_features)
+        for o in range(0, out_features, DEQUANT_ROWS):  # in blocks: no full-size temporaries
+            blk = w[o:o + DEQUANT_ROWS].float()
+            s = blk.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+            q[o:o + DEQUANT_ROWS] = torch.round(blk / s[:, None]).clamp_(-127, 127)
+            scale[o:o + DEQUANT_ROWS] = s
+        self.register_buffer("qweight", q)
+        self.register_buffer("scale", scale)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(),
                                                            requires_grad=False)
-        self.out_features, self.in_features = w.shape
+        self.out_features, self.in_features = out_features, in_features
         lib = kernel()
         self._gemm = lib.cv_int8_gemm
         self.max_rows = lib.cv_int8_max_rows()

@@ -120,3 +120,20 @@ def test_int8_draft_verification_is_bit_identical_to_decode_steps(quant, qwen_di
         verified = m.forward_many([Segment(draft, prefilled(), prompt_len,
                                            all_logits=True)])[0]
     assert torch.equal(verified, steps)
+
+
+def test_int8_loading_quantizes_layer_by_layer_like_the_whole_model(quant, qwen_dir):
+    """Loading with dtype int8 quantizes each weight as it is read; the result equals
+    quantizing the float32 model after loading it."""
+    from codevista.models.loader import load_model
+
+    streamed = load_model(qwen_dir, dtype="int8").model
+    after = quant.quantize_int8(load_model(qwen_dir).model)
+    a, b = dict(streamed.named_modules()), dict(after.named_modules())
+    layers = [n for n, m in a.items() if isinstance(m, quant.Int8Linear)]
+    assert layers and layers == [n for n, m in b.items() if isinstance(m, quant.Int8Linear)]
+    for n in layers:
+        assert torch.equal(a[n].qweight, b[n].qweight) and torch.equal(a[n].scale, b[n].scale)
+        assert (a[n].bias is None) == (b[n].bias is None)
+        if a[n].bias is not None:
+            assert torch.equal(a[n].bias, b[n].bias)
