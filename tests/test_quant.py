@@ -137,3 +137,16 @@ def test_int8_loading_quantizes_layer_by_layer_like_the_whole_model(quant, qwen_
         assert (a[n].bias is None) == (b[n].bias is None)
         if a[n].bias is not None:
             assert torch.equal(a[n].bias, b[n].bias)
+
+
+def test_an_int8_model_big_enough_to_be_bandwidth_bound_decodes_on_every_core():
+    """Quantized weights are buffers, not parameters: they must count towards the size
+    that decides the engine's decode threads."""
+    from codevista.models.engine.engine import SMALL_MODEL_BYTES, auto_threads
+
+    big = torch.nn.Module()
+    big.register_buffer("qweight", torch.zeros(SMALL_MODEL_BYTES + 1, dtype=torch.int8))
+    small = torch.nn.Module()
+    small.register_buffer("qweight", torch.zeros(1 << 20, dtype=torch.int8))
+    assert auto_threads(big) == torch.get_num_threads()
+    assert auto_threads(small) == 1

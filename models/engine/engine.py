@@ -97,7 +97,10 @@ def auto_threads(model: torch.nn.Module) -> int:
     a second thread to pay for the synchronisation: the embedded 16 MB model decodes in
     2.45 ms/token on one thread against 5.66 ms on two (measured on this 2-core machine);
     a model big enough to be bound by memory bandwidth uses every core."""
-    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    # Weights are parameters, or buffers when quantized (int8 rows and their scales).
+    size = sum(t.numel() * t.element_size()
+               for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()
+               or t.dtype == torch.int8)
     return 1 if size < SMALL_MODEL_BYTES else torch.get_num_threads()
 
 
