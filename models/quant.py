@@ -34,11 +34,20 @@ from .errors import ConfigError
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels") / "int8_gemm.c"
-FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"], ["-O3"])
+FLAG_SETS = (["-O3", "-march=native", "-pthread"], ["-O3", "-pthread"], ["-O3"])
 DEQUANT_ROWS = 4096  # rows of W dequantized at a time for long inputs
 
 _lib = None
 _lib_lock = threading.Lock()
+_local = threading.local()
+
+
+def set_kernel_threads(n: int) -> None:
+    """Threads the calling thread's int8 products use (0: torch's setting). The engine
+    decodes with every core in the kernel, which streams the weights, and one torch thread
+    for the small operations between products: torch's own workers would compete for the
+    cores with the kernel's, which spin briefly between products."""
+    _local.threads = n
 
 
 def _cache_dir() -> Path:
@@ -138,7 +147,8 @@ class Int8Linear(nn.Module):
             rc = self._gemm(x.data_ptr(), T, self.in_features, self.qweight.data_ptr(),
                             self.scale.data_ptr(),
                             None if self.bias is None else self.bias.data_ptr(),
-                            y.data_ptr(), self.out_features, torch.get_num_threads())
+                            y.data_ptr(), self.out_features,
+                            getattr(_local, "threads", 0) or torch.get_num_threads())
             if rc != 0:
                 raise RuntimeError("int8 kernel rejected its arguments")
             return y

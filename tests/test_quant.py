@@ -150,3 +150,37 @@ def test_an_int8_model_big_enough_to_be_bandwidth_bound_decodes_on_every_core():
     small.register_buffer("qweight", torch.zeros(1 << 20, dtype=torch.int8))
     assert auto_threads(big) == torch.get_num_threads()
     assert auto_threads(small) == 1
+
+
+def test_kernel_threads_give_the_same_result_concurrently_and_sleep_when_idle(quant):
+    """Products from several threads at once (the pool serves one, the others run alone)
+    equal the single-threaded result bit for bit; afterwards the kernel's workers stop
+    spinning: an idle server burns no CPU."""
+    import threading
+    import time
+
+    g = torch.Generator().manual_seed(5)
+    lin = quant.Int8Linear(torch.randn(3000, 512, generator=g), None)
+    xs = [torch.randn(r, 512, generator=g) for r in (1, 4, 9)]
+    quant.set_kernel_threads(1)
+    try:
+        expected = [lin(x) for x in xs]
+    finally:
+        quant.set_kernel_threads(0)
+    results: dict[int, list[bool]] = {}
+
+    def work(k: int) -> None:
+        quant.set_kernel_threads(2)
+        results[k] = [torch.equal(lin(x), e) for _ in range(50)
+                      for x, e in zip(xs, expected, strict=True)]
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 3 and all(all(v) for v in results.values())
+    time.sleep(0.1)  # past the workers' spinning time
+    before = time.process_time()
+    time.sleep(0.5)
+    assert time.process_time() - before < 0.05

@@ -140,6 +140,7 @@ class Engine:
         self._turns = self._batched = 0
         self.num_threads = num_threads or auto_threads(self.model)
         self.prefill_threads = num_threads or torch.get_num_threads()
+        self._int8 = any(type(m).__name__ == "Int8Linear" for m in self.model.modules())
         self._threads_now = 0
         self.cache = PrefixCache(
             make_cache=lambda cap: KVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
@@ -281,6 +282,10 @@ class Engine:
             # one thread that runs the model.
             torch.set_num_threads(self.num_threads)
             self._threads_now = self.num_threads
+            if self._int8:
+                from ..quant import set_kernel_threads
+
+                set_kernel_threads(self.num_threads)
             if self.warmup:
                 self._warmup()
             while True:
@@ -528,6 +533,8 @@ class Engine:
         # decode steps are not (see auto_threads).
         total = sum(len(tokens) for _, tokens, _ in work)
         threads = self.num_threads if total <= 32 else self.prefill_threads
+        if self._int8 and total <= 16:
+            threads = 1  # torch's share of an int8 decode step; the kernel uses every core
         if threads != self._threads_now:
             torch.set_num_threads(threads)
             self._threads_now = threads

@@ -9,10 +9,20 @@
  * block, absmax / 127) and each block's dot product is one VPDPBUSD over |w| and x with
  * w's signs (four instructions per 64 weights); elsewhere the weights are widened to float
  * in registers (AVX-512 or AVX2) and x stays float32. Built by codevista.models.quant with
- * the machine's compiler (-O3 -march=native -fopenmp); a plain loop otherwise.
+ * the machine's compiler (-O3 -march=native -pthread); a plain loop otherwise.
+ *
+ * Threads: a decode step is ~100 products of well under a millisecond each, with small
+ * operations between them. The rows of W are shared with our own worker threads, which
+ * spin for a short while after each product (so the next one starts at once) and then
+ * sleep (an idle server burns no CPU). OpenMP was measured slower here: its workers,
+ * counted against the cores of every thread that ever ran a parallel region, fall asleep
+ * between products when the caller is not the main thread, and each product paid a wake-up.
  */
 #include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
+#include <time.h>
 #include <stdlib.h>
 #include <string.h>
 #ifdef __AVX2__
@@ -120,34 +130,165 @@ static void rows_gemm(const float *x, int m, int n_in, const int8_t *w,
     }
 }
 
+/* -- the worker pool ------------------------------------------------------------------ */
+
+#define MAX_THREADS 64
+#define SPIN_NS 2000000LL /* a worker spins this long after its last job, then sleeps */
+
+typedef struct {
+    const float *x; const int8_t *xq; const float *xs;
+    int m, n_in, n_out, blocks, vnni;
+    const int8_t *w; const float *scale; const float *bias; float *y;
+} job_t;
+
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER; /* one product at a time */
+static pthread_mutex_t wake_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t wake_cond = PTHREAD_COND_INITIALIZER;
+static int n_workers;                 /* started so far (they live as long as the process) */
+static atomic_uint generation;        /* bumped once per job */
+static atomic_int pending;            /* workers still busy with the current job */
+static atomic_int next_block;         /* blocks of 16 rows are handed out from here */
+static int job_workers;               /* how many workers take part in the current job */
+static int job_chunk;                 /* blocks taken at a time */
+static job_t job;
+static unsigned start_generation[MAX_THREADS];
+
+static int64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static inline void cpu_relax(void)
+{
+#ifdef __AVX2__
+    _mm_pause();
+#endif
+}
+
+/* Grabs runs of `chunk` consecutive blocks until none are left: long runs keep each
+ * thread's reads sequential (the hardware prefetcher follows them), several runs per
+ * thread keep a preempted thread from holding the others up. */
+static void run_blocks(const job_t *j, int chunk)
+{
+    int first;
+    while ((first = atomic_fetch_add_explicit(&next_block, chunk, memory_order_relaxed))
+           < j->blocks) {
+        int last = first + chunk < j->blocks ? first + chunk : j->blocks;
+        int o0 = first * 16, o1 = last * 16 < j->n_out ? last * 16 : j->n_out;
+#ifdef CV_VNNI
+        if (j->vnni) {
+            rows_vnni(j->xq, j->xs, j->m, j->n_in, j->w, j->scale, j->bias, j->y, j->n_out,
+                      o0, o1);
+            continue;
+        }
+#endif
+        rows_gemm(j->x, j->m, j->n_in, j->w, j->scale, j->bias, j->y, j->n_out, o0, o1);
+    }
+}
+
+static void *worker_main(void *arg)
+{
+    int id = (int)(intptr_t)arg; /* 1, 2, ... (the caller is 0) */
+    unsigned seen = start_generation[id]; /* the job current when it was started is done */
+    for (;;) {
+        int64_t idle_since = now_ns();
+        unsigned g;
+        int spins = 0;
+        while ((g = atomic_load_explicit(&generation, memory_order_acquire)) == seen) {
+            if (++spins % 256 == 0 && now_ns() - idle_since > SPIN_NS) {
+                pthread_mutex_lock(&wake_lock);
+                while (atomic_load(&generation) == seen)
+                    pthread_cond_wait(&wake_cond, &wake_lock);
+                pthread_mutex_unlock(&wake_lock);
+            } else {
+                cpu_relax();
+            }
+        }
+        seen = g;
+        if (id <= job_workers) {
+            job_t j = job;
+            run_blocks(&j, job_chunk);
+            atomic_fetch_sub_explicit(&pending, 1, memory_order_release);
+        }
+    }
+    return NULL;
+}
+
+/* Runs `j` on the caller and up to threads - 1 workers (fewer if they cannot be started;
+ * the caller alone when another thread's product holds the pool). */
+static void run_job(const job_t *j, int threads)
+{
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads > j->blocks) threads = j->blocks;
+    if (threads <= 1 || pthread_mutex_trylock(&pool_lock) != 0) {
+        /* single-threaded, or another thread's product holds the pool: do it alone */
+        job_t local = *j;
+        for (int blk = 0; blk < local.blocks; blk++) {
+            int o0 = blk * 16, o1 = o0 + 16 < local.n_out ? o0 + 16 : local.n_out;
+#ifdef CV_VNNI
+            if (local.vnni) {
+                rows_vnni(local.xq, local.xs, local.m, local.n_in, local.w, local.scale,
+                          local.bias, local.y, local.n_out, o0, o1);
+                continue;
+            }
+#endif
+            rows_gemm(local.x, local.m, local.n_in, local.w, local.scale, local.bias,
+                      local.y, local.n_out, o0, o1);
+        }
+        return;
+    }
+    while (n_workers < threads - 1) {
+        pthread_t t;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        start_generation[n_workers + 1] = atomic_load(&generation);
+        int rc = pthread_create(&t, &attr, worker_main, (void *)(intptr_t)(n_workers + 1));
+        pthread_attr_destroy(&attr);
+        if (rc != 0) break;
+        n_workers++;
+    }
+    int helpers = threads - 1 < n_workers ? threads - 1 : n_workers;
+    job = *j;
+    job_workers = helpers;
+    job_chunk = j->blocks / ((helpers + 1) * 4);
+    if (job_chunk < 1) job_chunk = 1;
+    atomic_store_explicit(&next_block, 0, memory_order_relaxed);
+    atomic_store_explicit(&pending, helpers, memory_order_relaxed);
+    pthread_mutex_lock(&wake_lock);
+    atomic_fetch_add_explicit(&generation, 1, memory_order_release);
+    pthread_cond_broadcast(&wake_cond);
+    pthread_mutex_unlock(&wake_lock);
+    run_blocks(j, job_chunk);
+    while (atomic_load_explicit(&pending, memory_order_acquire) > 0) cpu_relax();
+    pthread_mutex_unlock(&pool_lock);
+}
+
 /* y (m, n_out) = x (m, n_in) @ w^T * scale + bias; m <= 16. Returns 0, or -1 if m is too
- * large. Rows of W are shared among `threads` OpenMP threads in blocks of 16, handed out
+ * large. Rows of W are shared among `threads` threads in blocks of 16, handed out
  * dynamically (a thread the OS preempts does not hold the others up). */
 int cv_int8_gemm(const float *x, int m, int n_in, const int8_t *w, const float *scale,
                  const float *bias, float *y, int n_out, int threads)
 {
     if (m < 1 || m > MAX_M) return -1;
-    int blocks = (n_out + 15) / 16;
+    job_t j = {x, NULL, NULL, m, n_in, n_out, (n_out + 15) / 16, 0, w, scale, bias, y};
 #ifdef CV_VNNI
     int nb = (n_in + QB - 1) / QB;
     int8_t *xq = malloc((size_t)m * nb * QB);
     float *xs = malloc((size_t)m * nb * sizeof(float));
     if (!xq || !xs) { free(xq); free(xs); return -2; }
     quantize_rows(x, m, n_in, xq, xs);
-#pragma omp parallel for schedule(dynamic, 4) num_threads(threads) if(threads > 1)
-    for (int blk = 0; blk < blocks; blk++) {
-        int o0 = blk * 16, o1 = o0 + 16 < n_out ? o0 + 16 : n_out;
-        rows_vnni(xq, xs, m, n_in, w, scale, bias, y, n_out, o0, o1);
-    }
+    j.xq = xq;
+    j.xs = xs;
+    j.vnni = 1;
+    run_job(&j, threads);
     free(xq);
     free(xs);
     return 0;
 #endif
-#pragma omp parallel for schedule(dynamic, 4) num_threads(threads) if(threads > 1)
-    for (int blk = 0; blk < blocks; blk++) {
-        int o0 = blk * 16, o1 = o0 + 16 < n_out ? o0 + 16 : n_out;
-        rows_gemm(x, m, n_in, w, scale, bias, y, n_out, o0, o1);
-    }
+    run_job(&j, threads);
     return 0;
 }
 
