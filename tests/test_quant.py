@@ -184,3 +184,34 @@ def test_kernel_threads_give_the_same_result_concurrently_and_sleep_when_idle(qu
     before = time.process_time()
     time.sleep(0.5)
     assert time.process_time() - before < 0.05
+
+
+def test_a_forked_child_gets_its_own_kernel_threads(quant):
+    """After fork() the child has none of the parent's workers; its products must neither
+    wait for them nor differ."""
+    import os
+
+    g = torch.Generator().manual_seed(6)
+    lin = quant.Int8Linear(torch.randn(2000, 256, generator=g), None)
+    x = torch.randn(2, 256, generator=g)
+    quant.set_kernel_threads(2)
+    try:
+        expected = lin(x)  # the parent's workers exist now
+        pid = os.fork()
+        if pid == 0:  # the child: exit code 0 only if the product is right
+            os._exit(0 if torch.equal(lin(x), expected) else 1)
+        import signal
+        import time
+
+        deadline = time.monotonic() + 30
+        done, status = 0, 0
+        while not done and time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            time.sleep(0.05)
+        if not done:  # waiting for workers it does not have
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    finally:
+        quant.set_kernel_threads(0)
+    assert done, "the child hung"
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0

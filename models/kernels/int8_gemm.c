@@ -216,6 +216,18 @@ static void *worker_main(void *arg)
     return NULL;
 }
 
+/* A child process of fork() has none of its parent's workers: start afresh. */
+static void reset_after_fork(void)
+{
+    n_workers = 0;
+    pthread_mutex_init(&pool_lock, NULL);
+    pthread_mutex_init(&wake_lock, NULL);
+    pthread_cond_init(&wake_cond, NULL);
+}
+
+static void register_fork_handler(void) { pthread_atfork(NULL, NULL, reset_after_fork); }
+static pthread_once_t fork_handler_once = PTHREAD_ONCE_INIT;
+
 /* Runs `j` on the caller and up to threads - 1 workers (fewer if they cannot be started;
  * the caller alone when another thread's product holds the pool). */
 static void run_job(const job_t *j, int threads)
@@ -239,6 +251,7 @@ static void run_job(const job_t *j, int threads)
         }
         return;
     }
+    pthread_once(&fork_handler_once, register_fork_handler);
     while (n_workers < threads - 1) {
         pthread_t t;
         pthread_attr_t attr;
