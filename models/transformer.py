@@ -148,11 +148,9 @@ class Attention(nn.Module):
         T = q.shape[1]
         keys, values = seg.cache.update(self.layer, seg.pos, k, v)  # (KV, L, D)
         L = keys.shape[1]
-        if T == 1:
-            keys, values = self._window(keys, values)
         group = self.n_heads // self.n_kv
         if T == 1:
-            y = self._decode_row(q, keys, values, group)
+            y = self._decode_row(q, *self._window(keys, values), group)
         elif seg.all_logits and T <= VERIFY_ROWS:
             # Verifying a draft: each row exactly as a single-token decode step would compute
             # it (same kernel, same key range), so accepted drafts leave greedy output

@@ -23,6 +23,7 @@ import torch
 from ..errors import ContextLengthError, EngineStoppedError, ModelError, RequestError
 from ..kv_cache import KVCache
 from ..loader import LoadedModel
+from ..quant import Int8Linear, set_kernel_threads
 from ..sampling import sample
 from ..stopping import StopStringMatcher
 from ..tokenizer import IncrementalDetokenizer
@@ -80,10 +81,6 @@ class _Active:
     def request(self) -> Request:
         return self.handle.request
 
-    @property
-    def guided(self) -> bool:
-        return self.guide is not None
-
 
 def _owner(st: _Active | _Guide) -> _Active:
     return st.owner if isinstance(st, _Guide) else st
@@ -140,7 +137,7 @@ class Engine:
         self._turns = self._batched = 0
         self.num_threads = num_threads or auto_threads(self.model)
         self.prefill_threads = num_threads or torch.get_num_threads()
-        self._int8 = any(type(m).__name__ == "Int8Linear" for m in self.model.modules())
+        self._int8 = any(isinstance(m, Int8Linear) for m in self.model.modules())
         self._threads_now = 0
         self.cache = PrefixCache(
             make_cache=lambda cap: KVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
@@ -199,33 +196,34 @@ class Engine:
         if not ids:
             raise RequestError("the prompt is empty")
         vocab = self.loaded.config.vocab_size
-        if any(not 0 <= t < vocab for t in ids):
-            raise RequestError(f"prompt token ids must be in [0, {vocab})")
+        self._check_ids("prompt", ids)
         if params.token_range is not None and params.token_range[1] > vocab:
             raise RequestError(f"token_range {params.token_range} exceeds the vocabulary "
                                f"({vocab})")
-        guide = params.guidance_prompt
-        if guide is not None:
-            if any(t >= vocab for t in guide):
-                raise RequestError(f"guidance prompt token ids must be in [0, {vocab})")
-            n = len(guide) + params.max_new_tokens
-            if n > self.model.max_positions or not self.cache.fits_alone(n):
-                raise ContextLengthError(
-                    f"guidance prompt ({len(guide)} tokens) + max_new_tokens "
-                    f"({params.max_new_tokens}) exceeds the model's context or the KV "
-                    f"cache budget")
+        if params.guidance_prompt is not None:
+            self._check_ids("guidance prompt", params.guidance_prompt)
+            self._check_room("guidance prompt", len(params.guidance_prompt),
+                             params.max_new_tokens)
         ids, keyed = self._expand_images(ids, list(images))
-        needed = len(ids) + params.max_new_tokens
-        if needed > self.model.max_positions or not self.cache.fits_alone(needed):
-            raise ContextLengthError(
-                f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) "
-                f"exceeds the model's context or the KV cache budget "
-                f"({self.model.max_positions} positions)")
+        self._check_room("prompt", len(ids), params.max_new_tokens)
         handle = RequestHandle(Request(ids, params, images=keyed), self._notify)
         with self._cv:
             self._inbox.append(handle)
             self._cv.notify()
         return handle
+
+    def _check_ids(self, what: str, ids: Sequence[int]) -> None:
+        vocab = self.loaded.config.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise RequestError(f"{what} token ids must be in [0, {vocab})")
+
+    def _check_room(self, what: str, tokens: int, max_new_tokens: int) -> None:
+        needed = tokens + max_new_tokens
+        if needed > self.model.max_positions or not self.cache.fits_alone(needed):
+            raise ContextLengthError(
+                f"{what} ({tokens} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                f"model's context or the KV cache budget ({self.model.max_positions} "
+                f"positions)")
 
     def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
                  timeout: float | None = None,
@@ -283,8 +281,6 @@ class Engine:
             torch.set_num_threads(self.num_threads)
             self._threads_now = self.num_threads
             if self._int8:
-                from ..quant import set_kernel_threads
-
                 set_kernel_threads(self.num_threads)
             if self.warmup:
                 self._warmup()
@@ -335,15 +331,15 @@ class Engine:
                 continue
             slot, cached = got
             p = req.params
-            guide_slot = None
+            guide_got = guide_prompt = None
             if p.guidance_prompt is not None and p.guidance_scale != 1:
-                gp = list(p.guidance_prompt)
-                guide_got = self.cache.acquire(gp, len(gp) + p.max_new_tokens)
+                guide_prompt = list(p.guidance_prompt)
+                guide_got = self.cache.acquire(guide_prompt,
+                                               len(guide_prompt) + p.max_new_tokens)
                 if guide_got is None:
                     self.cache.release(slot)
                     still.append(handle)
                     continue
-                guide_slot = guide_got
             stop_ids = (frozenset() if p.ignore_eos else
                         frozenset(p.stop_token_ids) if p.stop_token_ids is not None
                         else self.loaded.stop_token_ids)
@@ -356,10 +352,10 @@ class Engine:
                 detok=IncrementalDetokenizer(self.tokenizer, p.skip_special_tokens),
                 stops=StopStringMatcher(list(p.stop)), stop_ids=stop_ids, generator=gen,
                 required=p.required_prefix))
-            if guide_slot is not None:
+            if guide_got is not None and guide_prompt is not None:
                 st = self._active[-1]
-                st.guide = _Guide(owner=st, slot=guide_slot[0],
-                                  prompt=list(p.guidance_prompt or ()), pos=guide_slot[1])
+                st.guide = _Guide(owner=st, slot=guide_got[0], prompt=guide_prompt,
+                                  pos=guide_got[1])
         self._waiting = still
 
     def _turn(self) -> None:

@@ -167,6 +167,19 @@ static inline void cpu_relax(void)
 #endif
 }
 
+/* Rows of blocks [first, last) of job `j`. */
+static void run_range(const job_t *j, int first, int last)
+{
+    int o0 = first * 16, o1 = last * 16 < j->n_out ? last * 16 : j->n_out;
+#ifdef CV_VNNI
+    if (j->vnni) {
+        rows_vnni(j->xq, j->xs, j->m, j->n_in, j->w, j->scale, j->bias, j->y, j->n_out, o0, o1);
+        return;
+    }
+#endif
+    rows_gemm(j->x, j->m, j->n_in, j->w, j->scale, j->bias, j->y, j->n_out, o0, o1);
+}
+
 /* Grabs runs of `chunk` consecutive blocks until none are left: long runs keep each
  * thread's reads sequential (the hardware prefetcher follows them), several runs per
  * thread keep a preempted thread from holding the others up. */
@@ -174,18 +187,8 @@ static void run_blocks(const job_t *j, int chunk)
 {
     int first;
     while ((first = atomic_fetch_add_explicit(&next_block, chunk, memory_order_relaxed))
-           < j->blocks) {
-        int last = first + chunk < j->blocks ? first + chunk : j->blocks;
-        int o0 = first * 16, o1 = last * 16 < j->n_out ? last * 16 : j->n_out;
-#ifdef CV_VNNI
-        if (j->vnni) {
-            rows_vnni(j->xq, j->xs, j->m, j->n_in, j->w, j->scale, j->bias, j->y, j->n_out,
-                      o0, o1);
-            continue;
-        }
-#endif
-        rows_gemm(j->x, j->m, j->n_in, j->w, j->scale, j->bias, j->y, j->n_out, o0, o1);
-    }
+           < j->blocks)
+        run_range(j, first, first + chunk < j->blocks ? first + chunk : j->blocks);
 }
 
 static void *worker_main(void *arg)
@@ -236,19 +239,7 @@ static void run_job(const job_t *j, int threads)
     if (threads > j->blocks) threads = j->blocks;
     if (threads <= 1 || pthread_mutex_trylock(&pool_lock) != 0) {
         /* single-threaded, or another thread's product holds the pool: do it alone */
-        job_t local = *j;
-        for (int blk = 0; blk < local.blocks; blk++) {
-            int o0 = blk * 16, o1 = o0 + 16 < local.n_out ? o0 + 16 : local.n_out;
-#ifdef CV_VNNI
-            if (local.vnni) {
-                rows_vnni(local.xq, local.xs, local.m, local.n_in, local.w, local.scale,
-                          local.bias, local.y, local.n_out, o0, o1);
-                continue;
-            }
-#endif
-            rows_gemm(local.x, local.m, local.n_in, local.w, local.scale, local.bias,
-                      local.y, local.n_out, o0, o1);
-        }
+        run_range(j, 0, j->blocks);
         return;
     }
     pthread_once(&fork_handler_once, register_fork_handler);

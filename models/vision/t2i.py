@@ -112,9 +112,10 @@ class TextToImage:
         if layout.prompt_tokens + 1 + layout.tokens > loaded.model.max_positions:
             raise ConfigError("the model's context is too short for a prompt and an image")
         guidance = raw["image_generation"].get("guidance_scale", 1.0)
-        if not isinstance(guidance, (int, float)) or not 0 < guidance <= MAX_GUIDANCE:
-            raise ConfigError(f"image_generation.guidance_scale must be in (0, "
-                              f"{MAX_GUIDANCE}], got {guidance!r}")
+        try:
+            check_guidance(guidance)
+        except RequestError as e:
+            raise ConfigError(f"image_generation.guidance_scale: {e}") from e
         vq = load_vq(directory, vq_cfg)
         engine = Engine(loaded, cache_bytes=64 << 20, warmup=warmup,
                         num_threads=num_threads).start()
@@ -133,13 +134,15 @@ class TextToImage:
         if len(ids) > n:
             raise RequestError(f"the prompt is too long for the image model: {len(ids)} "
                                f"tokens, at most {n}")
-        return [self.layout.pad_token_id] * (n - len(ids)) + ids + [
-            self.layout.image_start_token_id]
+        return self._framed(ids)
 
     def unconditional_ids(self) -> list[int]:
         """The empty prompt (padding only, then begin-image) that guidance contrasts with."""
-        return [self.layout.pad_token_id] * self.layout.prompt_tokens + [
-            self.layout.image_start_token_id]
+        return self._framed([])
+
+    def _framed(self, ids: list[int]) -> list[int]:
+        return ([self.layout.pad_token_id] * (self.layout.prompt_tokens - len(ids)) + ids
+                + [self.layout.image_start_token_id])
 
     def params(self, seed: int | None = None, temperature: float | None = None,
                top_k: int | None = None, deadline_s: float | None = None,
