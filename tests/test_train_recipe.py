@@ -91,3 +91,64 @@ def test_export_loads_in_codevista_and_transformers(prepared: Path, tmp_path: Pa
     with Engine(load_model(export)) as engine:
         ours = engine.generate(ids, SamplingParams(max_new_tokens=12, ignore_eos=True))
     assert ours.token_ids == out[0, len(ids):].tolist()
+
+
+def test_lr_restart_starts_a_new_warmup_and_cosine():
+    # Continued run: from step 10 a fresh schedule over steps 10..30, ending at the floor.
+    assert recipe.lr_at(0, 20, 1e-3, 5, 1e-4) == pytest.approx(2e-4)
+    assert recipe.lr_at(4, 20, 1e-3, 5, 1e-4) == pytest.approx(1e-3)
+    assert recipe.lr_at(20, 20, 1e-3, 5, 1e-4) == pytest.approx(1e-4)
+
+
+def test_continued_run_with_translation_share_resumes_exactly(prepared: Path, tmp_path: Path):
+    """`pairs` tokenizes the pairs with the run's tokenizer; a continuation that draws half
+    of every batch from them and restarts its schedule resumes exactly, and its
+    translation valid loss is recorded."""
+    import shutil
+
+    import numpy as np
+    from safetensors.torch import load_file
+
+    base = tmp_path / "base"
+    shutil.copytree(prepared, base)
+    recipe.main(["train", "--run", str(base), "--steps", "3", *TINY])
+    pairs_dir = tmp_path / "pairs"
+    pairs_dir.mkdir()
+    for split in ("train", "valid"):
+        (pairs_dir / f"{split}.java-cs.txt.java").write_text("int g() { return 2; }\n" * 30)
+        (pairs_dir / f"{split}.java-cs.txt.cs").write_text("int G() { return 2; }\n" * 30)
+    recipe.main(["pairs", "--pairs", str(pairs_dir), "--run", str(base)])
+    tokens = np.load(base / "pairs-train.tokens.npy")
+    starts = np.load(base / "pairs-train.starts.npy")
+    assert len(starts) == 60 and tokens.dtype == np.uint16
+    more = ["--restart", "3", "--pair-fraction", "0.5"]
+
+    a = tmp_path / "a"
+    shutil.copytree(base, a)
+    recipe.main(["train", "--run", str(a), "--steps", "9", *more, *TINY])
+    state = json.loads((a / "ckpt" / "state.json").read_text())
+    assert [s for s, _ in state["pair_valid_loss"]] == [6, 9]
+    # Interrupted at 6 and resumed (same checkpoints, same data order, same schedule).
+    c2 = tmp_path / "c2"
+    shutil.copytree(base, c2)
+    recipe.main(["train", "--run", str(c2), "--steps", "6", *more, *TINY])
+    recipe.main(["train", "--run", str(c2), "--steps", "9", *more, *TINY])
+    wa = load_file(str(a / "ckpt" / "model.safetensors"))
+    wc = load_file(str(c2 / "ckpt" / "model.safetensors"))
+    assert all(torch.allclose(wa[k], wc[k], atol=1e-6) for k in wa)
+    # The pair rows change training: without them the weights differ.
+    d = tmp_path / "d"
+    shutil.copytree(base, d)
+    recipe.main(["train", "--run", str(d), "--steps", "9", "--restart", "3", *TINY])
+    wd = load_file(str(d / "ckpt" / "model.safetensors"))
+    assert any(not torch.allclose(wa[k], wd[k]) for k in wa)
+
+
+def test_pair_fraction_without_pairs_stream_is_refused(prepared: Path, tmp_path: Path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(prepared, run)
+    with pytest.raises(SystemExit, match="run `pairs` first"):
+        recipe.main(["train", "--run", str(run), "--steps", "2", "--pair-fraction", "0.5",
+                     *TINY])

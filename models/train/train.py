@@ -2,6 +2,15 @@
 
     python -m codevista.models.train.train prepare --corpus DIR --pairs DIR --run DIR
     python -m codevista.models.train.train train --run DIR [--steps N] [--device cpu|cuda]
+    python -m codevista.models.train.train pairs --pairs DIR --run DIR
+    python -m codevista.models.train.train train --run DIR --steps N --restart STEP \
+        --pair-fraction F
+
+`pairs` tokenizes the Java <-> C# pairs alone (train split, and valid for a separate
+translation loss) with the run's tokenizer; `--pair-fraction F` then draws that share of
+every batch from them, so a continued run can weight translation without re-preparing the
+code mix. `--restart STEP` starts a new warm-up and cosine schedule at that step (a
+continued run from an earlier checkpoint); without it the schedule spans steps 0..N.
 
 `prepare` fits the tokenizer and tokenizes the train and valid mixes (see data.py);
 `train` runs AdamW with warm-up and cosine decay, checkpoints every --save-every steps
@@ -55,6 +64,22 @@ def prepare(args: argparse.Namespace) -> None:
         {"corpus": str(args.corpus), "pairs": str(args.pairs), "vocab": args.vocab,
          "scale": args.scale, "pair_passes": args.pair_passes, "seed": args.seed,
          "lang_bytes": budgets}, indent=1))
+
+
+def prepare_pairs(args: argparse.Namespace) -> None:
+    """Tokenize the translation pairs, both directions, with the run's own tokenizer."""
+    from .data import read_pairs, render_pair
+
+    tok = args.run / "tokenizer" / "tokenizer.json"
+    if not tok.is_file():
+        raise SystemExit(f"{tok} not found: run `prepare` first")
+    for split in ("train", "valid"):
+        samples = []
+        for java, cs in read_pairs(args.pairs, split):
+            samples.append(render_pair("java", java, "csharp", cs))
+            samples.append(render_pair("csharp", cs, "java", java))
+        n_tokens, n_samples = tokenize(samples, tok, args.run / f"pairs-{split}")
+        log.info("pairs %s: %d samples, %.2fM tokens", split, n_samples, n_tokens / 1e6)
 
 
 class Batches:
@@ -166,16 +191,28 @@ def train(args: argparse.Namespace) -> None:
              state["step"])
     train_data = Batches(run / "train", args.seq_len)
     valid_data = Batches(run / "valid", args.seq_len)
+    n_pairs = round(args.pair_fraction * args.batch)
+    if n_pairs and not (run / "pairs-train.tokens.npy").is_file():
+        raise SystemExit(f"--pair-fraction needs {run}/pairs-train.*: run `pairs` first")
+    pair_data = Batches(run / "pairs-train", args.seq_len) if n_pairs else None
+    pair_valid = (Batches(run / "pairs-valid", args.seq_len)
+                  if (run / "pairs-valid.tokens.npy").is_file() else None)
+    restart = args.restart or 0
+    if not 0 <= restart < args.steps:
+        raise SystemExit(f"--restart {restart} must lie in [0, --steps {args.steps})")
     step_fn = torch.compile(model) if args.compile else model
     t_last = time.time()
     running: list[float] = []
     while state["step"] < args.steps:
         step = state["step"]
-        lr = lr_at(step, args.steps, args.lr, args.warmup, args.lr / 10)
+        lr = lr_at(step - restart, args.steps - restart, args.lr, args.warmup, args.lr / 10)
         for g in opt.param_groups:
             g["lr"] = lr
         rng = np.random.default_rng([args.seed, step])
-        x, y = train_data.get(rng, args.batch)
+        x, y = train_data.get(rng, args.batch - n_pairs)
+        if pair_data is not None:
+            px, py = pair_data.get(rng, n_pairs)
+            x, y = torch.cat([x, px]), torch.cat([y, py])
         _, loss = step_fn(x.to(device), y.to(device))
         assert loss is not None
         opt.zero_grad(set_to_none=True)
@@ -199,13 +236,21 @@ def train(args: argparse.Namespace) -> None:
         if state["step"] % args.save_every == 0 or state["step"] == args.steps:
             vl = evaluate(model, valid_data, args.batch, device)
             state["valid_loss"].append([state["step"], vl])
-            print(f"step {state['step']} valid loss {vl:.3f}", file=sys.stderr, flush=True)
+            msg = f"step {state['step']} valid loss {vl:.3f}"
+            if pair_valid is not None:
+                pl = evaluate(model, pair_valid, args.batch, device, n=2)
+                state.setdefault("pair_valid_loss", []).append([state["step"], pl])
+                msg += f", translation valid loss {pl:.3f}"
+            print(msg, file=sys.stderr, flush=True)
             save_checkpoint(run, model, opt, state)
             export_hf(model, run / "latest-hf.tmp", run / "tokenizer", eos_id)
             shutil.rmtree(run / "latest-hf", ignore_errors=True)
             (run / "latest-hf.tmp").rename(run / "latest-hf")
-            plot_losses({"train": [tuple(p) for p in state["train_loss"]],
-                         "valid": [tuple(p) for p in state["valid_loss"]]},
+            curves = {"train": [tuple(p) for p in state["train_loss"]],
+                      "valid": [tuple(p) for p in state["valid_loss"]]}
+            if state.get("pair_valid_loss"):
+                curves["translation valid"] = [tuple(p) for p in state["pair_valid_loss"]]
+            plot_losses(curves,
                         run / "loss.png", f"codevista default model ({device})")
 
 
@@ -238,9 +283,16 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--compile", action="store_true")
     t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    t.add_argument("--pair-fraction", type=float, default=0.0,
+                   help="share of each batch drawn from the pairs stream (see `pairs`)")
+    t.add_argument("--restart", type=int, default=None,
+                   help="start a new warm-up and cosine schedule at this step")
+    q = sub.add_parser("pairs")
+    q.add_argument("--pairs", type=Path, required=True)
+    q.add_argument("--run", type=Path, required=True)
     args = ap.parse_args(argv)
     logging.basicConfig(level=os.environ.get("CODEVISTA_LOG", "INFO"), stream=sys.stderr)
-    prepare(args) if args.cmd == "prepare" else train(args)
+    {"prepare": prepare, "train": train, "pairs": prepare_pairs}[args.cmd](args)
 
 
 if __name__ == "__main__":
