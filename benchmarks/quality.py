@@ -41,7 +41,11 @@ fim        Single-line infilling at the same cut points: prefix = up to --fim-pr
 translate  Java -> C# and C# -> Java on CodeXGLUE valid (all 499 pairs unless
            --translation-limit). Prompt `translation(src, source, tgt)`, greedy until EOT,
            max_new_tokens = 2 * source tokens + 16 (clamped to the context; a prompt that does
-           not fit counts as an empty prediction). Exact match of the stripped strings and
+           not fit counts as an empty prediction). The prediction is what the server would
+           keep: the stream read token by token through its `OutputCutter` (as many
+           definitions as the source, a loop cut to one copy), then `clean_output`; also
+           reported: BLEU of the raw output and of the old cut at the first definition's
+           closing brace. Exact match of the stripped strings and
            corpus BLEU-4 x 100 on whitespace tokens, smoothed as tensorflow/nmt
            compute_bleu(smooth=True) (see metrics.py), beside the published CodeXGLUE rows
            (those are on the *test* split, which codevista does not have) and the naive copy
@@ -70,6 +74,8 @@ from codevista.models.kv_cache import KVCache
 from codevista.models.loader import LoadedModel, load_model
 from codevista.models.train.data import read_pairs
 from codevista.server.postprocess import end_of_definition
+from codevista.server.translation import (OutputCutter, clean_output, count_blocks,
+                                          resolve_language)
 from codevista.server.prompts import healing_text
 from metrics import bleu_strings, edit_similarity, exact_match
 
@@ -227,13 +233,31 @@ class Harness:
 
     def generate(self, ids: list[int], max_new: int, stop: tuple[str, ...],
                  required_prefix: str = "") -> str:
+        return self.generate_ids(ids, max_new, stop, required_prefix).text
+
+    def generate_ids(self, ids: list[int], max_new: int, stop: tuple[str, ...],
+                     required_prefix: str = "") -> Any:
         assert self.engine is not None
         params = SamplingParams(max_new_tokens=max_new, temperature=0.0, stop=stop,
                                 stop_token_ids=self.stop_ids, required_prefix=required_prefix)
         result = self.engine.generate(ids, params)
         if result.finish_reason == "error":
             raise RuntimeError(f"generation failed: {result.error}")
-        return result.text
+        return result
+
+    def served_translation(self, token_ids: list[int], source: str, src_lang: str,
+                           tgt_lang: str) -> str:
+        """What the server's translation keeps of this generation: it reads the stream
+        token by token through `OutputCutter` (as many definitions as the source holds,
+        loops cut to one copy), stops at the first complete cut, then `clean_output`."""
+        src, tgt = resolve_language(src_lang, "source"), resolve_language(tgt_lang)
+        cutter = OutputCutter(tgt, count_blocks(source, src))
+        kept = ""
+        for k in range(1, len(token_ids) + 1):
+            kept, complete = cutter.cut(self.tok.decode(token_ids[:k]))
+            if complete:
+                break
+        return clean_output(kept, final=True).strip()
 
     # -- bits per byte ------------------------------------------------------------------
     def bpb(self, by_lang: dict[str, list[dict[str, str]]], langs: list[str]) -> dict[str, Any]:
@@ -388,6 +412,7 @@ class Harness:
             refs = [p[ti] for p in pairs]
             preds: list[str] = []
             raw_preds: list[str] = []
+            first_def: list[str] = []
             reasons: Counter[str] = Counter()
             for src in sources:
                 ids = self.encode(formats.translation(src_lang, src, tgt_lang))
@@ -395,14 +420,18 @@ class Harness:
                 if room < 1:
                     preds.append("")
                     raw_preds.append("")
+                    first_def.append("")
                     reasons["prompt_too_long"] += 1
                 else:
                     max_new = min(2 * len(self.encode(src)) + 16, room)
-                    raw = self.generate(ids, max_new, ()).strip()
+                    result = self.generate_ids(ids, max_new, ())
+                    raw = result.text.strip()
                     raw_preds.append(raw)
-                    # One function per line: stop where the function ends, as the
-                    # server's translation does, rather than where the model stops.
-                    preds.append(end_of_definition(raw).strip())
+                    first_def.append(end_of_definition(raw).strip())
+                    # What the server would show: it stops where the function ends
+                    # (or the output starts looping), not where the model stops.
+                    preds.append(self.served_translation(result.token_ids, src, src_lang,
+                                                         tgt_lang))
                 progress.tick()
             n = len(refs)
             em = sum(exact_match(p, r) for p, r in zip(preds, refs, strict=True))
@@ -410,6 +439,10 @@ class Harness:
             out[f"{src_lang}->{tgt_lang}"] = {
                 "bleu": round(bleu_strings(refs, preds), 2), "exact_match": pct(em, n),
                 "bleu_without_cut": round(bleu_strings(refs, raw_preds), 2),
+                "bleu_first_definition": round(bleu_strings(refs, first_def), 2),
+                "exact_match_first_definition": pct(
+                    sum(exact_match(p, r) for p, r in zip(first_def, refs, strict=True)), n),
+                "predictions": preds, "raw_predictions": raw_preds,
                 "naive_copy_bleu": round(bleu_strings(refs, sources), 2),
                 "naive_copy_exact_match": pct(copy_em, n),
                 "skipped": dict(reasons),
@@ -567,7 +600,10 @@ def main(argv: list[str] | None = None) -> int:
     def emit(group: str, r: dict[str, Any], started: float) -> None:
         r["elapsed_s"] = round(time.monotonic() - started, 1)
         results[group] = r
-        print(json.dumps(r), flush=True)
+        # Per-pair translations go only to --out; stdout keeps one readable line a group.
+        print(json.dumps({k: ({kk: vv for kk, vv in v.items() if "predictions" not in kk}
+                              if isinstance(v, dict) else v) for k, v in r.items()}),
+              flush=True)
 
     by_lang = read_test(args.corpus) if {"bpb", "line", "fim"} & set(args.groups) else {}
     if "bpb" in args.groups:

@@ -458,10 +458,16 @@ def _end_of_blocks(text: str, blocks: int) -> int | None:
     return None
 
 
+# Longest in-line pattern looked for; one-line sources (a whole method on a line) loop
+# with periods of 20-60 characters: `){Method = "x"){Method = "x"...`.
+LOOP_PERIOD_MAX = 80
+
+
 def looping_at(text: str) -> int | None:
     """Where a model's output starts looping, or None: a group of one to three lines (not
-    just closing brackets) repeated three times in a row, or a line whose last 48
-    characters repeat a short pattern (`+ b + b + b ...`). The index keeps one copy."""
+    just closing brackets) repeated three times in a row, or a line ending in a pattern
+    repeated over its last max(48, 3 × period) characters (`+ b + b + b ...`, periods up
+    to LOOP_PERIOD_MAX). The index keeps one copy."""
     lines = text.split("\n")
     complete = lines[:-1]
     starts = [0]
@@ -474,16 +480,18 @@ def looping_at(text: str) -> int | None:
             a, b, c = body[-p:], body[-2 * p:-p], body[-3 * p:-2 * p]
             if [x for _, x in a] == [x for _, x in b] == [x for _, x in c]:
                 return starts[b[0][0]]
-    tail = lines[-1][-48:]
-    if len(tail) == 48:
-        for p in range(1, 13):
-            if tail[p:] == tail[:-p]:
-                # one copy of the pattern kept after where the repetition began
-                line_start = len(text) - len(lines[-1])
-                k = len(lines[-1]) - 48
-                while k - p >= 0 and lines[-1][k - p:k] == lines[-1][k:k + p]:
-                    k -= p
-                return line_start + k + p
+    last = lines[-1]
+    for p in range(1, LOOP_PERIOD_MAX + 1):
+        span = max(48, 3 * p)
+        if len(last) < span:
+            break
+        tail = last[-span:]
+        if tail[p:] == tail[:-p]:
+            # one copy of the pattern kept after where the repetition began
+            k = len(last) - span
+            while k - p >= 0 and last[k - p:k] == last[k:k + p]:
+                k -= p
+            return len(text) - len(last) + k + p
     return None
 
 

@@ -175,6 +175,11 @@ def test_quality_harness_end_to_end(tmp_path):
     for direction in ("java->csharp", "csharp->java"):
         assert 0 <= tr[direction]["bleu"] <= 100
         assert len(tr[direction]["published_test"]) == 4
+        assert len(tr[direction]["predictions"]) == len(tr[direction]["raw_predictions"]) == 3
+        # the served cut only ever shortens the raw output
+        for kept, raw in zip(tr[direction]["predictions"], tr[direction]["raw_predictions"]):
+            assert len(kept) <= len(raw)
+    assert "predictions" not in lines[3]["java->csharp"]  # kept out of the stdout line
     # The first pair is identical in both languages: the naive copy gets it right.
     assert tr["java->csharp"]["naive_copy_exact_match"] == pytest.approx(100 / 3, abs=0.01)
     assert 1 <= len(results["examples"]) <= 6

@@ -198,6 +198,9 @@ def test_loops_are_cut_to_one_copy():
     inline = "return a + b" + " + b" * 20
     cut = inline[:looping_at(inline)]
     assert cut.startswith("return a + b") and len(cut) < 24
+    one_line = 'public R(): base("a", "b")' + '{Method = "openAPI")' * 4
+    assert one_line[:looping_at(one_line)] == 'public R(): base("a", "b"){Method = "openAPI")'
+    assert looping_at('if (a) {x = f("long argument");} else {y = g("other one");}') is None
     assert looping_at("}\n}\n}\n}\n") is None  # closing braces are not a loop
     assert looping_at("a = 1\nb = 2\nc = 3\n") is None
 
