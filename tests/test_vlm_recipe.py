@@ -54,6 +54,40 @@ def test_samples_are_reproducible_and_splits_disjoint():
             assert set(t.meta["nodes"]) <= set(HELDOUT_WORDS)
 
 
+def test_novel_word_diagrams_force_copying_and_leave_the_default_draw_alone():
+    from codevista.models.train.vlm import Batcher
+    from codevista.models.tokenizer import Tokenizer
+
+    novel = seen = 0
+    for seed in range(300):
+        plain, mixed = sample("train", seed), sample("train", seed, novel_words=0.7)
+        assert mixed.kind == plain.kind
+        if plain.kind != "diagram":
+            # only flowcharts change: everything else is drawn exactly as before
+            assert mixed.answer == plain.answer
+            continue
+        nodes = mixed.meta["nodes"]
+        assert len(set(nodes)) == len(nodes) and not set(nodes) & set(HELDOUT_WORDS)
+        if set(nodes) <= set(TRAIN_WORDS):
+            seen += 1
+        else:
+            novel += 1
+            # labels, answer and the drawn text agree
+            assert [t for t, _ in mixed.meta["text_boxes"]] == nodes
+            assert all(n in mixed.answer for n in nodes)
+        t = sample("test", seed, novel_words=0.7)  # the held-out split never changes
+        assert t.answer == sample("test", seed).answer
+    assert novel > seen > 0
+    # The batcher trains them with simulated OCR lines that carry the made-up labels.
+    tok = Tokenizer.from_dir(ROOT / "models" / "default" / "code")
+    b = Batcher(tok, 4, ocr_rate=1.0, novel_words=1.0)
+    seeds = [sd for sd in range(200) if sample("train", sd).kind == "diagram"][:3]
+    _, x, _ = b.batch("train", seeds)
+    text = tok.decode([i for i in x[0].tolist() if i >= 0])
+    assert "Text in the image (OCR" in text
+    assert sample("train", seeds[0], 1.0).meta["nodes"][0] in text
+
+
 def test_count_answers_match_the_drawn_objects():
     checked = 0
     for seed in range(400):

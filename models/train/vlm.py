@@ -80,8 +80,10 @@ class TrainVLM(nn.Module):
 
 class Batcher:
     def __init__(self, tok: Tokenizer, tokens_per_image: int, ocr_rate: float = 0.0,
-                 ocr_tasks: tuple[str, ...] = ("describe-diagram",)) -> None:
+                 ocr_tasks: tuple[str, ...] = ("describe-diagram",),
+                 novel_words: float = 0.0) -> None:
         self.tok = tok
+        self.novel_words = novel_words  # share of train diagrams with made-up labels
         # share of samples (of the tasks named) whose prompt carries OCR lines, simulated
         # from the drawn text; their sequences are longer
         self.ocr_rate = ocr_rate
@@ -108,7 +110,7 @@ class Batcher:
     def batch(self, split: str, seeds: list[int]) -> tuple[torch.Tensor, ...]:
         pixels, inputs, targets = [], [], []
         for seed in seeds:
-            s = sample(split, seed)
+            s = sample(split, seed, self.novel_words if split == "train" else 0.0)
             ocr = ""
             if self.ocr_rate > 0 and s.task in self.ocr_tasks:
                 rng = random.Random(seed * 7919 + 17)
@@ -166,7 +168,8 @@ def train(args: argparse.Namespace) -> None:
     state = load_checkpoint(run, model, opt) or {
         "step": 0, "train_loss": [], "valid_loss": [], "seconds": 0.0,
         "args": {k: str(v) for k, v in vars(args).items()}, "device": args.device}
-    batcher = Batcher(tok, model.vision_tower.cfg.num_patches, args.ocr_rate)
+    batcher = Batcher(tok, model.vision_tower.cfg.num_patches, args.ocr_rate,
+                      novel_words=args.novel_words)
     step_fn = torch.compile(model) if args.compile else model
     log.info("VLM: %.2fM parameters (%.2fM new); resuming at step %d",
              sum(p.numel() for p in model.parameters()) / 1e6,
@@ -174,7 +177,8 @@ def train(args: argparse.Namespace) -> None:
     t_last, losses = time.time(), []
     while state["step"] < args.steps:
         step = state["step"]
-        scale = lr_at(step, args.steps, 1.0, args.warmup, 0.1)
+        restart = args.restart or 0
+        scale = lr_at(step - restart, args.steps - restart, 1.0, args.warmup, 0.1)
         opt.param_groups[0]["lr"] = args.lr * scale
         opt.param_groups[1]["lr"] = args.lr * args.lm_lr_scale * scale
         seeds = [step * args.batch + i for i in range(args.batch)]
@@ -270,6 +274,12 @@ def main() -> None:
     t.add_argument("--compile", action="store_true")
     t.add_argument("--ocr-rate", type=float, default=0.0,
                    help="share of samples trained with simulated OCR lines in the prompt")
+    t.add_argument("--novel-words", type=float, default=0.0,
+                   help="share of train diagrams labelled with made-up words, so that the "
+                        "labels must be copied from the OCR lines rather than memorised")
+    t.add_argument("--restart", type=int, default=None,
+                   help="start a new warm-up and cosine schedule at this step (a "
+                        "continued run)")
     t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     e = sub.add_parser("export")
     e.add_argument("--run", type=Path, required=True)

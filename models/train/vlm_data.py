@@ -83,6 +83,22 @@ def words(split: str) -> list[str]:
     return HELDOUT_WORDS if split == "test" else TRAIN_WORDS
 
 
+_ONSETS = ("b", "c", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w",
+           "z", "br", "cl", "dr", "fl", "gr", "pl", "st", "tr", "sh", "ch")
+_VOWELS = ("a", "e", "i", "o", "u", "ai", "ou", "ee")
+_CODAS = ("", "", "", "n", "r", "s", "t", "k", "m", "x", "ld", "nd", "st")
+
+
+def novel_word(rng: random.Random) -> str:
+    """A pronounceable made-up label ("brelk", "tousim"): never one of the held-out words,
+    so a model trained on them must copy labels it cannot have memorised."""
+    while True:
+        w = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS)
+                    for _ in range(rng.randint(1, 2))) + rng.choice(_CODAS)
+        if 3 <= len(w) <= 8 and w not in HELDOUT_WORDS:
+            return w
+
+
 def box_1000(x1: float, y1: float, x2: float, y2: float) -> list[int]:
     s = 1000 / IMAGE_SIZE
     return [round(x1 * s), round(y1 * s), round(x2 * s), round(y2 * s)]
@@ -193,7 +209,9 @@ def _border_point(box, toward):
     return cx + dx * t, cy + dy * t
 
 
-def flowchart(rng: random.Random, split: str) -> Sample:
+def flowchart(rng: random.Random, split: str, novel: float = 0.0) -> Sample:
+    """`novel`: in the train split, the share of diagrams labelled with made-up words
+    (`novel_word`) instead of the 55 training words (0 draws exactly as before)."""
     from PIL import ImageDraw
 
     dark = rng.random() < 0.25
@@ -201,7 +219,13 @@ def flowchart(rng: random.Random, split: str) -> Sample:
     d = ImageDraw.Draw(img)
     fg = (230, 230, 230) if dark else (20, 20, 20)
     k = rng.randint(2, 5)
-    labels = rng.sample(words(split), k)
+    if novel > 0 and split != "test" and rng.random() < novel:
+        labels: list[str] = []
+        while len(labels) < k:
+            w = novel_word(rng)
+            labels += [w] if w not in labels else []
+    else:
+        labels = rng.sample(words(split), k)
     cells = rng.sample([(c, r) for c in range(3) for r in range(3)], k)
     cells.sort(key=lambda cr: (cr[1], cr[0]))  # reading order
     boxes = []
@@ -340,15 +364,19 @@ GENERATORS = ((shapes, 0.45), (flowchart, 0.2), (bar_chart, 0.12), (code, 0.13),
               (error_dialog, 0.1))
 
 
-def sample(split: str, seed: int) -> Sample:
-    """Sample number `seed` of `split` ("train" or "test")."""
+def sample(split: str, seed: int, novel_words: float = 0.0) -> Sample:
+    """Sample number `seed` of `split` ("train" or "test"); `novel_words`: see flowchart."""
     rng = random.Random(f"{split}:{seed}")
     r, acc = rng.random(), 0.0
-    for gen, weight in GENERATORS:
+    gen = GENERATORS[-1][0]
+    for g, weight in GENERATORS:
         acc += weight
         if r < acc:
-            return gen(rng, split)
-    return GENERATORS[-1][0](rng, split)
+            gen = g
+            break
+    if gen is flowchart and novel_words > 0:
+        return flowchart(rng, split, novel_words)
+    return gen(rng, split)
 
 
 # -- OCR input for training (simulated from the drawn text) ---------------------------------
