@@ -261,6 +261,12 @@ def test_ngram_index_drafts_what_followed_the_latest_occurrence():
     assert idx.draft(0) == []
     idx.append(4)
     assert idx.draft(2) == [6, 1]
+    # Image positions of a vision prompt (negative ids) are never drafted: a description
+    # that repeats the text just before the image must not propose the image itself.
+    img = NgramIndex([7, 1, 2, 3, -2, -2, -2, 9, 1, 2, 3])
+    assert img.draft(4) == []
+    img = NgramIndex([1, 2, 3, 8, -2, -2, 9, 1, 2, 3])
+    assert img.draft(4) == [8]
 
 
 def _repetitive_prompt(n: int) -> list[int]:

@@ -44,5 +44,11 @@ class NgramIndex:
                 continue
             start = self.seen[n].get(tuple(toks[-n:]))
             if start is not None and start < len(toks):
-                return toks[start:start + limit]
+                out = toks[start:start + limit]
+                # negative ids are image positions of a vision prompt: never a token to
+                # draft (the model cannot output one); the draft ends before the first
+                for k, t in enumerate(out):
+                    if t < 0:
+                        return out[:k]
+                return out
         return []
