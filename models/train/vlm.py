@@ -11,6 +11,12 @@ from a seed that is a function of (step, index): a resumed run sees the same dat
 prompt is `formats.vision_prompt(formats.vision_question(task, question))`, exactly what
 the server sends; the loss covers the answer and its end-of-text token only.
 
+`--ocr-rate R` puts simulated OCR lines (from the drawn text, with OCR-like noise) in the
+prompt of that share of diagrams, as the server gives real OCR lines; `--novel-words R`
+labels that share of training flowcharts with made-up words, which the model can only get
+right by copying them from the OCR lines (the held-out words stay unseen either way).
+`--restart STEP` continues a finished run with a new warm-up and cosine schedule.
+
 Checkpoints (safetensors weights and optimizer state, JSON state) every --save-every
 steps; resume after any interruption; a loss plot at every checkpoint. `export` writes the
 Hugging Face Llava layout that both codevista and transformers load.

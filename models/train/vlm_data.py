@@ -89,9 +89,26 @@ _VOWELS = ("a", "e", "i", "o", "u", "ai", "ou", "ee")
 _CODAS = ("", "", "", "n", "r", "s", "t", "k", "m", "x", "ld", "nd", "st")
 
 
+@lru_cache(maxsize=1)
+def vocabulary_words() -> tuple[str, ...]:
+    """Lower-case words of 3-7 letters that the code tokenizer holds as one token (about
+    1 200: "access", "merge", "yield", ...), without the held-out words."""
+    import json
+    import re
+
+    path = Path(__file__).resolve().parents[1] / "default" / "code" / "tokenizer.json"
+    vocab = json.loads(path.read_text(encoding="utf-8"))["model"]["vocab"]
+    found = {t[1:] for t in vocab if re.fullmatch(r"\u0120[a-z]{3,7}", t)}
+    return tuple(sorted(found - set(HELDOUT_WORDS)))
+
+
 def novel_word(rng: random.Random) -> str:
-    """A pronounceable made-up label ("brelk", "tousim"): never one of the held-out words,
-    so a model trained on them must copy labels it cannot have memorised."""
+    """A label outside the 55 training words, never one of the held-out words: half the
+    time a word of the code vocabulary (`vocabulary_words`), else a pronounceable made-up
+    one ("brelk", "tousim"). A model trained on thousands of such labels cannot memorise
+    them: it must copy them from what it reads."""
+    if rng.random() < 0.5:
+        return rng.choice(vocabulary_words())
     while True:
         w = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS)
                     for _ in range(rng.randint(1, 2))) + rng.choice(_CODAS)
