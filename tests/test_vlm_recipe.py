@@ -86,6 +86,12 @@ def test_novel_word_diagrams_force_copying_and_leave_the_default_draw_alone():
     text = tok.decode([i for i in x[0].tolist() if i >= 0])
     assert "Text in the image (OCR" in text
     assert sample("train", seeds[0], 1.0).meta["nodes"][0] in text
+    # A diagram-reading continuation turns a share of the other samples into flowcharts.
+    heavy = Batcher(tok, 4, ocr_rate=1.0, novel_words=1.0, diagram_share=0.5)
+    kinds = [heavy.draw("train", sd).kind for sd in range(200)]
+    assert 0.45 < kinds.count("diagram") / 200 < 0.8
+    assert heavy.draw("train", 5).answer == heavy.draw("train", 5).answer
+    assert heavy.draw("test", 5).answer == sample("test", 5).answer
 
 
 def test_count_answers_match_the_drawn_objects():

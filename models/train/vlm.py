@@ -87,9 +87,11 @@ class TrainVLM(nn.Module):
 class Batcher:
     def __init__(self, tok: Tokenizer, tokens_per_image: int, ocr_rate: float = 0.0,
                  ocr_tasks: tuple[str, ...] = ("describe-diagram",),
-                 novel_words: float = 0.0) -> None:
+                 novel_words: float = 0.0, diagram_share: float = 0.0) -> None:
         self.tok = tok
         self.novel_words = novel_words  # share of train diagrams with made-up labels
+        # at least this share of each train batch is flowcharts (0: the generators' mix)
+        self.diagram_share = diagram_share
         # share of samples (of the tasks named) whose prompt carries OCR lines, simulated
         # from the drawn text; their sequences are longer
         self.ocr_rate = ocr_rate
@@ -113,10 +115,22 @@ class Batcher:
             ids += self.tok.encode(answer, add_special_tokens=False) + [self.eot]
         return ids, n
 
+    def draw(self, split: str, seed: int):
+        if split != "train":
+            return sample(split, seed)
+        s = sample(split, seed, self.novel_words)
+        if s.kind != "diagram" and random.Random(seed * 31 + 5).random() < self.diagram_share:
+            # the first flowchart among this seed's own block of seeds (disjoint per seed)
+            for k in range(1, 200):
+                t = sample(split, 10_000_000 + seed * 200 + k, self.novel_words)
+                if t.kind == "diagram":
+                    return t
+        return s
+
     def batch(self, split: str, seeds: list[int]) -> tuple[torch.Tensor, ...]:
         pixels, inputs, targets = [], [], []
         for seed in seeds:
-            s = sample(split, seed, self.novel_words if split == "train" else 0.0)
+            s = self.draw(split, seed)
             ocr = ""
             if self.ocr_rate > 0 and s.task in self.ocr_tasks:
                 rng = random.Random(seed * 7919 + 17)
@@ -175,7 +189,7 @@ def train(args: argparse.Namespace) -> None:
         "step": 0, "train_loss": [], "valid_loss": [], "seconds": 0.0,
         "args": {k: str(v) for k, v in vars(args).items()}, "device": args.device}
     batcher = Batcher(tok, model.vision_tower.cfg.num_patches, args.ocr_rate,
-                      novel_words=args.novel_words)
+                      novel_words=args.novel_words, diagram_share=args.diagram_share)
     step_fn = torch.compile(model) if args.compile else model
     log.info("VLM: %.2fM parameters (%.2fM new); resuming at step %d",
              sum(p.numel() for p in model.parameters()) / 1e6,
@@ -286,6 +300,9 @@ def main() -> None:
     t.add_argument("--restart", type=int, default=None,
                    help="start a new warm-up and cosine schedule at this step (a "
                         "continued run)")
+    t.add_argument("--diagram-share", type=float, default=0.0,
+                   help="turn that share of the other samples into flowcharts (a "
+                        "diagram-reading continuation)")
     t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     e = sub.add_parser("export")
     e.add_argument("--run", type=Path, required=True)
