@@ -24,9 +24,10 @@ errors    Real error messages, produced here by running small Python, Java and N
           (whitespace-normalised, since a dialog wraps long messages).
 language  The language guessed (server/ocr.guess_language) for 350 held-out windows, as text.
 diagrams  Held-out flowcharts of models/train/vlm_data (label words never seen in training):
-          the vision model's edge / node F1 with the image only and with the OCR lines in
-          the prompt (the default VLM was not trained with OCR input), and the share of
-          node labels the OCR reads exactly.
+          the vision model's edge / node F1 with the image only, with the OCR lines in the
+          prompt, and with the OCR lines plus the logit bias on their tokens that the
+          server adds for `describe-diagram` (the model's `ocr_copy_bias`, or --copy-bias),
+          and the share of node labels the OCR reads exactly.
 
 Everything runs on `--threads` threads (default 1): OCR (onnxruntime) and the VLM (torch).
 """
@@ -317,11 +318,13 @@ def eval_errors(engine, which: set[str]) -> dict[str, Any]:
 
 # -- diagrams with and without OCR input ------------------------------------------------------
 
-def eval_diagrams(engine, model_dir: Path, n: int) -> dict[str, Any]:
+def eval_diagrams(engine, model_dir: Path, n: int, copy_bias: float | None = None
+                  ) -> dict[str, Any]:
     from codevista.models import formats
     from codevista.models.engine import Engine, SamplingParams
     from codevista.models.loader import load_model
     from codevista.models.train.vlm_data import sample
+    from codevista.server.features.vision import ocr_copy_bias, ocr_logit_bias
     from vision_quality import f1, parse_diagram
 
     loaded = load_model(model_dir)
@@ -329,6 +332,7 @@ def eval_diagrams(engine, model_dir: Path, n: int) -> dict[str, Any]:
     if vision is None:
         raise SystemExit(f"{model_dir} is not a vision model")
     image_tok = loaded.tokenizer.tok.id_to_token(vision.image_token_id)
+    bias = ocr_copy_bias(loaded) if copy_bias is None else copy_bias
     scores: dict[str, list[float]] = defaultdict(list)
     label_read: list[float] = []
     seed = 1_000_000
@@ -342,10 +346,16 @@ def eval_diagrams(engine, model_dir: Path, n: int) -> dict[str, Any]:
             read = {t.strip() for t, _ in res.boxes_1000()}
             label_read.append(len(read & set(s.meta["nodes"])) / len(s.meta["nodes"]))
             q = formats.vision_question(s.task, s.question)
-            for mode, ctx in (("image", ""), ("ocr", formats.ocr_context(res.boxes_1000()))):
+            lines = res.boxes_1000()
+            ctx = formats.ocr_context(lines)
+            modes = [("image", "", ()), ("ocr", ctx, ())]
+            if bias > 0:  # as the server asks: OCR lines and the copy bias on their tokens
+                modes.append(("ocr_copy", ctx, ocr_logit_bias(loaded.tokenizer, lines, bias)))
+            for mode, ctx, logit_bias in modes:
                 ids = loaded.tokenizer.encode(formats.vision_prompt(q, image_tok, ctx),
                                               add_special_tokens=False)
-                out = eng.generate(ids, SamplingParams(max_new_tokens=96),
+                out = eng.generate(ids, SamplingParams(max_new_tokens=96,
+                                                       logit_bias=logit_bias),
                                    images=[vision.preprocess(s.image)]).text.strip()
                 nodes, edges = parse_diagram(out)
                 scores[f"edges_{mode}"].append(f1(edges, set(map(tuple, s.meta["edges"]))))
@@ -353,6 +363,7 @@ def eval_diagrams(engine, model_dir: Path, n: int) -> dict[str, Any]:
     r = {k: round(100 * sum(v) / len(v), 1) for k, v in scores.items() if v}
     r["labels_read_by_ocr"] = round(100 * sum(label_read) / max(1, len(label_read)), 1)
     r["diagrams"] = len(label_read)
+    r["copy_bias"] = bias
     return r
 
 
@@ -384,6 +395,9 @@ def markdown(code: dict[str, Any] | None, errors: dict[str, Any] | None,
         out += [f"diagrams ({d['diagrams']}): edge F1 image only {d.get('edges_image')} / "
                 f"with OCR {d.get('edges_ocr')}; node F1 {d.get('nodes_image')} / "
                 f"{d.get('nodes_ocr')}; labels read by OCR {d['labels_read_by_ocr']} %"]
+        if "edges_ocr_copy" in d:
+            out += [f"with OCR and the copy bias {d['copy_bias']} (as the server asks): edge F1 "
+                    f"{d['edges_ocr_copy']}, node F1 {d['nodes_ocr_copy']}"]
     return "\n".join(out) + "\n"
 
 
@@ -398,6 +412,9 @@ def main() -> int:
     p.add_argument("--errors", default="python,java,node",
                    help="runtimes whose real errors to draw ('' for none)")
     p.add_argument("--diagrams", type=int, default=30, help="0 to skip")
+    p.add_argument("--copy-bias", type=float, default=None,
+                   help="logit bias on the OCR lines' tokens (default: the model's "
+                        "`ocr_copy_bias`, as the server uses it)")
     p.add_argument("--model", type=Path, default=ROOT / "models" / "default" / "vlm")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=None)
@@ -424,7 +441,7 @@ def main() -> int:
         print(json.dumps({"group": "errors", **{k: v for k, v in errors.items()
                                                 if k != "misses"}}), flush=True)
     if args.diagrams > 0:
-        diagrams = eval_diagrams(engine, args.model, args.diagrams)
+        diagrams = eval_diagrams(engine, args.model, args.diagrams, args.copy_bias)
         print(json.dumps({"group": "diagrams", **diagrams}), flush=True)
     results = {"code": code, "language": language, "errors": errors, "diagrams": diagrams,
                "seconds": round(time.time() - t0, 1)}

@@ -227,3 +227,25 @@ def test_pad_to_square_keeps_a_wide_screenshot_whole():
     assert px.shape == (3, 8, 8)
     assert px[:, 0, :].max() == 0 and px[:, 4, :].min() == 1  # padding above, image in middle
     assert json.dumps(proc.pad_to_square)
+
+
+def test_ocr_copy_bias_comes_from_the_checkpoint_and_covers_the_ocr_words(tmp_path):
+    from types import SimpleNamespace
+
+    from codevista.models.tokenizer import Tokenizer
+    from codevista.server.features.vision import ocr_copy_bias, ocr_logit_bias
+
+    (tmp_path / "config.json").write_text(json.dumps({"ocr_copy_bias": 3.0}))
+    assert ocr_copy_bias(SimpleNamespace(path=tmp_path)) == 3.0
+    for bad in ({}, {"ocr_copy_bias": "x"}, {"ocr_copy_bias": -1}, {"ocr_copy_bias": 1e9}):
+        (tmp_path / "config.json").write_text(json.dumps(bad))
+        assert ocr_copy_bias(SimpleNamespace(path=tmp_path)) == 0.0
+    assert ocr_copy_bias(SimpleNamespace(path=tmp_path / "missing")) == 0.0
+
+    tok = Tokenizer.from_dir(Path(__file__).resolve().parents[1] / "models" / "default" / "code")
+    lines = [("jump", [0, 0, 10, 10]), ("audit  log", [0, 20, 10, 30])]
+    bias = dict(ocr_logit_bias(tok, lines, 3.0))
+    want = set(tok.encode(" jump", add_special_tokens=False)) | set(
+        tok.encode(" audit log", add_special_tokens=False))
+    assert set(bias) == want and set(bias.values()) == {3.0}
+    assert ocr_logit_bias(tok, lines, 0.0) == () and ocr_logit_bias(tok, [], 3.0) == ()

@@ -454,6 +454,12 @@ class Engine:
 
     def _sample(self, st: _Active, row: torch.Tensor) -> int:
         p = st.request.params
+        if p.logit_bias:
+            ids = [i for i, _ in p.logit_bias if i < row.shape[-1]]
+            if ids:
+                row = row.clone()
+                row[ids] += torch.tensor([b for i, b in p.logit_bias if i < row.shape[-1]],
+                                         dtype=row.dtype, device=row.device)
         if st.required:
             row = self._constrain(row, st.required)
         start = 0
@@ -465,7 +471,7 @@ class Engine:
     def _draft(self, st: _Active) -> list[int]:
         p = st.request.params
         if (not self.lookup or p.temperature > 0 or st.required or p.token_range is not None
-                or st.guide is not None):
+                or st.guide is not None or p.logit_bias):
             return []  # drafts are verified against the unrestricted argmax
         if st.lookup is None:  # built on the first decode step: the prompt, then output
             st.lookup = NgramIndex(st.request.prompt_ids + st.generated)

@@ -43,6 +43,9 @@ class SamplingParams:
     # guide + scale * (logits - guide). None or scale 1: off.
     guidance_prompt: tuple[int, ...] | None = None
     guidance_scale: float = 1.0
+    # Added to these ids' logits before sampling ((id, bias), ...), as OpenAI's
+    # `logit_bias`: e.g. a vision answer nudged towards the words its OCR lines read.
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -64,6 +67,12 @@ class SamplingParams:
                 and 0 < self.guidance_scale <= 100):
             raise RequestError(f"guidance_scale must be in (0, 100], got "
                                f"{self.guidance_scale!r}")
+        for item in self.logit_bias:
+            if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], int)
+                    and item[0] >= 0 and isinstance(item[1], (int, float))
+                    and -100 <= item[1] <= 100):
+                raise RequestError(f"logit_bias holds (token id >= 0, bias in [-100, 100]) "
+                                   f"pairs, got {item!r}")
         if self.deadline_s is not None and not self.deadline_s > 0:
             raise RequestError(f"deadline must be positive, got {self.deadline_s!r}")
 

@@ -235,8 +235,10 @@ def train(args: argparse.Namespace) -> None:
                         run / "loss.png", "default VLM")
 
 
-def export(run: Path, out: Path) -> None:
-    """The last checkpoint as a Hugging Face Llava checkpoint directory."""
+def export(run: Path, out: Path, ocr_copy_bias: float = 0.0) -> None:
+    """The last checkpoint as a Hugging Face Llava checkpoint directory. `ocr_copy_bias`
+    (for a model trained to copy labels from OCR lines) goes into config.json, where the
+    server reads it for `describe-diagram` (server/features/vision.py)."""
     from safetensors.torch import load_file, save_file
 
     tok_dir = run / "tokenizer"
@@ -260,6 +262,8 @@ def export(run: Path, out: Path) -> None:
         "text_config": text_config,
         "vision_config": {**VISION, "vision_use_head": False},
     }
+    if ocr_copy_bias > 0:
+        config["ocr_copy_bias"] = ocr_copy_bias
     (out / "config.json").write_text(json.dumps(config, indent=1))
     (out / "generation_config.json").write_text(json.dumps(
         {"eos_token_id": eos, "pad_token_id": eos, "do_sample": False}, indent=1))
@@ -307,11 +311,13 @@ def main() -> None:
     e = sub.add_parser("export")
     e.add_argument("--run", type=Path, required=True)
     e.add_argument("--out", type=Path, required=True)
+    e.add_argument("--ocr-copy-bias", type=float, default=0.0,
+                   help="logit bias the server puts on OCR tokens for describe-diagram")
     args = p.parse_args()
     if args.cmd == "train":
         train(args)
     else:
-        export(args.run, args.out)
+        export(args.run, args.out, args.ocr_copy_bias)
 
 
 if __name__ == "__main__":

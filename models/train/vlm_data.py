@@ -103,12 +103,20 @@ def vocabulary_words() -> tuple[str, ...]:
 
 
 def novel_word(rng: random.Random) -> str:
-    """A label outside the 55 training words, never one of the held-out words: half the
-    time a word of the code vocabulary (`vocabulary_words`), else a pronounceable made-up
-    one ("brelk", "tousim"). A model trained on thousands of such labels cannot memorise
-    them: it must copy them from what it reads."""
-    if rng.random() < 0.5:
+    """A label outside the 55 training words, never one of the held-out words: 40 % a
+    word of the code vocabulary (`vocabulary_words`), 30 % a pronounceable made-up one
+    ("brelk", "tousim"), 30 % 3-7 random letters ("qjxwe": every letter pair, so copying
+    is learned for any token, not only for syllables seen in labels). A model trained on
+    such labels cannot memorise them: it must copy them from what it reads."""
+    r = rng.random()
+    if r < 0.4:
         return rng.choice(vocabulary_words())
+    if r < 0.7:
+        while True:
+            w = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz")
+                        for _ in range(rng.randint(3, 7)))
+            if w not in HELDOUT_WORDS:
+                return w
     while True:
         w = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS)
                     for _ in range(rng.randint(1, 2))) + rng.choice(_CODAS)

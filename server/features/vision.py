@@ -55,6 +55,34 @@ class Explanation:
                 "lines": [{"text": t, "box": b} for t, b in self.ocr_lines]}
 
 
+def ocr_copy_bias(loaded: Any) -> float:
+    """The logit bias a checkpoint asks for on the tokens of its OCR lines when it
+    describes a diagram (`ocr_copy_bias` in its config.json; 0 when absent). The embedded
+    VLM was trained to copy labels from OCR lines and sets it; other checkpoints read the
+    lines as plain context."""
+    import json
+
+    try:
+        cfg = json.loads((loaded.path / "config.json").read_text(encoding="utf-8"))
+        bias = float(cfg.get("ocr_copy_bias", 0.0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0.0
+    return bias if 0 < bias <= 20 else 0.0
+
+
+def ocr_logit_bias(tokenizer: Any, lines: list[tuple[str, list[int]]], bias: float
+                   ) -> tuple[tuple[int, float], ...]:
+    """`bias` on every token of the OCR lines' text as it is written after a space in an
+    answer ("Nodes: jump, kick"): a soft copy mechanism that helps a small model quote
+    the words it was shown rather than words it memorised."""
+    if bias <= 0 or not lines:
+        return ()
+    ids: set[int] = set()
+    for text, _ in lines:
+        ids.update(tokenizer.encode(" " + " ".join(text.split()), add_special_tokens=False))
+    return tuple((i, bias) for i in sorted(ids))
+
+
 OCR_MODEL = "PP-OCR (rapidocr)"
 OCR_CACHE = 8  # images whose OCR is kept (transcribe, then explain, reads once)
 ANSWER_ROOM = 128  # tokens kept for the answer when OCR lines fill the prompt
@@ -193,8 +221,12 @@ class VisionService:
         room = backend.max_positions - (len(ids) + loaded.vision.tokens_per_image - 1)
         if room < 8:
             raise ImageRequestError("the question is too long for the vision model's context")
+        # Diagram labels are quoted from the OCR lines the prompt holds (see ocr_copy_bias).
+        bias = (ocr_logit_bias(tok, lines[:held], ocr_copy_bias(loaded))
+                if task == "describe-diagram" else ())
         params = SamplingParams(max_new_tokens=min(max_tokens, room), temperature=0.0,
-                                stop_token_ids=backend.stop_ids(()), deadline_s=300.0)
+                                stop_token_ids=backend.stop_ids(()), deadline_s=300.0,
+                                logit_bias=bias)
         assert backend.engine is not None
         gen = backend.engine.submit(ids, params, images=[pixels])
         result = await _stream(gen, on_partial)
