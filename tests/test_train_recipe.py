@@ -83,6 +83,8 @@ def test_export_loads_in_codevista_and_transformers(prepared: Path, tmp_path: Pa
     shutil.copytree(prepared, run)
     recipe.main(["train", "--run", str(run), "--steps", "3", *TINY])
     export = run / "latest-hf"
+    # the context it was trained on, not the rotary table's size
+    assert json.loads((export / "config.json").read_text())["max_position_embeddings"] == 64
     ref = load_reference(export)
     ids = [5, 17, 33, 9, 40]
     with torch.no_grad():

@@ -150,8 +150,10 @@ class CodeLM(nn.Module):
 
 
 def export_hf(model: CodeLM, out: Path, tokenizer_dir: Path, eos_id: int,
-              card: str | None = None) -> None:
-    """Write an HF checkpoint directory (config, weights, tokenizer, generation config)."""
+              card: str | None = None, context: int | None = None) -> None:
+    """Write an HF checkpoint directory (config, weights, tokenizer, generation config).
+    `context`: the sequence length it was trained on, written as max_position_embeddings
+    so that no loader feeds it positions it never saw (default: the shape's table size)."""
     import shutil
 
     from safetensors.torch import save_file
@@ -159,7 +161,10 @@ def export_hf(model: CodeLM, out: Path, tokenizer_dir: Path, eos_id: int,
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(model.shape.hf_config(eos_id), indent=1))
+    config = model.shape.hf_config(eos_id)
+    if context is not None:
+        config["max_position_embeddings"] = min(context, config["max_position_embeddings"])
+    (out / "config.json").write_text(json.dumps(config, indent=1))
     (out / "generation_config.json").write_text(json.dumps(
         {"eos_token_id": eos_id, "pad_token_id": eos_id, "do_sample": False}, indent=1))
     for name in ("tokenizer.json", "tokenizer_config.json"):

@@ -243,7 +243,8 @@ def train(args: argparse.Namespace) -> None:
                 msg += f", translation valid loss {pl:.3f}"
             print(msg, file=sys.stderr, flush=True)
             save_checkpoint(run, model, opt, state)
-            export_hf(model, run / "latest-hf.tmp", run / "tokenizer", eos_id)
+            export_hf(model, run / "latest-hf.tmp", run / "tokenizer", eos_id,
+                      context=args.seq_len)
             shutil.rmtree(run / "latest-hf", ignore_errors=True)
             (run / "latest-hf.tmp").rename(run / "latest-hf")
             curves = {"train": [tuple(p) for p in state["train_loss"]],
