@@ -101,6 +101,7 @@ def test_ghost_text_accept_and_translate_in_code_server(tmp_path):
     lines = [x for x in run.stdout.splitlines() if x.startswith("{")]
     assert lines, run.stdout[-2000:] + run.stderr[-2000:]
     result = json.loads(lines[-1])
+    print(json.dumps(result)[:3000])
     assert result["ok"], result.get("error")
     assert result["ghost"].strip(), "no ghost text"
     assert result["accepted"] and result["ghost"].strip().split("\n")[0] in result["after"]

@@ -13,9 +13,18 @@ async function shot(page, name) {
   result.steps.push(name);
 }
 
+// The document's text as the editor shows it, without ghost text: an inline suggestion is
+// drawn inside the same line elements, so reading them as they are would count it as text.
 async function editorText(page) {
-  return (await page.locator(".monaco-editor .view-lines").first().innerText())
-    .replace(/\u00a0/g, " ");
+  const text = await page.locator(".monaco-editor .view-lines").first().evaluate((el) => {
+    const copy = el.cloneNode(true);
+    copy.querySelectorAll("[class*='ghost-text']").forEach((g) => g.remove());
+    document.body.appendChild(copy); // innerText needs a rendered node
+    const t = copy.innerText;
+    copy.remove();
+    return t;
+  });
+  return text.replace(/\u00a0/g, " ");
 }
 
 (async () => {
