@@ -76,6 +76,7 @@ class _Active:
     drafted: int = 0
     accepted: int = 0
     guide: _Guide | None = None
+    bias: tuple[torch.Tensor, torch.Tensor] | None = None  # logit_bias as (ids, values)
 
     @property
     def request(self) -> Request:
@@ -200,6 +201,8 @@ class Engine:
         if params.token_range is not None and params.token_range[1] > vocab:
             raise RequestError(f"token_range {params.token_range} exceeds the vocabulary "
                                f"({vocab})")
+        if params.logit_bias:
+            self._check_ids("logit_bias", [i for i, _ in params.logit_bias])
         if params.guidance_prompt is not None:
             self._check_ids("guidance prompt", params.guidance_prompt)
             self._check_room("guidance prompt", len(params.guidance_prompt),
@@ -455,11 +458,11 @@ class Engine:
     def _sample(self, st: _Active, row: torch.Tensor) -> int:
         p = st.request.params
         if p.logit_bias:
-            ids = [i for i, _ in p.logit_bias if i < row.shape[-1]]
-            if ids:
-                row = row.clone()
-                row[ids] += torch.tensor([b for i, b in p.logit_bias if i < row.shape[-1]],
-                                         dtype=row.dtype, device=row.device)
+            if st.bias is None:  # once per request, not per token
+                st.bias = (torch.tensor([i for i, _ in p.logit_bias], device=row.device),
+                           torch.tensor([b for _, b in p.logit_bias], dtype=row.dtype,
+                                        device=row.device))
+            row = row.index_add(0, st.bias[0], st.bias[1])
         if st.required:
             row = self._constrain(row, st.required)
         start = 0

@@ -98,11 +98,22 @@ class Batches:
         return t[:, :-1], t[:, 1:]
 
 
-def lr_at(step: int, total: int, peak: float, warmup: int, floor: float) -> float:
+def lr_at(step: int, total: int, peak: float, warmup: int, floor: float,
+          start: int = 0) -> float:
+    """Linear warm-up, then cosine to `floor` at `total`; a schedule that begins at step
+    `start` (a continued run's `--restart`)."""
+    step, total = step - start, total - start
     if step < warmup:
         return peak * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
+
+
+def checked_restart(args: argparse.Namespace) -> int:
+    restart = args.restart or 0
+    if not 0 <= restart < args.steps:
+        raise SystemExit(f"--restart {restart} must lie in [0, --steps {args.steps})")
+    return restart
 
 
 def save_checkpoint(run: Path, model: CodeLM, opt: torch.optim.AdamW, state: dict) -> None:
@@ -197,15 +208,13 @@ def train(args: argparse.Namespace) -> None:
     pair_data = Batches(run / "pairs-train", args.seq_len) if n_pairs else None
     pair_valid = (Batches(run / "pairs-valid", args.seq_len)
                   if (run / "pairs-valid.tokens.npy").is_file() else None)
-    restart = args.restart or 0
-    if not 0 <= restart < args.steps:
-        raise SystemExit(f"--restart {restart} must lie in [0, --steps {args.steps})")
+    restart = checked_restart(args)
     step_fn = torch.compile(model) if args.compile else model
     t_last = time.time()
     running: list[float] = []
     while state["step"] < args.steps:
         step = state["step"]
-        lr = lr_at(step - restart, args.steps - restart, args.lr, args.warmup, args.lr / 10)
+        lr = lr_at(step, args.steps, args.lr, args.warmup, args.lr / 10, restart)
         for g in opt.param_groups:
             g["lr"] = lr
         rng = np.random.default_rng([args.seed, step])

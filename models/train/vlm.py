@@ -42,7 +42,7 @@ from ..vision.image import ImageProcessor
 from ..vision.tower import Projector, VisionConfig, VisionTower
 from .model import CodeLM, ModelShape
 from .plot import plot_losses
-from .train import load_checkpoint, lr_at, save_checkpoint
+from .train import checked_restart, load_checkpoint, lr_at, save_checkpoint
 from .vlm_data import IMAGE_SIZE, sample, simulated_ocr
 
 log = logging.getLogger("codevista.train.vlm")
@@ -194,11 +194,11 @@ def train(args: argparse.Namespace) -> None:
     log.info("VLM: %.2fM parameters (%.2fM new); resuming at step %d",
              sum(p.numel() for p in model.parameters()) / 1e6,
              sum(p.numel() for p in new) / 1e6, state["step"])
+    restart = checked_restart(args)
     t_last, losses = time.time(), []
     while state["step"] < args.steps:
         step = state["step"]
-        restart = args.restart or 0
-        scale = lr_at(step - restart, args.steps - restart, 1.0, args.warmup, 0.1)
+        scale = lr_at(step, args.steps, 1.0, args.warmup, 0.1, restart)
         opt.param_groups[0]["lr"] = args.lr * scale
         opt.param_groups[1]["lr"] = args.lr * args.lm_lr_scale * scale
         seeds = [step * args.batch + i for i in range(args.batch)]
