@@ -29,7 +29,7 @@ from .errors import (
     UnsafeCheckpointError,
 )
 from .tokenizer import Tokenizer
-from .transformer import Linear, Transformer
+from .transformer import Linear, Transformer, layout_for
 from .vision.llava import LlavaConfig, is_llava, load_vision, text_layout, tied
 
 log = logging.getLogger(__name__)
@@ -355,7 +355,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32",
         cfg = tied(llava.text, head)
         tokenizer.check_against(cfg.vocab_size, (*cfg.eos_token_ids, *defaults.eos_token_ids))
         with torch.device("meta"):
-            model = Transformer(cfg)
+            model = Transformer(cfg, layout_for(torch_dtype, device))
 
         def rename(name: str) -> str:
             if name == "lm_head.weight":
@@ -370,7 +370,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32",
         tokenizer.check_against(cfg.vocab_size, (*cfg.eos_token_ids, *defaults.eos_token_ids))
         weight_files(directory)  # fail fast on missing or pickle-only weights
         with torch.device("meta"):
-            model = Transformer(cfg)
+            model = Transformer(cfg, layout_for(torch_dtype, device))
         load_weights(model, directory, torch_dtype, int8=quantize)
     model = model.to(device)
     model.setup_rope()

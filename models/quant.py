@@ -6,8 +6,7 @@ stay float32, and so do the activations. A decode step then reads one byte per w
 instead of four, which is what bounds decoding on a CPU.
 
 The matrix product for a few rows (a decode step, a speculative draft) is our C kernel
-(models/kernels/int8_gemm.c), compiled on first use with the machine's C compiler for
-the machine's own instruction set and kept in the user's cache folder; on CPUs with
+(models/kernels/gemm.c, built by models/native.py on first use); on CPUs with
 AVX-512 VNNI it also quantizes the activations to int8 in blocks of 64 (as llama.cpp's
 q8_0 does in blocks of 32). Longer inputs (prefill chunks) dequantize a block of rows at
 a time and use the float32 matmul.
@@ -15,94 +14,14 @@ a time and use the float32 matmul.
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
-from pathlib import Path
-
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from .native import kernel, kernel_threads, set_kernel_threads
 
-log = logging.getLogger(__name__)
+__all__ = ["DEQUANT_ROWS", "Int8Linear", "kernel", "quantize_int8", "set_kernel_threads"]
 
-SOURCE = Path(__file__).with_name("kernels") / "int8_gemm.c"
-FLAG_SETS = (["-O3", "-march=native", "-pthread"], ["-O3", "-pthread"], ["-O3"])
 DEQUANT_ROWS = 4096  # rows of W dequantized at a time for long inputs
-
-_lib = None
-_lib_lock = threading.Lock()
-_local = threading.local()
-
-
-def set_kernel_threads(n: int) -> None:
-    """Threads the calling thread's int8 products use (0: torch's setting). The engine
-    decodes with every core in the kernel, which streams the weights, and one torch thread
-    for the small operations between products: torch's own workers would compete for the
-    cores with the kernel's, which spin briefly between products."""
-    _local.threads = n
-
-
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "codevista" / "kernels"
-
-
-def _compile() -> ctypes.CDLL:
-    src = SOURCE.read_bytes()
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        raise ConfigError("int8 weights need a C compiler (cc or gcc) to build their kernel "
-                          "once; install one or use dtype float32")
-    errors = []
-    for flags in FLAG_SETS:
-        key = hashlib.sha256(src + " ".join([cc, *flags, platform.machine(),
-                                             platform.node()]).encode()).hexdigest()[:16]
-        target = _cache_dir() / f"int8_gemm-{key}.so"
-        if not target.is_file():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-            os.close(fd)
-            try:
-                proc = subprocess.run([cc, *flags, "-shared", "-fPIC", "-o", tmp,
-                                       str(SOURCE)], capture_output=True, text=True,
-                                      timeout=120)
-                failed = proc.returncode != 0 and (proc.stderr.strip().splitlines()[-1:]
-                                                   or ["failed"])[0]
-            except (OSError, subprocess.SubprocessError) as e:
-                failed = str(e)
-            if failed:
-                os.unlink(tmp)
-                errors.append(failed)
-                continue
-            os.replace(tmp, target)  # atomic: concurrent builders never see half a file
-            log.info("built the int8 kernel (%s)", " ".join(flags))
-        lib = ctypes.CDLL(str(target))
-        fn = lib.cv_int8_gemm
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
-                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-                       ctypes.c_int]
-        lib.cv_int8_max_rows.restype = ctypes.c_int
-        lib.cv_int8_act_block.restype = ctypes.c_int
-        return lib
-    raise ConfigError(f"the int8 kernel did not compile with {cc}: {errors[-1]}; use dtype "
-                      "float32, or set CC to a working C compiler")
-
-
-def kernel() -> ctypes.CDLL:
-    global _lib
-    with _lib_lock:
-        if _lib is None:
-            _lib = _compile()
-        return _lib
 
 
 class Int8Linear(nn.Module):
@@ -148,7 +67,7 @@ class Int8Linear(nn.Module):
                             self.scale.data_ptr(),
                             None if self.bias is None else self.bias.data_ptr(),
                             y.data_ptr(), self.out_features,
-                            getattr(_local, "threads", 0) or torch.get_num_threads())
+                            kernel_threads())
             if rc != 0:
                 raise RuntimeError("int8 kernel rejected its arguments")
             return y

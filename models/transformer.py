@@ -5,12 +5,14 @@ Matches the `transformers` implementations `LlamaForCausalLM`, `Qwen2ForCausalLM
 changes for speed: q/k/v are one projection (`wqkv`) and, for gated MLPs, gate and up
 are one projection (`w_gate_up`). The loader concatenates the checkpoint's tensors.
 
-Linear weights are stored as column blocks, (blocks, in, out / blocks), one block per
-CPU thread, and applied with one batched matmul: in decoding, a matrix-vector product
-is bound by memory bandwidth, and each thread streaming its own contiguous block reads
-far faster than one large GEMV (measured with MKL on 2 cores, Qwen2.5-Coder-0.5B shape:
-a decode step 113-144 ms -> 76-92 ms; prefill unchanged). With tied embeddings the LM
-head's matrix serves as the embedding table too (a column lookup).
+Linear weights have one of two layouts. Float32 weights on a CPU our C kernel supports
+(models/native.py) keep the checkpoint's (out, in) rows: products of up to 16 rows (decode
+steps, draft verification) run in the kernel, which streams each row of W once on every
+core; longer inputs use torch's matmul. Otherwise they are stored as column blocks,
+(blocks, in, out / blocks), one block per CPU thread, and applied with one batched matmul,
+which streams far faster than one large torch GEMV (measured with MKL on 2 cores,
+Qwen2.5-Coder-0.5B shape: a decode step 113-144 ms -> 76-92 ms; prefill unchanged). With
+tied embeddings the LM head's matrix serves as the embedding table too (a row lookup).
 
 `forward_many` runs several sequences (each with its own cache and position) in one
 pass: the engine batches concurrent requests so the weights are read once per step.
@@ -28,38 +30,91 @@ from .config import DecoderConfig
 from .kv_cache import KVCache
 
 
+KERNEL_ROWS = 16  # the most rows of x our kernel takes (cv_int8_max_rows)
+ROWS = 0  # `blocks` for the row layout: W as (out, in), products of few rows in our kernel
+
+
 def default_blocks() -> int:
     """Column blocks for linear weights: one per intra-op thread (at most 8)."""
     return max(1, min(8, torch.get_num_threads()))
 
 
+def layout_for(dtype: torch.dtype, device: str | torch.device) -> int:
+    """The `blocks` a model loaded with these weights should use: ROWS for float32 on a CPU
+    where our float32 kernel builds, column blocks otherwise."""
+    if dtype == torch.float32 and torch.device(device).type == "cpu":
+        from .native import float_kernel
+
+        if float_kernel() is not None:
+            return ROWS
+    return default_blocks()
+
+
 class Linear(nn.Module):
-    """y = x @ W.T + bias for an HF-layout W (out, in), stored as (blocks, in, out / blocks)."""
+    """y = x @ W.T + bias for an HF-layout W (out, in), stored as (out, in) (blocks = ROWS)
+    or as column blocks (blocks, in, out / blocks)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, blocks: int) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.blocks = blocks if out_features % blocks == 0 else 1
-        self.weight = nn.Parameter(
-            torch.empty(self.blocks, in_features, out_features // self.blocks))
+        if blocks == ROWS:
+            self.blocks = ROWS
+            self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        else:
+            self.blocks = blocks if out_features % blocks == 0 else 1
+            self.weight = nn.Parameter(
+                torch.empty(self.blocks, in_features, out_features // self.blocks))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self._kernel = None  # cv_f32_gemm, looked up on first use (row layout only)
 
     def pack(self, w: torch.Tensor) -> torch.Tensor:
-        """HF layout (out, in) -> ours (blocks, in, out / blocks)."""
+        """HF layout (out, in) -> ours."""
+        if self.blocks == ROWS:
+            return w.contiguous()
         n = self.out_features // self.blocks
         return w.t().reshape(self.in_features, self.blocks, n).permute(1, 0, 2).contiguous()
 
     def unpack(self) -> torch.Tensor:
         """Ours -> HF layout (out, in)."""
+        if self.blocks == ROWS:
+            return self.weight
         return self.weight.permute(0, 2, 1).reshape(self.out_features, self.in_features)
 
     def columns(self, idx: torch.Tensor) -> torch.Tensor:
         """Rows of the HF-layout weight W[idx] (len(idx), in), e.g. embedding vectors."""
+        if self.blocks == ROWS:
+            return self.weight[idx]
         n = self.out_features // self.blocks
         return self.weight[idx // n, :, idx % n]
 
+    def _rows_kernel(self, x: torch.Tensor):
+        """cv_f32_gemm if this product should run in our kernel, else None."""
+        w = self.weight
+        if (x.shape[0] > KERNEL_ROWS or x.dtype != torch.float32 or w.dtype != torch.float32
+                or w.device.type != "cpu" or (torch.is_grad_enabled() and w.requires_grad)):
+            return None
+        if self._kernel is None:
+            from .native import float_kernel
+
+            lib = float_kernel()
+            self._kernel = lib.cv_f32_gemm if lib is not None else False
+        return self._kernel or None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         T = x.shape[0]
+        if self.blocks == ROWS:
+            gemm = self._rows_kernel(x)
+            if gemm is None:
+                return F.linear(x, self.weight, self.bias)
+            from .native import kernel_threads
+
+            x = x.contiguous()
+            y = torch.empty(T, self.out_features)
+            if gemm(x.data_ptr(), T, self.in_features, self.weight.data_ptr(),
+                    None if self.bias is None else self.bias.data_ptr(), y.data_ptr(),
+                    self.out_features, kernel_threads()) != 0:
+                raise RuntimeError("float32 kernel rejected its arguments")
+            return y
         if self.blocks == 1:
             y = x @ self.weight[0]  # (T, out)
         else:
@@ -70,6 +125,22 @@ class Linear(nn.Module):
         return y
 
 
+_small_ops = None
+
+
+def small_ops(x: torch.Tensor):
+    """Our C library if the small operations on `x` should run in it (float32 on the CPU,
+    no gradient, and the library builds here), else None."""
+    global _small_ops
+    if x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_grad_enabled():
+        return None
+    if _small_ops is None:
+        from .native import float_kernel
+
+        _small_ops = float_kernel() or False
+    return _small_ops or None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -77,6 +148,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops = small_ops(x) if x.shape[0] <= KERNEL_ROWS else None
+        if ops is not None:  # a decode step: one call instead of six operators
+            x = x.contiguous()
+            y = torch.empty_like(x)
+            ops.cv_rmsnorm(x.data_ptr(), self.weight.data_ptr(), y.data_ptr(), x.shape[0],
+                           x.shape[1], self.eps)
+            return y
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -122,8 +200,40 @@ class Attention(nn.Module):
         """x (T, hidden) holds the tokens of every segment back to back; the projections
         run once over all of them (one pass over the weights), attention per segment
         against its own cache."""
-        T = x.shape[0]
         qkv = self.wqkv(x)  # (T, q_dim + 2 kv_dim)
+        ops = small_ops(qkv) if cos.shape[-1] == self.head_dim else None
+        outs, start = [], 0
+        for seg, m in zip(segs, masks, strict=True):
+            end = start + seg.length
+            if ops is not None and (seg.length == 1 or (seg.all_logits
+                                                        and seg.length <= VERIFY_ROWS)):
+                # decode steps and draft verification: rows one by one in our C code
+                outs.append(self._attend_rows(ops, qkv[start:end], cos[start:end],
+                                              sin[start:end], seg))
+            else:
+                outs.append(self._attend_torch(qkv[start:end], cos[start:end],
+                                               sin[start:end], seg, m.get(self.window)))
+            start = end
+        return self.wo(outs[0] if len(outs) == 1 else torch.cat(outs))
+
+    def _attend_rows(self, ops, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     seg: Segment) -> torch.Tensor:
+        T = qkv.shape[0]
+        qkv, cos, sin = qkv.contiguous(), cos.contiguous(), sin.contiguous()
+        k, v = seg.cache.k[self.layer], seg.cache.v[self.layer]  # (KV, capacity, D)
+        assert k.is_contiguous() and v.is_contiguous() and k.dtype == torch.float32
+        out = torch.empty(T, self.n_heads * self.head_dim)
+        rc = ops.cv_attend_rows(qkv.data_ptr(), T, self.n_heads, self.n_kv, self.head_dim,
+                                cos.data_ptr(), sin.data_ptr(), k.data_ptr(), v.data_ptr(),
+                                k.shape[1], seg.pos, self.window or 0, self.scale,
+                                out.data_ptr())
+        if rc != 0:
+            raise RuntimeError(f"attention kernel failed ({rc})")
+        return out
+
+    def _attend_torch(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      seg: Segment, mask: torch.Tensor | None) -> torch.Tensor:
+        T = qkv.shape[0]
         q, k, v = qkv.split([self.n_heads * self.head_dim, self.n_kv * self.head_dim,
                              self.n_kv * self.head_dim], dim=-1)
         q = q.view(T, self.n_heads, self.head_dim).transpose(0, 1)  # (H, T, D)
@@ -131,17 +241,7 @@ class Attention(nn.Module):
         v = v.view(T, self.n_kv, self.head_dim).transpose(0, 1)  # (KV, T, D)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        if len(segs) == 1:
-            y = self._attend(q, k, v, segs[0], masks[0].get(self.window))
-        else:
-            outs, start = [], 0
-            for seg, m in zip(segs, masks, strict=True):
-                end = start + seg.length
-                outs.append(self._attend(q[:, start:end], k[:, start:end], v[:, start:end],
-                                         seg, m.get(self.window)))
-                start = end
-            y = torch.cat(outs)
-        return self.wo(y)
+        return self._attend(q, k, v, seg, mask)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Segment,
                 mask: torch.Tensor | None) -> torch.Tensor:
@@ -222,7 +322,7 @@ class Transformer(nn.Module):
     def __init__(self, cfg: DecoderConfig, blocks: int | None = None) -> None:
         super().__init__()
         self.cfg = cfg
-        blocks = blocks or default_blocks()
+        blocks = default_blocks() if blocks is None else blocks
         # Tied: the LM head's (hidden, vocab) matrix is the embedding table too.
         self.embed = (None if cfg.tie_word_embeddings
                       else nn.Embedding(cfg.vocab_size, cfg.hidden_size))

@@ -28,12 +28,13 @@ def _block_quantized(x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("rows", [1, 3, 16, 17, 40])
 @pytest.mark.parametrize("bias", [False, True])
-def test_int8_linear_equals_its_dequantized_weight(quant, rows, bias):
+@pytest.mark.parametrize("n_in", [77, 256])  # odd: the SIMD tails; 256: the decode path
+def test_int8_linear_equals_its_dequantized_weight(quant, rows, bias, n_in):
     g = torch.Generator().manual_seed(rows)
-    w = torch.randn(200, 77, generator=g)  # odd sizes: the SIMD loops' tails run too
+    w = torch.randn(200, n_in, generator=g)
     b = torch.randn(200, generator=g) if bias else None
     lin = quant.Int8Linear(w, b)
-    x = torch.randn(rows, 77, generator=g)
+    x = torch.randn(rows, n_in, generator=g)
     xr = x
     if lin.act_block and rows <= lin.max_rows:  # the kernel quantizes x in blocks too
         xr = torch.cat([_block_quantized(blk) for blk in x.split(lin.act_block, dim=1)], 1)
@@ -75,13 +76,13 @@ def test_int8_model_tracks_float32(quant):
 
 
 def test_without_a_compiler_int8_is_a_clear_error(monkeypatch, tmp_path):
-    from codevista.models import quant
+    from codevista.models import native
     from codevista.models.loader import DEFAULT_MODEL_DIR, load_model
 
-    monkeypatch.setattr(quant, "_lib", None)
+    monkeypatch.setattr(native, "_lib", None)
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    with pytest.raises(ConfigError, match="int8 kernel did not compile|C compiler"):
+    with pytest.raises(ConfigError, match="kernel did not compile|C compiler"):
         load_model(DEFAULT_MODEL_DIR, dtype="int8")
 
 
@@ -92,17 +93,20 @@ def test_unknown_dtype_names_the_choices():
         load_model(DEFAULT_MODEL_DIR, dtype="int4")
 
 
+@pytest.mark.parametrize("dtype", ["int8", "float32"])
 @pytest.mark.parametrize("prompt_len", [37, 300])
-def test_int8_draft_verification_is_bit_identical_to_decode_steps(quant, qwen_dir,
-                                                                  prompt_len):
+def test_draft_verification_is_bit_identical_to_decode_steps(quant, qwen_dir, prompt_len,
+                                                             dtype):
     """Prompt lookup keeps greedy output unchanged only if verifying a draft computes each
-    row exactly as a decode step would: the kernel is row-independent and attention runs
-    row by row for verification segments."""
+    row exactly as a decode step would: the kernel is row-independent (int8, and float32
+    in the row layout) and attention runs row by row for verification segments."""
     from codevista.models.kv_cache import KVCache
     from codevista.models.loader import load_model
-    from codevista.models.transformer import Segment
+    from codevista.models.transformer import ROWS, Segment
 
-    q8 = load_model(qwen_dir, dtype="int8")
+    q8 = load_model(qwen_dir, dtype=dtype)
+    if dtype == "float32":
+        assert q8.model.lm_head.blocks == ROWS
     m, cfg = q8.model, q8.config
     g = torch.Generator().manual_seed(prompt_len)
     prompt = torch.randint(4, cfg.vocab_size, (prompt_len,), generator=g)
@@ -215,3 +219,55 @@ def test_a_forked_child_gets_its_own_kernel_threads(quant):
         quant.set_kernel_threads(0)
     assert done, "the child hung"
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 16, 17])
+@pytest.mark.parametrize("shape", [(200, 77), (96, 256), (1000, 64)])
+def test_float32_rows_kernel_equals_torch_and_keeps_rows_independent(quant, rows, shape):
+    """The row layout's products of up to 16 rows run in our kernel: they equal torch's
+    float64 product to float32 rounding, and each row's bits do not depend on the rows
+    beside it (a draft's verification equals its decode steps)."""
+    from codevista.models.transformer import ROWS, Linear
+
+    n_out, n_in = shape
+    g = torch.Generator().manual_seed(rows * 7 + n_in)
+    lin = Linear(n_in, n_out, True, ROWS)
+    w, b = torch.randn(n_out, n_in, generator=g), torch.randn(n_out, generator=g)
+    with torch.no_grad():
+        lin.weight.copy_(lin.pack(w))
+        lin.bias.copy_(b)
+    x = torch.randn(rows, n_in, generator=g)
+    with torch.inference_mode():
+        assert rows > 16 or lin._rows_kernel(x) is not None  # the kernel, not torch
+        y = lin(x)
+        alone = torch.cat([lin(x[r:r + 1]) for r in range(rows)])
+    ref = (x.double() @ w.double().t() + b.double()).float()
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4)
+    if rows <= 16:
+        assert torch.equal(y, alone)
+    assert torch.equal(lin.unpack(), w) and torch.equal(lin.columns(torch.tensor([3, 1])),
+                                                        w[[3, 1]])
+
+
+def test_both_float32_layouts_give_the_same_model(quant, qwen_dir, monkeypatch):
+    """Column blocks (torch's batched matmul: CPUs without the kernel) and rows (our
+    kernel) hold the same weights and compute the same logits."""
+    from codevista.models import loader
+    from codevista.models.kv_cache import KVCache
+    from codevista.models.transformer import ROWS
+
+    rows = loader.load_model(qwen_dir)
+    monkeypatch.setattr(loader, "layout_for", lambda dtype, device: 2)
+    blocks = loader.load_model(qwen_dir)
+    assert rows.model.lm_head.blocks == ROWS and blocks.model.lm_head.blocks != ROWS
+    cfg = rows.config
+    ids = torch.randint(4, cfg.vocab_size, (40,), generator=torch.Generator().manual_seed(2))
+    out = []
+    with torch.inference_mode():
+        for m in (rows, blocks):
+            cache = KVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 41, torch.float32)
+            prefill = m.model(ids, cache, 0, all_logits=True)
+            step = m.model(ids[-1:], cache, 40)  # one decode step: the kernel in `rows`
+            out.append((prefill, step))
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

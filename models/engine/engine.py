@@ -27,7 +27,7 @@ from ..quant import Int8Linear, set_kernel_threads
 from ..sampling import sample
 from ..stopping import StopStringMatcher
 from ..tokenizer import IncrementalDetokenizer
-from ..transformer import Segment
+from ..transformer import KERNEL_ROWS, ROWS, Linear, Segment
 from ..vision.image import content_key
 from .lookup import NgramIndex
 from .prefix_cache import PrefixCache, Slot
@@ -138,7 +138,11 @@ class Engine:
         self._turns = self._batched = 0
         self.num_threads = num_threads or auto_threads(self.model)
         self.prefill_threads = num_threads or torch.get_num_threads()
-        self._int8 = any(isinstance(m, Int8Linear) for m in self.model.modules())
+        # Products of few rows run in our C kernel (int8 weights, or float32 in the row
+        # layout): it brings its own threads, and torch's would compete with them.
+        self._kernel = any(isinstance(m, Int8Linear)
+                           or (isinstance(m, Linear) and m.blocks == ROWS)
+                           for m in self.model.modules())
         self._threads_now = 0
         self.cache = PrefixCache(
             make_cache=lambda cap: KVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
@@ -283,7 +287,7 @@ class Engine:
             # one thread that runs the model.
             torch.set_num_threads(self.num_threads)
             self._threads_now = self.num_threads
-            if self._int8:
+            if self._kernel:
                 set_kernel_threads(self.num_threads)
             if self.warmup:
                 self._warmup()
@@ -538,8 +542,8 @@ class Engine:
         # decode steps are not (see auto_threads).
         total = sum(len(tokens) for _, tokens, _ in work)
         threads = self.num_threads if total <= 32 else self.prefill_threads
-        if self._int8 and total <= 16:
-            threads = 1  # torch's share of an int8 decode step; the kernel uses every core
+        if self._kernel and total <= KERNEL_ROWS:
+            threads = 1  # torch's share of a decode step; the kernel uses every core
         if threads != self._threads_now:
             torch.set_num_threads(threads)
             self._threads_now = threads

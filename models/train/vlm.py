@@ -43,7 +43,10 @@ from ..vision.tower import Projector, VisionConfig, VisionTower
 from .model import CodeLM, ModelShape
 from .plot import plot_losses
 from .train import checked_restart, load_checkpoint, lr_at, save_checkpoint
-from .vlm_data import IMAGE_SIZE, sample, simulated_ocr
+from .vlm_data import IMAGE_SIZE, sample, shapes, simulated_ocr
+
+# the kinds a scene of shapes answers
+SCENE_KINDS = frozenset({"count", "color", "shape", "locate", "describe"})
 
 log = logging.getLogger("codevista.train.vlm")
 PLACEHOLDER = -2
@@ -87,11 +90,15 @@ class TrainVLM(nn.Module):
 class Batcher:
     def __init__(self, tok: Tokenizer, tokens_per_image: int, ocr_rate: float = 0.0,
                  ocr_tasks: tuple[str, ...] = ("describe-diagram",),
-                 novel_words: float = 0.0, diagram_share: float = 0.0) -> None:
+                 novel_words: float = 0.0, diagram_share: float = 0.0,
+                 scene_share: float = 0.0) -> None:
         self.tok = tok
         self.novel_words = novel_words  # share of train diagrams with made-up labels
         # at least this share of each train batch is flowcharts (0: the generators' mix)
         self.diagram_share = diagram_share
+        # that share of the other train samples becomes a scene of shapes (a continuation
+        # for counting, colour, shape and grounding); drawn before diagram_share
+        self.scene_share = scene_share
         # share of samples (of the tasks named) whose prompt carries OCR lines, simulated
         # from the drawn text; their sequences are longer
         self.ocr_rate = ocr_rate
@@ -119,6 +126,10 @@ class Batcher:
         if split != "train":
             return sample(split, seed)
         s = sample(split, seed, self.novel_words)
+        if (self.scene_share > 0 and s.kind not in SCENE_KINDS
+                and random.Random(seed * 37 + 11).random() < self.scene_share):
+            # a scene from its own namespace of seeds, never a held-out one
+            return shapes(random.Random(f"train-scene:{seed}"), split)
         if s.kind != "diagram" and random.Random(seed * 31 + 5).random() < self.diagram_share:
             # the first flowchart among this seed's own block of seeds (disjoint per seed)
             for k in range(1, 200):
@@ -189,7 +200,8 @@ def train(args: argparse.Namespace) -> None:
         "step": 0, "train_loss": [], "valid_loss": [], "seconds": 0.0,
         "args": {k: str(v) for k, v in vars(args).items()}, "device": args.device}
     batcher = Batcher(tok, model.vision_tower.cfg.num_patches, args.ocr_rate,
-                      novel_words=args.novel_words, diagram_share=args.diagram_share)
+                      novel_words=args.novel_words, diagram_share=args.diagram_share,
+                      scene_share=args.scene_share)
     step_fn = torch.compile(model) if args.compile else model
     log.info("VLM: %.2fM parameters (%.2fM new); resuming at step %d",
              sum(p.numel() for p in model.parameters()) / 1e6,
@@ -307,6 +319,9 @@ def main() -> None:
     t.add_argument("--diagram-share", type=float, default=0.0,
                    help="turn that share of the other samples into flowcharts (a "
                         "diagram-reading continuation)")
+    t.add_argument("--scene-share", type=float, default=0.0,
+                   help="turn that share of the other samples into scenes of shapes (a "
+                        "counting and grounding continuation)")
     t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     e = sub.add_parser("export")
     e.add_argument("--run", type=Path, required=True)

@@ -1,0 +1,459 @@
+/* Matrix products for decoding: y = x @ W^T (* scale) (+ bias), W int8 or float32.
+ *
+ * W is (out, in), row-major: int8 with one float32 scale per output row, or float32; x is
+ * float32 (m, in) with m small (a decode step, or a speculative draft being verified).
+ * Each weight row is read once and multiplied against every row of x, so a decode step
+ * streams W from memory once: one byte per weight for int8, four for float32.
+ *
+ * Int8 with AVX-512 VNNI: x is first quantized to int8 in blocks of 64 (one float scale
+ * per block, absmax / 127); each block's dot product is one VPDPBUSD of the weights made
+ * unsigned (see rows_vnni) against x. Elsewhere the weights are widened to float in
+ * registers (AVX-512 or AVX2) and x stays float32. Float32 weights use AVX-512 or AVX2
+ * FMAs. Built by codevista.models.native with the machine's compiler (-O3 -march=native);
+ * a plain loop otherwise.
+ *
+ * Every row of x is summed in one fixed order whatever m is, so a row's result does not
+ * depend on the rows beside it: verifying a draft gives each row the bits a decode step
+ * would (the build turns off FMA contraction outside the explicit intrinsics).
+ *
+ * Threads: a decode step is ~100 products of well under a millisecond each, with small
+ * operations between them. The rows of W are shared with our own worker threads, which
+ * spin for a short while after each product (so the next one starts at once) and then
+ * sleep (an idle server burns no CPU). OpenMP was measured slower here: its workers,
+ * counted against the cores of every thread that ever ran a parallel region, fall asleep
+ * between products when the caller is not the main thread, and each product paid a wake-up.
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <time.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+#define MAX_M 16
+#define QB 64
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define CV_VNNI 1
+
+/* x (m, n_in) -> int8 blocks (m, nb * QB, zero padded), their scales (m, nb), and per row
+ * the correction 128 * sum_b scale_b * sum(block b) (see rows_vnni) */
+static void quantize_rows(const float *x, int m, int n_in, int8_t *xq, float *xs,
+                          float *corr)
+{
+    int nb = (n_in + QB - 1) / QB;
+    memset(xq, 0, (size_t)m * nb * QB);
+    for (int r = 0; r < m; r++) {
+        const float *xr = x + (int64_t)r * n_in;
+        double c = 0.0;
+        for (int b = 0; b < nb; b++) {
+            int i0 = b * QB, i1 = i0 + QB < n_in ? i0 + QB : n_in;
+            float amax = 0.0f;
+            for (int i = i0; i < i1; i++) amax = fmaxf(amax, fabsf(xr[i]));
+            float sc = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+            xs[r * nb + b] = sc;
+            int8_t *q = xq + ((int64_t)r * nb + b) * QB;
+            int sum = 0;
+            for (int i = i0; i < i1; i++) {
+                q[i - i0] = (int8_t)nearbyintf(xr[i] * inv);
+                sum += q[i - i0];
+            }
+            c += 128.0 * (double)sc * sum;
+        }
+        corr[r] = (float)c;
+    }
+}
+
+/* VPDPBUSD multiplies unsigned bytes by signed ones. The weights are made unsigned by
+ * flipping their sign bit (w + 128), so each block's product is sum(w x) + 128 sum(x); the
+ * second term depends on x alone and is taken off once per row of x (corr). Per 64
+ * weights and row of x: a load, an XOR, VPDPBUSD, a conversion and an FMA. */
+static void rows_vnni(const int8_t *xq, const float *xs, const float *corr, int m, int n_in,
+                      const int8_t *w, const float *scale, const float *bias, float *y,
+                      int n_out, int o0, int o1)
+{
+    /* Block b of a row goes to sum b % 2, then the two sums are added: two independent
+     * chains per row of x. Every row of x is summed in exactly this order whatever m is,
+     * so verifying a draft (m > 1) gives each row the bits a decode step (m = 1) gives. */
+    int nb = (n_in + QB - 1) / QB;
+    const __m512i zero = _mm512_setzero_si512();
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    int tail = n_in - (nb - 1) * QB;
+    __mmask64 last = tail == QB ? ~(__mmask64)0 : (((__mmask64)1 << tail) - 1);
+    int o = o0;
+    if (m == 1 && n_in % (2 * QB) == 0) {  /* the decode step: no masks, no tail */
+        for (; o < o1; o++) {
+            const int8_t *row = w + (int64_t)o * n_in;
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+            for (int i = 0; i < n_in; i += 2 * QB) {
+                __m512i w0 = _mm512_xor_si512(_mm512_loadu_si512((const void *)(row + i)), flip);
+                __m512i w1 = _mm512_xor_si512(_mm512_loadu_si512((const void *)(row + i + QB)), flip);
+                __m512i d0 = _mm512_dpbusd_epi32(zero, w0, _mm512_loadu_si512((const void *)(xq + i)));
+                __m512i d1 = _mm512_dpbusd_epi32(zero, w1, _mm512_loadu_si512((const void *)(xq + i + QB)));
+                a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_set1_ps(xs[i / QB]), a0);
+                a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_set1_ps(xs[i / QB + 1]), a1);
+            }
+            y[o] = fmaf(_mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) - corr[0], scale[o],
+                        bias ? bias[o] : 0.0f);
+        }
+        return;
+    }
+    for (; o < o1; o++) {
+        const int8_t *row = w + (int64_t)o * n_in;
+        float bo = bias ? bias[o] : 0.0f;
+        for (int r0 = 0; r0 < m; r0 += 4) {  /* four rows of x share each load of W */
+            int g = m - r0 < 4 ? m - r0 : 4;
+            __m512 acc[2][4];
+            for (int r = 0; r < 4; r++) acc[0][r] = acc[1][r] = _mm512_setzero_ps();
+            for (int b = 0; b < nb; b++) {
+                /* masked-off lanes read as 0 and become 128: x is zero there */
+                __m512i wu = _mm512_xor_si512(
+                    _mm512_maskz_loadu_epi8(b == nb - 1 ? last : ~(__mmask64)0, row + b * QB),
+                    flip);
+                for (int r = 0; r < g; r++) {
+                    const int8_t *xr = xq + ((int64_t)(r0 + r) * nb + b) * QB;
+                    __m512i dp = _mm512_dpbusd_epi32(zero, wu, _mm512_loadu_si512((const void *)xr));
+                    acc[b & 1][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dp),
+                                                    _mm512_set1_ps(xs[(r0 + r) * nb + b]),
+                                                    acc[b & 1][r]);
+                }
+            }
+            for (int r = 0; r < g; r++)
+                y[(int64_t)(r0 + r) * n_out + o] =
+                    fmaf(_mm512_reduce_add_ps(_mm512_add_ps(acc[0][r], acc[1][r])) - corr[r0 + r],
+                         scale[o], bo);
+        }
+    }
+}
+#endif
+
+/* Float32 weights (out, in), row-major: the same row-at-a-time products, reading four
+ * bytes per weight. Chunk c of 16 weights goes to sum c % 4 (four independent chains);
+ * the sums are added as (s0 + s1) + (s2 + s3), then the tail of fewer than 16 one by one.
+ * Every row of x is summed in this order whatever m is (see rows_vnni). */
+static void rows_f32(const float *x, int m, int n_in, const float *w, const float *bias,
+                     float *y, int n_out, int o0, int o1)
+{
+#if defined(__AVX512F__)
+    int n16 = n_in / 16 * 16;
+#endif
+    for (int o = o0; o < o1; o++) {
+        const float *row = w + (int64_t)o * n_in;
+        float b = bias ? bias[o] : 0.0f;
+        for (int r0 = 0; r0 < m; r0 += 4) {  /* four rows of x share each read of the row */
+            int g = m - r0 < 4 ? m - r0 : 4;
+            float sums[4];
+#if defined(__AVX512F__)
+            __m512 acc[4][4];
+            for (int r = 0; r < 4; r++)
+                for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
+            if (g == 1) {
+                const float *xr = x + (int64_t)r0 * n_in;
+                int i = 0;
+                for (; i + 64 <= n16; i += 64) {
+                    acc[0][0] = _mm512_fmadd_ps(_mm512_loadu_ps(row + i), _mm512_loadu_ps(xr + i), acc[0][0]);
+                    acc[0][1] = _mm512_fmadd_ps(_mm512_loadu_ps(row + i + 16), _mm512_loadu_ps(xr + i + 16), acc[0][1]);
+                    acc[0][2] = _mm512_fmadd_ps(_mm512_loadu_ps(row + i + 32), _mm512_loadu_ps(xr + i + 32), acc[0][2]);
+                    acc[0][3] = _mm512_fmadd_ps(_mm512_loadu_ps(row + i + 48), _mm512_loadu_ps(xr + i + 48), acc[0][3]);
+                }
+                for (; i < n16; i += 16)
+                    acc[0][(i / 16) & 3] = _mm512_fmadd_ps(_mm512_loadu_ps(row + i), _mm512_loadu_ps(xr + i),
+                                                           acc[0][(i / 16) & 3]);
+            } else {
+                for (int i = 0; i < n16; i += 16) {
+                    __m512 wv = _mm512_loadu_ps(row + i);
+                    int c = (i / 16) & 3;
+                    for (int r = 0; r < g; r++)
+                        acc[r][c] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + (int64_t)(r0 + r) * n_in + i),
+                                                    acc[r][c]);
+                }
+            }
+            for (int r = 0; r < g; r++)
+                sums[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]),
+                                                             _mm512_add_ps(acc[r][2], acc[r][3])));
+            int i = n16;
+#elif defined(__AVX2__)
+            /* chunks of 8 weights, the same four chains */
+            int n8 = n_in / 8 * 8;
+            __m256 acc[4][4];
+            for (int r = 0; r < 4; r++)
+                for (int c = 0; c < 4; c++) acc[r][c] = _mm256_setzero_ps();
+            for (int i = 0; i < n8; i += 8) {
+                __m256 wv = _mm256_loadu_ps(row + i);
+                int c = (i / 8) & 3;
+                for (int r = 0; r < g; r++)
+                    acc[r][c] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + (int64_t)(r0 + r) * n_in + i),
+                                                acc[r][c]);
+            }
+            for (int r = 0; r < g; r++) {
+                __m256 t = _mm256_add_ps(_mm256_add_ps(acc[r][0], acc[r][1]),
+                                         _mm256_add_ps(acc[r][2], acc[r][3]));
+                __m128 h = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+                h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+                h = _mm_add_ss(h, _mm_movehdup_ps(h));
+                sums[r] = _mm_cvtss_f32(h);
+            }
+            int i = n8;
+#else
+            for (int r = 0; r < g; r++) sums[r] = 0.0f;
+            int i = 0;
+#endif
+            for (; i < n_in; i++)  /* the tail, or everything without AVX-512 */
+                for (int r = 0; r < g; r++) sums[r] += row[i] * x[(int64_t)(r0 + r) * n_in + i];
+            for (int r = 0; r < g; r++) y[(int64_t)(r0 + r) * n_out + o] = sums[r] + b;
+        }
+    }
+}
+
+static void rows_gemm(const float *x, int m, int n_in, const int8_t *w,
+                      const float *scale, const float *bias, float *y, int n_out,
+                      int o0, int o1)
+{
+    for (int o = o0; o < o1; o++) {
+        const int8_t *row = w + (int64_t)o * n_in;
+        float sums[MAX_M];
+        int i = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+        __m512 acc[MAX_M];
+        for (int r = 0; r < m; r++) acc[r] = _mm512_setzero_ps();
+        for (; i + 16 <= n_in; i += 16) {
+            __m128i b = _mm_loadu_si128((const __m128i *)(row + i));
+            __m512 wf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+            for (int r = 0; r < m; r++)
+                acc[r] = _mm512_fmadd_ps(wf, _mm512_loadu_ps(x + (int64_t)r * n_in + i), acc[r]);
+        }
+        for (int r = 0; r < m; r++) sums[r] = _mm512_reduce_add_ps(acc[r]);
+#elif defined(__AVX2__)
+        __m256 acc[MAX_M];
+        for (int r = 0; r < m; r++) acc[r] = _mm256_setzero_ps();
+        for (; i + 8 <= n_in; i += 8) {
+            __m128i b = _mm_loadl_epi64((const __m128i *)(row + i));
+            __m256 wf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+            for (int r = 0; r < m; r++)
+                acc[r] = _mm256_fmadd_ps(wf, _mm256_loadu_ps(x + (int64_t)r * n_in + i), acc[r]);
+        }
+        for (int r = 0; r < m; r++) {
+            __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
+            s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            s = _mm_add_ss(s, _mm_movehdup_ps(s));
+            sums[r] = _mm_cvtss_f32(s);
+        }
+#else
+        for (int r = 0; r < m; r++) sums[r] = 0.0f;
+#endif
+        for (; i < n_in; i++) {  /* the tail, or everything without SIMD */
+            float wv = (float)row[i];
+            for (int r = 0; r < m; r++) sums[r] += wv * x[(int64_t)r * n_in + i];
+        }
+        float b = bias ? bias[o] : 0.0f;
+        for (int r = 0; r < m; r++) y[(int64_t)r * n_out + o] = sums[r] * scale[o] + b;
+    }
+}
+
+/* -- the worker pool ------------------------------------------------------------------ */
+
+#define MAX_THREADS 64
+#define SPIN_NS 2000000LL /* a worker spins this long after its last job, then sleeps */
+
+typedef struct {
+    const float *x; const int8_t *xq; const float *xs; const float *corr;
+    int m, n_in, n_out, blocks, vnni;
+    const int8_t *w; const float *scale; const float *bias; float *y;
+    const float *wf; /* float32 weights (cv_f32_gemm), else NULL */
+} job_t;
+
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER; /* one product at a time */
+static pthread_mutex_t wake_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t wake_cond = PTHREAD_COND_INITIALIZER;
+static int n_workers;                 /* started so far (they live as long as the process) */
+static atomic_uint generation;        /* bumped once per job */
+static atomic_int pending;            /* workers still busy with the current job */
+static atomic_int next_block;         /* blocks of 16 rows are handed out from here */
+static int job_workers;               /* how many workers take part in the current job */
+static int job_chunk;                 /* blocks taken at a time */
+static job_t job;
+static unsigned start_generation[MAX_THREADS];
+
+static int64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static inline void cpu_relax(void)
+{
+#ifdef __AVX2__
+    _mm_pause();
+#endif
+}
+
+/* Rows of blocks [first, last) of job `j`. */
+static void run_range(const job_t *j, int first, int last)
+{
+    int o0 = first * 16, o1 = last * 16 < j->n_out ? last * 16 : j->n_out;
+    if (j->wf) {
+        rows_f32(j->x, j->m, j->n_in, j->wf, j->bias, j->y, j->n_out, o0, o1);
+        return;
+    }
+#ifdef CV_VNNI
+    if (j->vnni) {
+        rows_vnni(j->xq, j->xs, j->corr, j->m, j->n_in, j->w, j->scale, j->bias, j->y, j->n_out, o0, o1);
+        return;
+    }
+#endif
+    rows_gemm(j->x, j->m, j->n_in, j->w, j->scale, j->bias, j->y, j->n_out, o0, o1);
+}
+
+/* Grabs runs of `chunk` consecutive blocks until none are left: long runs keep each
+ * thread's reads sequential (the hardware prefetcher follows them), several runs per
+ * thread keep a preempted thread from holding the others up. */
+static void run_blocks(const job_t *j, int chunk)
+{
+    int first;
+    while ((first = atomic_fetch_add_explicit(&next_block, chunk, memory_order_relaxed))
+           < j->blocks)
+        run_range(j, first, first + chunk < j->blocks ? first + chunk : j->blocks);
+}
+
+static void *worker_main(void *arg)
+{
+    int id = (int)(intptr_t)arg; /* 1, 2, ... (the caller is 0) */
+    unsigned seen = start_generation[id]; /* the job current when it was started is done */
+    for (;;) {
+        int64_t idle_since = now_ns();
+        unsigned g;
+        int spins = 0;
+        while ((g = atomic_load_explicit(&generation, memory_order_acquire)) == seen) {
+            if (++spins % 256 == 0 && now_ns() - idle_since > SPIN_NS) {
+                pthread_mutex_lock(&wake_lock);
+                while (atomic_load(&generation) == seen)
+                    pthread_cond_wait(&wake_cond, &wake_lock);
+                pthread_mutex_unlock(&wake_lock);
+            } else {
+                cpu_relax();
+            }
+        }
+        seen = g;
+        if (id <= job_workers) {
+            job_t j = job;
+            run_blocks(&j, job_chunk);
+            atomic_fetch_sub_explicit(&pending, 1, memory_order_release);
+        }
+    }
+    return NULL;
+}
+
+/* A child process of fork() has none of its parent's workers: start afresh. */
+static void reset_after_fork(void)
+{
+    n_workers = 0;
+    pthread_mutex_init(&pool_lock, NULL);
+    pthread_mutex_init(&wake_lock, NULL);
+    pthread_cond_init(&wake_cond, NULL);
+}
+
+static void register_fork_handler(void) { pthread_atfork(NULL, NULL, reset_after_fork); }
+static pthread_once_t fork_handler_once = PTHREAD_ONCE_INIT;
+
+/* Runs `j` on the caller and up to threads - 1 workers (fewer if they cannot be started;
+ * the caller alone when another thread's product holds the pool). */
+static void run_job(const job_t *j, int threads)
+{
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads > j->blocks) threads = j->blocks;
+    if (threads <= 1 || pthread_mutex_trylock(&pool_lock) != 0) {
+        /* single-threaded, or another thread's product holds the pool: do it alone */
+        run_range(j, 0, j->blocks);
+        return;
+    }
+    pthread_once(&fork_handler_once, register_fork_handler);
+    while (n_workers < threads - 1) {
+        pthread_t t;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        start_generation[n_workers + 1] = atomic_load(&generation);
+        int rc = pthread_create(&t, &attr, worker_main, (void *)(intptr_t)(n_workers + 1));
+        pthread_attr_destroy(&attr);
+        if (rc != 0) break;
+        n_workers++;
+    }
+    int helpers = threads - 1 < n_workers ? threads - 1 : n_workers;
+    job = *j;
+    job_workers = helpers;
+    job_chunk = j->blocks / ((helpers + 1) * 4);
+    if (job_chunk < 1) job_chunk = 1;
+    atomic_store_explicit(&next_block, 0, memory_order_relaxed);
+    atomic_store_explicit(&pending, helpers, memory_order_relaxed);
+    pthread_mutex_lock(&wake_lock);
+    atomic_fetch_add_explicit(&generation, 1, memory_order_release);
+    pthread_cond_broadcast(&wake_cond);
+    pthread_mutex_unlock(&wake_lock);
+    run_blocks(j, job_chunk);
+    while (atomic_load_explicit(&pending, memory_order_acquire) > 0) cpu_relax();
+    pthread_mutex_unlock(&pool_lock);
+}
+
+/* y (m, n_out) = x (m, n_in) @ w^T * scale + bias; m <= 16. Returns 0, or -1 if m is too
+ * large. Rows of W are shared among `threads` threads in blocks of 16, handed out
+ * dynamically (a thread the OS preempts does not hold the others up). */
+int cv_int8_gemm(const float *x, int m, int n_in, const int8_t *w, const float *scale,
+                 const float *bias, float *y, int n_out, int threads)
+{
+    if (m < 1 || m > MAX_M) return -1;
+    job_t j = {x, NULL, NULL, NULL, m, n_in, n_out, (n_out + 15) / 16, 0, w, scale, bias, y, NULL};
+#ifdef CV_VNNI
+    int nb = (n_in + QB - 1) / QB;
+    int8_t *xq = malloc((size_t)m * nb * QB);
+    float *xs = malloc((size_t)(m * nb + m) * sizeof(float));
+    if (!xq || !xs) { free(xq); free(xs); return -2; }
+    quantize_rows(x, m, n_in, xq, xs, xs + m * nb);
+    j.xq = xq;
+    j.xs = xs;
+    j.corr = xs + m * nb;
+    j.vnni = 1;
+    run_job(&j, threads);
+    free(xq);
+    free(xs);
+    return 0;
+#endif
+    run_job(&j, threads);
+    return 0;
+}
+
+/* y (m, n_out) = x (m, n_in) @ w^T + bias for float32 w (out, in); m <= 16. */
+int cv_f32_gemm(const float *x, int m, int n_in, const float *w, const float *bias, float *y,
+                int n_out, int threads)
+{
+    if (m < 1 || m > MAX_M) return -1;
+    job_t j = {x, NULL, NULL, NULL, m, n_in, n_out, (n_out + 15) / 16, 0, NULL, NULL, bias, y, w};
+    run_job(&j, threads);
+    return 0;
+}
+
+int cv_int8_max_rows(void) { return MAX_M; }
+
+/* 1 when the float32 product has SIMD code for this CPU (else torch's matmul is faster) */
+int cv_f32_simd(void)
+{
+#if defined(__AVX512F__) || defined(__AVX2__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* 64 when activations are quantized in blocks of that many (VNNI path), 0 when not */
+int cv_int8_act_block(void)
+{
+#ifdef CV_VNNI
+    return QB;
+#else
+    return 0;
+#endif
+}

@@ -1,0 +1,134 @@
+/* The small operations of a decode step, for float32 models: RMSNorm, and attention of a
+ * few query rows (a decode step, or a draft being verified) with rotary embeddings and the
+ * KV cache write folded in.
+ *
+ * In a decode step these operations move a few kilobytes each, and the time torch spends
+ * dispatching its dozen or so operators per layer (~150 us per layer for attention at a
+ * 512-token context, ~15 us per norm) is most of what a step costs beside reading the
+ * weights. One call each does the same work. Built with gemm.c into one library by
+ * codevista.models.native.
+ *
+ * Every query row is computed on its own, in one fixed order, so a row's result does not
+ * depend on the rows beside it (draft verification equals decode steps bit for bit).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+static float dot(const float *a, const float *b, int n)
+{
+    int i = 0;
+    float s;
+#if defined(__AVX512F__)
+    __m512 acc = _mm512_setzero_ps();
+    for (; i + 16 <= n; i += 16)
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+    s = _mm512_reduce_add_ps(acc);
+#elif defined(__AVX2__)
+    __m256 acc = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8)
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    s = _mm_cvtss_f32(h);
+#else
+    s = 0.0f;
+#endif
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* y += a * x over n floats */
+static void axpy(float a, const float *x, float *y, int n)
+{
+    int i = 0;
+#if defined(__AVX512F__)
+    __m512 av = _mm512_set1_ps(a);
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(y + i, _mm512_fmadd_ps(av, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+#elif defined(__AVX2__)
+    __m256 av = _mm256_set1_ps(a);
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+#endif
+    for (; i < n; i++) y[i] += a * x[i];
+}
+
+/* y (T, n) = x / sqrt(mean(x^2) + eps) * w, row by row */
+void cv_rmsnorm(const float *x, const float *w, float *y, int T, int n, float eps)
+{
+    for (int t = 0; t < T; t++) {
+        const float *xr = x + (int64_t)t * n;
+        float *yr = y + (int64_t)t * n;
+        float inv = 1.0f / sqrtf(dot(xr, xr, n) / (float)n + eps);
+        for (int i = 0; i < n; i++) yr[i] = w[i] * (xr[i] * inv);
+    }
+}
+
+/* Rotary embedding of one head vector (rotate-half convention): for i < D/2,
+ * out[i] = v[i] cos[i] - v[i + D/2] sin[i], out[i + D/2] = v[i + D/2] cos[i + D/2] + v[i] sin[i + D/2] */
+static void rope(const float *v, const float *cs, const float *sn, float *out, int D)
+{
+    int h = D / 2;
+    for (int i = 0; i < h; i++) {
+        out[i] = v[i] * cs[i] - v[i + h] * sn[i];
+        out[i + h] = v[i + h] * cs[i + h] + v[i] * sn[i + h];
+    }
+}
+
+/* Attention for T query rows of one sequence at positions pos..pos+T-1.
+ *
+ * qkv (T, (H + 2 KV) D): each row's q, k and v before rotary embedding; cs, sn (T, D): the
+ * rotary tables at those positions; kc, vc: this layer's cache, (KV, cap, D). Each row
+ * writes its rotated k and its v at its position, then attends to the keys of positions
+ * [max(0, p + 1 - window), p] (window 0: all), head h using KV head h / (H / KV).
+ * out (T, H D). Returns 0, -1 for bad sizes, -2 when out of memory. */
+int cv_attend_rows(const float *qkv, int T, int H, int KV, int D, const float *cs,
+                   const float *sn, float *kc, float *vc, int cap, int pos, int window,
+                   float scale, float *out)
+{
+    if (T < 1 || H < 1 || KV < 1 || H % KV || D < 2 || D % 2 || pos < 0 || pos + T > cap)
+        return -1;
+    int group = H / KV, stride = (H + 2 * KV) * D;
+    float *scores = malloc(sizeof(float) * (size_t)(pos + T));
+    float *q = malloc(sizeof(float) * (size_t)D);
+    if (!scores || !q) { free(scores); free(q); return -2; }
+    for (int t = 0; t < T; t++) {
+        const float *row = qkv + (int64_t)t * stride;
+        const float *c = cs + (int64_t)t * D, *s = sn + (int64_t)t * D;
+        int p = pos + t;
+        for (int g = 0; g < KV; g++) {
+            rope(row + (H + g) * D, c, s, kc + ((int64_t)g * cap + p) * D, D);
+            memcpy(vc + ((int64_t)g * cap + p) * D, row + (H + KV + g) * D, sizeof(float) * D);
+        }
+        int start = window > 0 && p + 1 > window ? p + 1 - window : 0, n = p + 1 - start;
+        for (int h = 0; h < H; h++) {
+            const float *K = kc + ((int64_t)(h / group) * cap + start) * D;
+            const float *V = vc + ((int64_t)(h / group) * cap + start) * D;
+            rope(row + h * D, c, s, q, D);
+            float mx = -INFINITY;
+            for (int j = 0; j < n; j++) {
+                scores[j] = dot(q, K + (int64_t)j * D, D) * scale;
+                mx = scores[j] > mx ? scores[j] : mx;
+            }
+            float sum = 0.0f;
+            for (int j = 0; j < n; j++) {
+                scores[j] = expf(scores[j] - mx);
+                sum += scores[j];
+            }
+            float *o = out + (int64_t)t * H * D + h * D;
+            memset(o, 0, sizeof(float) * D);
+            for (int j = 0; j < n; j++) axpy(scores[j], V + (int64_t)j * D, o, D);
+            float inv = 1.0f / sum;
+            for (int i = 0; i < D; i++) o[i] *= inv;
+        }
+    }
+    free(scores);
+    free(q);
+    return 0;
+}
