@@ -74,9 +74,8 @@ from codevista.models.kv_cache import KVCache
 from codevista.models.loader import LoadedModel, load_model
 from codevista.models.train.data import read_pairs
 from codevista.server.postprocess import end_of_definition
-from codevista.server.translation import (OutputCutter, clean_output, count_blocks,
-                                          resolve_language)
 from codevista.server.prompts import healing_text
+from codevista.server.translation import OutputCutter, clean_output, count_blocks, resolve_language
 from metrics import bleu_strings, edit_similarity, exact_match
 
 GROUPS = ("bpb", "line", "fim", "translate")

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from safetensors import SafetensorError, safe_open
+from torch import nn
 
 from .config import DecoderConfig, read_config
 from .errors import (

@@ -29,7 +29,6 @@ from torch import nn
 from .config import DecoderConfig
 from .kv_cache import KVCache
 
-
 KERNEL_ROWS = 16  # the most rows of x our kernel takes (cv_int8_max_rows)
 ROWS = 0  # `blocks` for the row layout: W as (out, in), products of few rows in our kernel
 

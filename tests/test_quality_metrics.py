@@ -177,7 +177,8 @@ def test_quality_harness_end_to_end(tmp_path):
         assert len(tr[direction]["published_test"]) == 4
         assert len(tr[direction]["predictions"]) == len(tr[direction]["raw_predictions"]) == 3
         # the served cut only ever shortens the raw output
-        for kept, raw in zip(tr[direction]["predictions"], tr[direction]["raw_predictions"]):
+        for kept, raw in zip(tr[direction]["predictions"], tr[direction]["raw_predictions"],
+                             strict=True):
             assert len(kept) <= len(raw)
     assert "predictions" not in lines[3]["java->csharp"]  # kept out of the stdout line
     # The first pair is identical in both languages: the naive copy gets it right.

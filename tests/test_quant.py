@@ -269,5 +269,5 @@ def test_both_float32_layouts_give_the_same_model(quant, qwen_dir, monkeypatch):
             prefill = m.model(ids, cache, 0, all_logits=True)
             step = m.model(ids[-1:], cache, 40)  # one decode step: the kernel in `rows`
             out.append((prefill, step))
-    for a, b in zip(*out):
+    for a, b in zip(*out, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -55,8 +55,8 @@ def test_samples_are_reproducible_and_splits_disjoint():
 
 
 def test_novel_word_diagrams_force_copying_and_leave_the_default_draw_alone():
-    from codevista.models.train.vlm import Batcher
     from codevista.models.tokenizer import Tokenizer
+    from codevista.models.train.vlm import Batcher
 
     novel = seen = 0
     for seed in range(300):
