@@ -135,18 +135,24 @@ REPETITIVE = ("http/__init__.py", "token.py", "unittest/case.py")
 
 def lookup_prompts(tok, max_tokens: int, cuts: int = 4) -> list[list[int]]:
     """Completion prompts at line starts spread through repetitive standard-library files,
-    each the last `max_tokens` tokens before the cut."""
+    each the last `max_tokens` tokens before the cut (after the Python language tag, for
+    a model that has one, as the server's prompts have it)."""
     import sysconfig
 
+    from codevista.models import formats
+
     lib = Path(sysconfig.get_paths()["stdlib"])
+    # a model with language tags (the embedded one) gets the tag the server puts first
+    tag = tok.token_to_id(formats.lang_tag("python"))
+    head = [] if tag is None else [tag]
     prompts = []
     for name in REPETITIVE:
         text = (lib / name).read_text(encoding="utf-8")
         lines = text.split("\n")
         for k in range(1, cuts + 1):
             cut = "\n".join(lines[: len(lines) * k // (cuts + 1)]) + "\n"
-            ids = tok.encode(cut, add_special_tokens=False)[-max_tokens:]
-            prompts.append(ids)
+            ids = tok.encode(cut, add_special_tokens=False)[-(max_tokens - len(head)):]
+            prompts.append(head + ids)
     return prompts
 
 

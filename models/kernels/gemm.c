@@ -72,138 +72,159 @@ static void quantize_rows(const float *x, int m, int n_in, int8_t *xq, float *xs
  * flipping their sign bit (w + 128), so each block's product is sum(w x) + 128 sum(x); the
  * second term depends on x alone and is taken off once per row of x (corr). Per 64
  * weights and row of x: a load, an XOR, VPDPBUSD, a conversion and an FMA. */
+/* Sums of one row of W against G rows of x (G <= 4, a constant where inlined): block b
+ * goes to chain b % 2, then the two chains are added. Each row of x sees exactly this
+ * order whatever G is, so verifying a draft (m > 1) gives each row the bits a decode step
+ * (m = 1) gives. */
+static inline __attribute__((always_inline)) void
+vnni_dot(const int8_t *row, const int8_t *xq, const float *xs, int nb, __mmask64 last, int G,
+         float *sums)
+{
+    const __m512i zero = _mm512_setzero_si512();
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    __m512 a0[4], a1[4];
+    for (int r = 0; r < G; r++) a0[r] = a1[r] = _mm512_setzero_ps();
+    int b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        /* masked-off lanes read as 0 and become 128: x is zero there */
+        __m512i w0 = _mm512_xor_si512(_mm512_loadu_si512((const void *)(row + b * QB)), flip);
+        __m512i w1 = _mm512_xor_si512(
+            _mm512_maskz_loadu_epi8(b + 2 == nb ? last : ~(__mmask64)0, row + (b + 1) * QB), flip);
+        for (int r = 0; r < G; r++) {
+            const int8_t *xr = xq + ((int64_t)r * nb + b) * QB;
+            __m512i d0 = _mm512_dpbusd_epi32(zero, w0, _mm512_loadu_si512((const void *)xr));
+            __m512i d1 = _mm512_dpbusd_epi32(zero, w1, _mm512_loadu_si512((const void *)(xr + QB)));
+            a0[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_set1_ps(xs[r * nb + b]), a0[r]);
+            a1[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_set1_ps(xs[r * nb + b + 1]), a1[r]);
+        }
+    }
+    if (b < nb) {
+        __m512i w0 = _mm512_xor_si512(_mm512_maskz_loadu_epi8(last, row + b * QB), flip);
+        for (int r = 0; r < G; r++) {
+            const int8_t *xr = xq + ((int64_t)r * nb + b) * QB;
+            __m512i d0 = _mm512_dpbusd_epi32(zero, w0, _mm512_loadu_si512((const void *)xr));
+            a0[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_set1_ps(xs[r * nb + b]), a0[r]);
+        }
+    }
+    for (int r = 0; r < G; r++) sums[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r]));
+}
+
 static void rows_vnni(const int8_t *xq, const float *xs, const float *corr, int m, int n_in,
                       const int8_t *w, const float *scale, const float *bias, float *y,
                       int n_out, int o0, int o1)
 {
-    /* Block b of a row goes to sum b % 2, then the two sums are added: two independent
-     * chains per row of x. Every row of x is summed in exactly this order whatever m is,
-     * so verifying a draft (m > 1) gives each row the bits a decode step (m = 1) gives. */
     int nb = (n_in + QB - 1) / QB;
-    const __m512i zero = _mm512_setzero_si512();
-    const __m512i flip = _mm512_set1_epi8((char)0x80);
     int tail = n_in - (nb - 1) * QB;
     __mmask64 last = tail == QB ? ~(__mmask64)0 : (((__mmask64)1 << tail) - 1);
-    int o = o0;
-    if (m == 1 && n_in % (2 * QB) == 0) {  /* the decode step: no masks, no tail */
-        for (; o < o1; o++) {
-            const int8_t *row = w + (int64_t)o * n_in;
-            __m512 a0 = _mm512_setzero_ps(), a1 = a0;
-            for (int i = 0; i < n_in; i += 2 * QB) {
-                __m512i w0 = _mm512_xor_si512(_mm512_loadu_si512((const void *)(row + i)), flip);
-                __m512i w1 = _mm512_xor_si512(_mm512_loadu_si512((const void *)(row + i + QB)), flip);
-                __m512i d0 = _mm512_dpbusd_epi32(zero, w0, _mm512_loadu_si512((const void *)(xq + i)));
-                __m512i d1 = _mm512_dpbusd_epi32(zero, w1, _mm512_loadu_si512((const void *)(xq + i + QB)));
-                a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_set1_ps(xs[i / QB]), a0);
-                a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_set1_ps(xs[i / QB + 1]), a1);
-            }
-            y[o] = fmaf(_mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) - corr[0], scale[o],
-                        bias ? bias[o] : 0.0f);
-        }
-        return;
-    }
-    for (; o < o1; o++) {
+    for (int o = o0; o < o1; o++) {
         const int8_t *row = w + (int64_t)o * n_in;
         float bo = bias ? bias[o] : 0.0f;
-        for (int r0 = 0; r0 < m; r0 += 4) {  /* four rows of x share each load of W */
+        for (int r0 = 0; r0 < m; r0 += 4) {  /* up to four rows of x per read of the row */
+            const int8_t *xr = xq + (int64_t)r0 * nb * QB;
+            const float *sr = xs + (int64_t)r0 * nb;
+            float sums[4];
             int g = m - r0 < 4 ? m - r0 : 4;
-            __m512 acc[2][4];
-            for (int r = 0; r < 4; r++) acc[0][r] = acc[1][r] = _mm512_setzero_ps();
-            for (int b = 0; b < nb; b++) {
-                /* masked-off lanes read as 0 and become 128: x is zero there */
-                __m512i wu = _mm512_xor_si512(
-                    _mm512_maskz_loadu_epi8(b == nb - 1 ? last : ~(__mmask64)0, row + b * QB),
-                    flip);
-                for (int r = 0; r < g; r++) {
-                    const int8_t *xr = xq + ((int64_t)(r0 + r) * nb + b) * QB;
-                    __m512i dp = _mm512_dpbusd_epi32(zero, wu, _mm512_loadu_si512((const void *)xr));
-                    acc[b & 1][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dp),
-                                                    _mm512_set1_ps(xs[(r0 + r) * nb + b]),
-                                                    acc[b & 1][r]);
-                }
+            switch (g) {  /* a constant G for each: the sums stay in registers */
+            case 1: vnni_dot(row, xr, sr, nb, last, 1, sums); break;
+            case 2: vnni_dot(row, xr, sr, nb, last, 2, sums); break;
+            case 3: vnni_dot(row, xr, sr, nb, last, 3, sums); break;
+            default: vnni_dot(row, xr, sr, nb, last, 4, sums); break;
             }
             for (int r = 0; r < g; r++)
-                y[(int64_t)(r0 + r) * n_out + o] =
-                    fmaf(_mm512_reduce_add_ps(_mm512_add_ps(acc[0][r], acc[1][r])) - corr[r0 + r],
-                         scale[o], bo);
+                y[(int64_t)(r0 + r) * n_out + o] = fmaf(sums[r] - corr[r0 + r], scale[o], bo);
         }
     }
 }
 #endif
 
 /* Float32 weights (out, in), row-major: the same row-at-a-time products, reading four
- * bytes per weight. Chunk c of 16 weights goes to sum c % 4 (four independent chains);
- * the sums are added as (s0 + s1) + (s2 + s3), then the tail of fewer than 16 one by one.
- * Every row of x is summed in this order whatever m is (see rows_vnni). */
+ * bytes per weight. Sums of one row of W against G rows of x (G <= 4, a constant where
+ * inlined): chunk c of the row's SIMD-width chunks goes to chain c % 4; the chains are
+ * added as (s0 + s1) + (s2 + s3), then the remaining weights one by one. Each row of x
+ * sees exactly this order whatever G is (see vnni_dot). */
+#if defined(__AVX512F__)
+#define VW 16
+#define VEC __m512
+#define VZERO _mm512_setzero_ps
+#define VLOAD _mm512_loadu_ps
+#define VFMA _mm512_fmadd_ps
+#define VADD _mm512_add_ps
+static inline float vsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+#elif defined(__AVX2__)
+#define VW 8
+#define VEC __m256
+#define VZERO _mm256_setzero_ps
+#define VLOAD _mm256_loadu_ps
+#define VFMA _mm256_fmadd_ps
+#define VADD _mm256_add_ps
+static inline float vsum(__m256 v)
+{
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+}
+#endif
+
+static inline __attribute__((always_inline)) void
+f32_dot(const float *row, const float *x, int n_in, int G, float *sums)
+{
+    int i = 0;
+#ifdef VW
+    VEC a[4][4];
+    for (int r = 0; r < G; r++) a[r][0] = a[r][1] = a[r][2] = a[r][3] = VZERO();
+    for (; i + 4 * VW <= n_in; i += 4 * VW) {
+        VEC w0 = VLOAD(row + i), w1 = VLOAD(row + i + VW);
+        VEC w2 = VLOAD(row + i + 2 * VW), w3 = VLOAD(row + i + 3 * VW);
+        for (int r = 0; r < G; r++) {
+            const float *xr = x + (int64_t)r * n_in + i;
+            a[r][0] = VFMA(w0, VLOAD(xr), a[r][0]);
+            a[r][1] = VFMA(w1, VLOAD(xr + VW), a[r][1]);
+            a[r][2] = VFMA(w2, VLOAD(xr + 2 * VW), a[r][2]);
+            a[r][3] = VFMA(w3, VLOAD(xr + 3 * VW), a[r][3]);
+        }
+    }
+    /* up to three more whole chunks: chains 0, 1, 2 */
+    if (i + VW <= n_in) {
+        VEC w0 = VLOAD(row + i);
+        for (int r = 0; r < G; r++) a[r][0] = VFMA(w0, VLOAD(x + (int64_t)r * n_in + i), a[r][0]);
+        i += VW;
+        if (i + VW <= n_in) {
+            VEC w1 = VLOAD(row + i);
+            for (int r = 0; r < G; r++) a[r][1] = VFMA(w1, VLOAD(x + (int64_t)r * n_in + i), a[r][1]);
+            i += VW;
+            if (i + VW <= n_in) {
+                VEC w2 = VLOAD(row + i);
+                for (int r = 0; r < G; r++)
+                    a[r][2] = VFMA(w2, VLOAD(x + (int64_t)r * n_in + i), a[r][2]);
+                i += VW;
+            }
+        }
+    }
+    for (int r = 0; r < G; r++) sums[r] = vsum(VADD(VADD(a[r][0], a[r][1]), VADD(a[r][2], a[r][3])));
+#else
+    for (int r = 0; r < G; r++) sums[r] = 0.0f;
+#endif
+    for (; i < n_in; i++)  /* the tail, or everything without SIMD */
+        for (int r = 0; r < G; r++) sums[r] += row[i] * x[(int64_t)r * n_in + i];
+}
+
 static void rows_f32(const float *x, int m, int n_in, const float *w, const float *bias,
                      float *y, int n_out, int o0, int o1)
 {
-#if defined(__AVX512F__)
-    int n16 = n_in / 16 * 16;
-#endif
     for (int o = o0; o < o1; o++) {
         const float *row = w + (int64_t)o * n_in;
         float b = bias ? bias[o] : 0.0f;
-        for (int r0 = 0; r0 < m; r0 += 4) {  /* four rows of x share each read of the row */
-            int g = m - r0 < 4 ? m - r0 : 4;
+        for (int r0 = 0; r0 < m; r0 += 4) {  /* up to four rows of x per read of the row */
+            const float *xr = x + (int64_t)r0 * n_in;
             float sums[4];
-#if defined(__AVX512F__)
-            __m512 acc[4][4];
-            for (int r = 0; r < 4; r++)
-                for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
-            if (g == 1) {
-                const float *xr = x + (int64_t)r0 * n_in;
-                int i = 0;
-                for (; i + 64 <= n16; i += 64) {
-                    acc[0][0] = _mm512_fmadd_ps(_mm512_loadu_ps(row + i), _mm512_loadu_ps(xr + i), acc[0][0]);
-                    acc[0][1] = _mm512_fmadd_ps(_mm512_loadu_ps(row + i + 16), _mm512_loadu_ps(xr + i + 16), acc[0][1]);
-                    acc[0][2] = _mm512_fmadd_ps(_mm512_loadu_ps(row + i + 32), _mm512_loadu_ps(xr + i + 32), acc[0][2]);
-                    acc[0][3] = _mm512_fmadd_ps(_mm512_loadu_ps(row + i + 48), _mm512_loadu_ps(xr + i + 48), acc[0][3]);
-                }
-                for (; i < n16; i += 16)
-                    acc[0][(i / 16) & 3] = _mm512_fmadd_ps(_mm512_loadu_ps(row + i), _mm512_loadu_ps(xr + i),
-                                                           acc[0][(i / 16) & 3]);
-            } else {
-                for (int i = 0; i < n16; i += 16) {
-                    __m512 wv = _mm512_loadu_ps(row + i);
-                    int c = (i / 16) & 3;
-                    for (int r = 0; r < g; r++)
-                        acc[r][c] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + (int64_t)(r0 + r) * n_in + i),
-                                                    acc[r][c]);
-                }
+            int g = m - r0 < 4 ? m - r0 : 4;
+            switch (g) {  /* a constant G for each: the sums stay in registers */
+            case 1: f32_dot(row, xr, n_in, 1, sums); break;
+            case 2: f32_dot(row, xr, n_in, 2, sums); break;
+            case 3: f32_dot(row, xr, n_in, 3, sums); break;
+            default: f32_dot(row, xr, n_in, 4, sums); break;
             }
-            for (int r = 0; r < g; r++)
-                sums[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]),
-                                                             _mm512_add_ps(acc[r][2], acc[r][3])));
-            int i = n16;
-#elif defined(__AVX2__)
-            /* chunks of 8 weights, the same four chains */
-            int n8 = n_in / 8 * 8;
-            __m256 acc[4][4];
-            for (int r = 0; r < 4; r++)
-                for (int c = 0; c < 4; c++) acc[r][c] = _mm256_setzero_ps();
-            for (int i = 0; i < n8; i += 8) {
-                __m256 wv = _mm256_loadu_ps(row + i);
-                int c = (i / 8) & 3;
-                for (int r = 0; r < g; r++)
-                    acc[r][c] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + (int64_t)(r0 + r) * n_in + i),
-                                                acc[r][c]);
-            }
-            for (int r = 0; r < g; r++) {
-                __m256 t = _mm256_add_ps(_mm256_add_ps(acc[r][0], acc[r][1]),
-                                         _mm256_add_ps(acc[r][2], acc[r][3]));
-                __m128 h = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
-                h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-                h = _mm_add_ss(h, _mm_movehdup_ps(h));
-                sums[r] = _mm_cvtss_f32(h);
-            }
-            int i = n8;
-#else
-            for (int r = 0; r < g; r++) sums[r] = 0.0f;
-            int i = 0;
-#endif
-            for (; i < n_in; i++)  /* the tail, or everything without AVX-512 */
-                for (int r = 0; r < g; r++) sums[r] += row[i] * x[(int64_t)(r0 + r) * n_in + i];
             for (int r = 0; r < g; r++) y[(int64_t)(r0 + r) * n_out + o] = sums[r] + b;
         }
     }
