@@ -56,7 +56,7 @@ def test_samples_are_reproducible_and_splits_disjoint():
 
 def test_novel_word_diagrams_force_copying_and_leave_the_default_draw_alone():
     from codevista.models.tokenizer import Tokenizer
-    from codevista.models.train.vlm import Batcher
+    from codevista.models.train.vlm import SCENE_KINDS, Batcher
 
     novel = seen = 0
     for seed in range(300):
@@ -92,6 +92,14 @@ def test_novel_word_diagrams_force_copying_and_leave_the_default_draw_alone():
     assert 0.45 < kinds.count("diagram") / 200 < 0.8
     assert heavy.draw("train", 5).answer == heavy.draw("train", 5).answer
     assert heavy.draw("test", 5).answer == sample("test", 5).answer
+    # A counting and grounding continuation turns a share of the rest into scenes.
+    scenes = Batcher(tok, 4, scene_share=0.5)
+    kinds = [scenes.draw("train", sd).kind for sd in range(200)]
+    base = [sample("train", sd).kind for sd in range(200)]
+    share = sum(k in SCENE_KINDS for k in kinds) / 200
+    assert share > sum(k in SCENE_KINDS for k in base) / 200 + 0.15
+    assert scenes.draw("train", 7).answer == scenes.draw("train", 7).answer
+    assert scenes.draw("test", 7).answer == sample("test", 7).answer
 
 
 def test_count_answers_match_the_drawn_objects():
