@@ -38,6 +38,11 @@ def test_rmsnorm_in_c_equals_torch(ops):
     with torch.inference_mode():
         got = norm(x)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    # the training recipe's (batch, time, hidden) inputs under no_grad: torch code, right
+    x3 = torch.randn(4, 30, 96)
+    ref3 = norm(x3)
+    with torch.no_grad():
+        torch.testing.assert_close(norm(x3), ref3, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("window", [None, 7])
