@@ -7,10 +7,11 @@
     python benchmarks/engine.py --dtypes float32,int8 # codevista variants (default both)
     python benchmarks/engine.py --interleaved 7 --llamacpp f32,q8_0   # decode only, see below
 
---interleaved N loads every engine into one process and alternates short decode bursts
-between them N times (median tokens/s each): on a shared machine whose load changes by
-the minute, engines measured one after another are not measured under the same load;
-alternating bursts are.
+--interleaved N loads every engine at once, each in its own process, and alternates short
+decode bursts between them N times (median tokens/s each): on a shared machine whose load
+changes by the minute, engines measured one after another are not measured under the same
+load; alternating bursts are. (Until 2026-11-29 they shared one process, which slowed
+llama.cpp: see interleaved().)
 
 With --llamacpp (needs llama-cpp-python), the same weights are exported by
 `codevista export-gguf` in each listed type and run by llama.cpp in the same run. The
@@ -372,51 +373,90 @@ def best(runs: list[dict]) -> dict:
     return out
 
 
-def interleaved(model: Path, ggufs: dict[str, Path], dtypes: list[str], rounds: int,
-                tokens: int) -> dict:
-    import torch
-    from codevista.models.engine import Engine, SamplingParams
-    from codevista.models.loader import load_model
+def burst_runner(name: str, model: Path, gguf: Path | None, tokens: int):
+    """A decode burst function for one engine: `tokens` greedy tokens after a 64-token
+    prompt, returning tokens/s after the first token."""
+    if name.startswith("codevista-"):
+        from codevista.models.engine import Engine, SamplingParams
+        from codevista.models.loader import load_model
 
-    runners = {}
-    engines = []
-    for d in dtypes:
-        e = Engine(load_model(model, dtype=d), cache_bytes=1 << 30, warmup=True,
-                   lookup=False).start()
-        engines.append(e)
+        e = Engine(load_model(model, dtype=name.split("-", 1)[1]), cache_bytes=1 << 30,
+                   warmup=True, lookup=False).start()
         vocab = e.loaded.config.vocab_size
 
-        def run(e=e, vocab=vocab):
+        def run() -> float:
             e.cache.clear()
             r = e.generate(_prompt(64, vocab), SamplingParams(max_new_tokens=tokens + 1,
                                                                ignore_eos=True))
             return tokens / (r.total_s - r.ttft_s)
-        runners[f"codevista-{d}"] = run
-    if ggufs:
-        from llama_cpp import Llama
-    for name, path in ggufs.items():
-        llm = Llama(model_path=str(path), n_ctx=256, n_batch=512,
-                    n_threads=torch.get_num_threads(), verbose=False)
+        return run
+    import torch
+    from llama_cpp import Llama
 
-        def run(llm=llm):
-            llm.reset()
-            stamps = []
-            for _ in llm.create_completion(_prompt(64, llm.n_vocab()), max_tokens=tokens + 1,
-                                           temperature=0.0, top_k=1, repeat_penalty=1.0,
-                                           stream=True):
-                stamps.append(time.perf_counter())
-            return (len(stamps) - 1) / (stamps[-1] - stamps[0])
-        runners[name] = run
-    for run in runners.values():
-        run()  # warm-up
-    rates: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(rounds):
-        for name, run in runners.items():
-            rates[name].append(run())
-    for e in engines:
-        e.shutdown()
+    llm = Llama(model_path=str(gguf), n_ctx=256, n_batch=512,
+                n_threads=torch.get_num_threads(), verbose=False)
+
+    def run() -> float:
+        llm.reset()
+        stamps = []
+        for _ in llm.create_completion(_prompt(64, llm.n_vocab()), max_tokens=tokens + 1,
+                                       temperature=0.0, top_k=1, repeat_penalty=1.0,
+                                       stream=True):
+            stamps.append(time.perf_counter())
+        return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+    return run
+
+
+def burst_worker(name: str, model: Path, gguf: Path | None, tokens: int) -> None:
+    """Serve bursts on request: a line "go" on stdin -> one burst, its rate on stdout."""
+    run = burst_runner(name, model, gguf, tokens)
+    run()  # warm-up
+    print("ready", flush=True)
+    for line in sys.stdin:
+        if line.strip() != "go":
+            break
+        print(run(), flush=True)
+
+
+def interleaved(model: Path, ggufs: dict[str, Path], dtypes: list[str], rounds: int,
+                tokens: int) -> dict:
+    """Every engine in its own process, all loaded at once; bursts alternate between them,
+    so that they see the same machine load. Separate processes, because engines sharing
+    one process slow each other without using the CPU: llama.cpp and torch load the same
+    OpenMP runtime, which spins far less before sleeping once a process holds more OpenMP
+    threads than there are cores (llama.cpp q8_0 decoded 47 -> 38 tok/s here while an
+    idle codevista engine merely existed in its process)."""
+    names = [f"codevista-{d}" for d in dtypes] + list(ggufs)
+    procs = {}
+    try:
+        for name in names:
+            cmd = [sys.executable, __file__, "--worker", f"burst:{name}", "--model", str(model),
+                   "--decode-tokens", str(tokens)]
+            if name in ggufs:
+                cmd += ["--gguf", str(ggufs[name])]
+            procs[name] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                           text=True, env=os.environ.copy())
+            if procs[name].stdout.readline().strip() != "ready":
+                raise SystemExit(f"{name} burst worker failed to start")
+        rates: dict[str, list[float]] = {name: [] for name in names}
+        for _ in range(rounds):
+            for name, proc in procs.items():
+                proc.stdin.write("go\n")
+                proc.stdin.flush()
+                line = proc.stdout.readline()
+                if not line:
+                    raise SystemExit(f"{name} burst worker died")
+                rates[name].append(float(line))
+    finally:
+        for proc in procs.values():
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
+            proc.wait(timeout=60)
     med = {name: round(statistics.median(r), 2) for name, r in rates.items()}
-    out: dict = {"interleaved_decode_tps": med, "rounds": rounds, "tokens": tokens}
+    out: dict = {"interleaved_decode_tps": med, "rounds": rounds, "tokens": tokens,
+                 "processes": "one per engine"}
     for d in dtypes:
         for name in ggufs:
             out[f"codevista-{d}_vs_{name}"] = round(med[f"codevista-{d}"] / med[name], 2)
@@ -438,12 +478,16 @@ def main() -> None:
     ap.add_argument("--llamacpp", default="",
                     help="GGUF types to run with llama.cpp too, e.g. f32,f16,q8_0")
     ap.add_argument("--interleaved", type=int, default=0, metavar="N",
-                    help="decode only: all engines in one process, N alternated bursts")
+                    help="decode only: every engine loaded at once (a process each), N "
+                         "alternated bursts")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--gguf", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     lengths = [int(x) for x in (args.lengths or ("64,256" if args.quick else "512,2048")
                                 ).split(",")]
+    if args.worker and args.worker.startswith("burst:"):
+        burst_worker(args.worker.split(":", 1)[1], args.model, args.gguf, args.decode_tokens)
+        return
     if args.worker:
         if args.worker.startswith("codevista-"):
             res = worker_codevista(args.model, lengths, args.decode_tokens,

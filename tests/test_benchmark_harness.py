@@ -28,3 +28,17 @@ def test_engine_benchmark_prints_results_and_ratios(tmp_path):
     assert cv["lookup_identical"] is True and cv["lookup_speedup"] > 0
     accuracy = next(x["int8_accuracy"] for x in lines if "int8_accuracy" in x)
     assert 0 <= accuracy["max_logit_rel_error"] < 0.1
+
+
+def test_interleaved_bursts_run_each_engine_in_its_own_process(tmp_path):
+    """--interleaved alternates bursts between engines that each live in a worker
+    process (engines sharing a process slowed each other), and reports their medians."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "engine.py"), "--quick", "--interleaved",
+         "2", "--decode-tokens", "4", "--cache", str(tmp_path)],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["processes"] == "one per engine" and out["rounds"] == 2
+    assert set(out["interleaved_decode_tps"]) == {"codevista-float32", "codevista-int8"}
+    assert all(v > 0 for v in out["interleaved_decode_tps"].values())

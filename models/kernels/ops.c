@@ -59,6 +59,72 @@ static void axpy(float a, const float *x, float *y, int n)
     for (; i < n; i++) y[i] += a * x[i];
 }
 
+#if defined(__AVX512F__)
+/* e^x for x <= 0 (softmax after the max is taken off), 16 at a time: x = n ln2 + r with
+ * |r| <= ln2 / 2, e^r by its Taylor polynomial to degree 7 (relative error < 2e-7 there),
+ * times 2^n. Below -87 the result is 0, as in float32. */
+static inline __m512 exp_neg(__m512 x)
+{
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 5040);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* One query head against n keys and values (D a multiple of 16, at most 256): the query
+ * and the output stay in registers; scores are exponentiated 16 at a time. */
+static void head_avx512(const float *q, const float *K, const float *V, int n, int D,
+                        float scale, float *scores, float *o)
+{
+    int nv = D / 16;
+    __m512 qv[16], ov[16];
+    for (int v = 0; v < nv; v++) {
+        qv[v] = _mm512_loadu_ps(q + 16 * v);
+        ov[v] = _mm512_setzero_ps();
+    }
+    float mx = -INFINITY;
+    for (int j = 0; j < n; j++) {
+        const float *k = K + (int64_t)j * D;
+        __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k));
+        for (int v = 1; v < nv; v++) acc = _mm512_fmadd_ps(qv[v], _mm512_loadu_ps(k + 16 * v), acc);
+        float sc = _mm512_reduce_add_ps(acc) * scale;
+        scores[j] = sc;
+        mx = sc > mx ? sc : mx;
+    }
+    __m512 mxv = _mm512_set1_ps(mx), sum = _mm512_setzero_ps();
+    int j = 0;
+    for (; j + 16 <= n; j += 16) {
+        __m512 e = exp_neg(_mm512_sub_ps(_mm512_loadu_ps(scores + j), mxv));
+        _mm512_storeu_ps(scores + j, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    if (j < n) {
+        __mmask16 k = (__mmask16)((1u << (n - j)) - 1);
+        __m512 e = exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, scores + j), mxv));
+        e = _mm512_maskz_mov_ps(k, e);
+        _mm512_mask_storeu_ps(scores + j, k, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    for (j = 0; j < n; j++) {
+        const float *vr = V + (int64_t)j * D;
+        __m512 pj = _mm512_set1_ps(scores[j]);
+        for (int v = 0; v < nv; v++) ov[v] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(vr + 16 * v), ov[v]);
+    }
+    __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+    for (int v = 0; v < nv; v++) _mm512_storeu_ps(o + 16 * v, _mm512_mul_ps(ov[v], inv));
+}
+#endif
+
 /* y (T, n) = x / sqrt(mean(x^2) + eps) * w, row by row */
 void cv_rmsnorm(const float *x, const float *w, float *y, int T, int n, float eps)
 {
@@ -111,6 +177,12 @@ int cv_attend_rows(const float *qkv, int T, int H, int KV, int D, const float *c
             const float *K = kc + ((int64_t)(h / group) * cap + start) * D;
             const float *V = vc + ((int64_t)(h / group) * cap + start) * D;
             rope(row + h * D, c, s, q, D);
+#if defined(__AVX512F__)
+            if (D % 16 == 0 && D <= 256) {
+                head_avx512(q, K, V, n, D, scale, scores, out + (int64_t)t * H * D + h * D);
+                continue;
+            }
+#endif
             float mx = -INFINITY;
             for (int j = 0; j < n; j++) {
                 scores[j] = dot(q, K + (int64_t)j * D, D) * scale;
