@@ -95,6 +95,16 @@ def _compile() -> ctypes.CDLL:
         lib.cv_rmsnorm.restype = None
         lib.cv_rmsnorm.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                    ctypes.c_int, ctypes.c_int, ctypes.c_float]
+        lib.cv_silu_mul.restype = None
+        lib.cv_silu_mul.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                                    ctypes.c_void_p]
+        lib.cv_decode_rows.restype = ctypes.c_int
+        lib.cv_decode_rows.argtypes = [
+            ctypes.POINTER(CLayer), ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(CLinear),
+            ctypes.c_float, *[ctypes.c_int] * 5, ctypes.c_void_p, ctypes.c_int,
+            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+            ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_void_p,
+            ctypes.c_int]
         lib.cv_attend_rows.restype = ctypes.c_int
         lib.cv_attend_rows.argtypes = [ctypes.c_void_p, *[ctypes.c_int] * 4, ctypes.c_void_p,
                                        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
@@ -110,6 +120,19 @@ def kernel() -> ctypes.CDLL:
         if _lib is None:
             _lib = _compile()
         return _lib
+
+
+class CLinear(ctypes.Structure):
+    """cv_linear (ops.c): a linear layer's weight, int8 row scales or NULL, bias or NULL."""
+    _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+                ("n_in", ctypes.c_int), ("n_out", ctypes.c_int)]
+
+
+class CLayer(ctypes.Structure):
+    """cv_layer (ops.c): one decoder layer's norms, linear layers and attention window."""
+    _fields_ = [("attn_norm", ctypes.c_void_p), ("mlp_norm", ctypes.c_void_p),
+                ("qkv", CLinear), ("o", CLinear), ("gate_up", CLinear), ("down", CLinear),
+                ("window", ctypes.c_int)]
 
 
 def kernel_threads() -> int:

@@ -89,4 +89,5 @@ def quantize_int8(model: nn.Module) -> nn.Module:
             if isinstance(child, Linear):
                 setattr(parent, name, Int8Linear(child.unpack(), child.bias))
                 del child
+    model._plan = None  # a whole-step plan held the float weights: plan again
     return model

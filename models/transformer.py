@@ -299,7 +299,15 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
-            gate, up = self.w_gate_up(x).split(self.inter, dim=-1)
+            gu = self.w_gate_up(x)
+            ops = (small_ops(gu) if self.act == "silu" and gu.dim() == 2
+                   and gu.shape[0] <= KERNEL_ROWS else None)
+            if ops is not None:  # a decode step: as the whole-step C code does it
+                gu = gu.contiguous()
+                a = torch.empty(gu.shape[0], self.inter)
+                ops.cv_silu_mul(gu.data_ptr(), gu.shape[0], self.inter, a.data_ptr())
+                return self.w_down(a)
+            gate, up = gu.split(self.inter, dim=-1)
             return self.w_down(activation(self.act, gate) * up)
         return self.w_down(activation(self.act, self.w_up(x)))
 
@@ -388,12 +396,95 @@ class Transformer(nn.Module):
         """
         return self.forward_many([Segment(tokens, cache, pos, embeds, all_logits)])[0]
 
+    def _apply(self, fn, *args, **kwargs):
+        self._plan = None  # .to(), .float(), ...: the weights may move; plan again
+        return super()._apply(fn, *args, **kwargs)
+
+    def _step_plan(self):
+        """The C description of this model for whole decode steps (native.CLayer per layer),
+        or False where the step must run here: not a Llama / Qwen2 shape with RMSNorm and
+        a gated SiLU MLP, weights neither float32 rows nor int8, or no C library."""
+        plan = getattr(self, "_plan", None)
+        if plan is not None:
+            return plan
+        self._plan = False
+        cfg = self.cfg
+        ops = small_ops(self.norm.weight.detach())
+        if (ops is None or cfg.norm != "rms" or cfg.mlp != "gated" or cfg.hidden_act != "silu"
+                or self.rope_cos is None or self.rope_cos.shape[-1] != cfg.head_dim):
+            return False
+        from .native import CLayer, CLinear
+        from .quant import Int8Linear
+
+        def ptr(t: torch.Tensor | None) -> int | None:
+            return None if t is None else t.data_ptr()
+
+        def lin(m) -> CLinear | None:
+            if isinstance(m, Int8Linear):
+                return CLinear(m.qweight.data_ptr(), m.scale.data_ptr(), ptr(m.bias),
+                               m.in_features, m.out_features)
+            if isinstance(m, Linear) and m.blocks == ROWS and m.weight.dtype == torch.float32:
+                return CLinear(m.weight.data_ptr(), None, ptr(m.bias), m.in_features,
+                               m.out_features)
+            return None
+
+        layers = (CLayer * cfg.num_layers)()
+        for i, b in enumerate(self.layers):
+            parts = [lin(b.attn.wqkv), lin(b.attn.wo), lin(b.mlp.w_gate_up), lin(b.mlp.w_down)]
+            if any(p is None for p in parts):
+                return False
+            layers[i] = CLayer(b.attn_norm.weight.data_ptr(), b.mlp_norm.weight.data_ptr(),
+                               *parts, b.attn.window or 0)
+        head = lin(self.lm_head)
+        if head is None:
+            return False
+        self._plan = (ops, layers, head)
+        return self._plan
+
+    def _step_in_c(self, seg: Segment, x: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor) -> torch.Tensor | None:
+        """A decode step or a draft's verification run as one C call (cv_decode_rows):
+        the same operations, in the same order, as the layers below run for such rows."""
+        plan = self._step_plan()
+        k, v = seg.cache.k, seg.cache.v
+        if (not plan or k.dtype != torch.float32 or not k.is_contiguous()
+                or not v.is_contiguous()):
+            return None
+        from .native import kernel_threads
+
+        ops, layers, head = plan
+        cfg = self.cfg
+        x = x.contiguous().clone()
+        rows = seg.length if seg.all_logits else 1
+        logits = torch.empty(rows, cfg.vocab_size)
+        cos, sin = cos.contiguous(), sin.contiguous()
+        attn = self.layers[0].attn
+        rc = ops.cv_decode_rows(layers, cfg.num_layers, self.norm.weight.data_ptr(), head,
+                                self.norm.eps, cfg.hidden_size, attn.n_heads, attn.n_kv,
+                                attn.head_dim, cfg.intermediate_size, x.data_ptr(),
+                                seg.length, cos.data_ptr(), sin.data_ptr(), k.data_ptr(),
+                                v.data_ptr(), k.shape[2], seg.pos, attn.scale,
+                                int(seg.all_logits), logits.data_ptr(), kernel_threads())
+        if rc != 0:
+            raise RuntimeError(f"decode step in C failed ({rc})")
+        return logits
+
     @torch.inference_mode()
     def forward_many(self, segs: list[Segment]) -> list[torch.Tensor]:
         """Several sequences in one pass (batching): each segment's tokens run at its own
         positions against its own cache; the weights are read once for all of them.
         Returns each segment's logits, as `forward` does."""
         assert self.rope_cos is not None and self.rope_sin is not None, "call setup_rope()"
+        if len(segs) == 1 and segs[0].length <= KERNEL_ROWS and (
+                segs[0].length == 1 or segs[0].all_logits):
+            seg = segs[0]  # one decode step or draft: the whole step in one C call
+            x = (self.embed_tokens(seg.tokens) if seg.embeds is None
+                 else seg.embeds.to(self.dtype))
+            if x.dtype == torch.float32 and x.device.type == "cpu":
+                out = self._step_in_c(seg, x, self.rope_cos[seg.pos:seg.pos + seg.length],
+                                      self.rope_sin[seg.pos:seg.pos + seg.length])
+                if out is not None:
+                    return [out]
         xs, cos, sin = [], [], []
         for seg in segs:
             T = seg.length

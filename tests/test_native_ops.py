@@ -100,3 +100,44 @@ def test_attention_in_c_refuses_a_position_past_the_cache(ops):
     with torch.inference_mode(), pytest.raises(RuntimeError, match="attention kernel"):
         attn(torch.randn(1, 32), cos[4:5], sin[4:5],
              [Segment(torch.zeros(1, dtype=torch.long), c, 4)], [{}])
+
+
+@pytest.mark.parametrize("name", ["qwen2", "qwen2_window", "llama", "llama_bias"])
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_a_whole_decode_step_in_c_equals_the_layer_by_layer_forward(ops, checkpoints, name,
+                                                                    dtype):
+    """One C call per decode step (cv_decode_rows) gives the logits and the cache the
+    layer-by-layer forward gives, bit for bit, for a step and for a verified draft; models
+    it cannot run (LayerNorm, GELU) take the layer-by-layer path."""
+    from codevista.models.loader import load_model
+
+    loaded = load_model(checkpoints[name], dtype=dtype)
+    m, cfg = loaded.model, loaded.config
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(4, cfg.vocab_size, (40,), generator=g)
+    draft = torch.randint(4, cfg.vocab_size, (6,), generator=g)
+    results = []
+    for whole in (True, False):
+        m._plan = None if whole else False  # None: built on first use; False: never
+        with torch.inference_mode():
+            cache = KVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 60, torch.float32)
+            m(ids, cache, 0)
+            step = m(ids[-1:], cache, 40)
+            verified = m.forward_many([Segment(draft, cache, 41, all_logits=True)])[0]
+        results.append((step, verified, cache.k[:, :, :47].clone(), cache.v[:, :, :47].clone()))
+        if whole:
+            assert m._plan, "the C step should serve this model"
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_models_the_c_step_cannot_run_keep_the_layer_by_layer_path(ops, checkpoints):
+    from codevista.models.loader import load_model
+
+    loaded = load_model(checkpoints["starcoder2"])  # LayerNorm, GELU MLP
+    with torch.inference_mode():
+        cfg = loaded.config
+        cache = KVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 10, torch.float32)
+        loaded.model(torch.tensor([5, 6, 7]), cache, 0)
+        loaded.model(torch.tensor([8]), cache, 3)
+    assert loaded.model._plan is False

@@ -204,3 +204,103 @@ int cv_attend_rows(const float *qkv, int T, int H, int KV, int D, const float *c
     free(q);
     return 0;
 }
+
+/* -- a whole decode step --------------------------------------------------------------- */
+
+/* The products of gemm.c (one library) */
+int cv_int8_gemm(const float *x, int m, int n_in, const int8_t *w, const float *scale,
+                 const float *bias, float *y, int n_out, int threads);
+int cv_f32_gemm(const float *x, int m, int n_in, const float *w, const float *bias, float *y,
+                int n_out, int threads);
+
+/* y (T, inter) = silu(g) * u for gu (T, 2 inter) = [g | u] row by row; silu(g) = g / (1 + e^-g),
+ * with e^-|g| so that the exponent is never positive */
+void cv_silu_mul(const float *gu, int T, int inter, float *y)
+{
+    for (int t = 0; t < T; t++) {
+        const float *g = gu + (int64_t)t * 2 * inter, *u = g + inter;
+        float *yr = y + (int64_t)t * inter;
+        int i = 0;
+#if defined(__AVX512F__)
+        const __m512 one = _mm512_set1_ps(1.0f);
+        for (; i + 16 <= inter; i += 16) {
+            __m512 gv = _mm512_loadu_ps(g + i);
+            __m512 e = exp_neg(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(gv)));
+            __m512 d = _mm512_add_ps(one, e);
+            /* g >= 0: g / (1 + e); g < 0: g e / (1 + e) */
+            __m512 num = _mm512_mask_mul_ps(gv, _mm512_cmp_ps_mask(gv, _mm512_setzero_ps(), _CMP_LT_OQ), gv, e);
+            _mm512_storeu_ps(yr + i, _mm512_mul_ps(_mm512_div_ps(num, d), _mm512_loadu_ps(u + i)));
+        }
+#endif
+        for (; i < inter; i++) {
+            float e = expf(-fabsf(g[i]));
+            float num = g[i] < 0.0f ? g[i] * e : g[i];
+            yr[i] = (num / (1.0f + e)) * u[i];
+        }
+    }
+}
+
+typedef struct {
+    const void *w;       /* (out, in): float32, or int8 when scale is set */
+    const float *scale;  /* int8 row scales, or NULL */
+    const float *bias;   /* or NULL */
+    int n_in, n_out;
+} cv_linear;
+
+typedef struct {
+    const float *attn_norm, *mlp_norm;
+    cv_linear qkv, o, gate_up, down;
+    int window;          /* 0: full attention */
+} cv_layer;
+
+static int linear(const cv_linear *l, const float *x, int T, float *y, int threads)
+{
+    if (l->scale)
+        return cv_int8_gemm(x, T, l->n_in, (const int8_t *)l->w, l->scale, l->bias, y,
+                            l->n_out, threads);
+    return cv_f32_gemm(x, T, l->n_in, (const float *)l->w, l->bias, y, l->n_out, threads);
+}
+
+/* T rows (a decode step, or a draft being verified) of a Llama / Qwen2 decoder with
+ * RMSNorm and a gated SiLU MLP, through every layer, with the same operations in the same
+ * order as the model's Python forward for such rows: the results are identical bit for
+ * bit. x (T, hidden): the rows' input vectors, overwritten. kc, vc: the whole cache,
+ * (layers, KV, cap, D). logits: (T or 1, vocab), every row's or the last one's. Returns 0,
+ * or the first failing call's code. */
+int cv_decode_rows(const cv_layer *layers, int n_layers, const float *final_norm,
+                   const cv_linear *head, float eps, int hidden, int H, int KV, int D,
+                   int inter, float *x, int T, const float *cs, const float *sn, float *kc,
+                   float *vc, int cap, int pos, float scale, int all_logits, float *logits,
+                   int threads)
+{
+    int qkv_n = (H + 2 * KV) * D;
+    size_t need = (size_t)T * (2 * hidden + qkv_n + H * D + 3 * inter);
+    float *buf = malloc(sizeof(float) * need);
+    if (!buf) return -2;
+    float *h = buf, *tmp = h + (size_t)T * hidden, *qkv = tmp + (size_t)T * hidden;
+    float *att = qkv + (size_t)T * qkv_n, *gu = att + (size_t)T * H * D;
+    float *act = gu + (size_t)T * 2 * inter;
+    int rc = 0;
+    int64_t layer_kv = (int64_t)KV * cap * D;
+    for (int l = 0; l < n_layers && !rc; l++) {
+        const cv_layer *L = layers + l;
+        cv_rmsnorm(x, L->attn_norm, h, T, hidden, eps);
+        if ((rc = linear(&L->qkv, h, T, qkv, threads))) break;
+        if ((rc = cv_attend_rows(qkv, T, H, KV, D, cs, sn, kc + l * layer_kv, vc + l * layer_kv,
+                                 cap, pos, L->window, scale, att))) break;
+        if ((rc = linear(&L->o, att, T, tmp, threads))) break;
+        for (int64_t i = 0; i < (int64_t)T * hidden; i++) x[i] = x[i] + tmp[i];
+        cv_rmsnorm(x, L->mlp_norm, h, T, hidden, eps);
+        if ((rc = linear(&L->gate_up, h, T, gu, threads))) break;
+        cv_silu_mul(gu, T, inter, act);
+        if ((rc = linear(&L->down, act, T, tmp, threads))) break;
+        for (int64_t i = 0; i < (int64_t)T * hidden; i++) x[i] = x[i] + tmp[i];
+    }
+    if (!rc) {
+        int first = all_logits ? 0 : T - 1, rows = T - first;
+        cv_rmsnorm(x + (int64_t)first * hidden, final_norm, h, rows, hidden, eps);
+        rc = linear(head, h, rows, logits, threads);
+    }
+    free(buf);
+    return rc;
+}
