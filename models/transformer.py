@@ -26,8 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native
 from .config import DecoderConfig
 from .kv_cache import KVCache
+from .quant import Int8Linear
 
 KERNEL_ROWS = 16  # the most rows of x our kernel takes (cv_int8_max_rows)
 ROWS = 0  # `blocks` for the row layout: W as (out, in), products of few rows in our kernel
@@ -42,9 +44,7 @@ def layout_for(dtype: torch.dtype, device: str | torch.device) -> int:
     """The `blocks` a model loaded with these weights should use: ROWS for float32 on a CPU
     where our float32 kernel builds, column blocks otherwise."""
     if dtype == torch.float32 and torch.device(device).type == "cpu":
-        from .native import float_kernel
-
-        if float_kernel() is not None:
+        if native.float_kernel() is not None:
             return ROWS
     return default_blocks()
 
@@ -64,7 +64,6 @@ class Linear(nn.Module):
             self.weight = nn.Parameter(
                 torch.empty(self.blocks, in_features, out_features // self.blocks))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
-        self._kernel = None  # cv_f32_gemm, looked up on first use (row layout only)
 
     def pack(self, w: torch.Tensor) -> torch.Tensor:
         """HF layout (out, in) -> ours."""
@@ -89,15 +88,10 @@ class Linear(nn.Module):
     def _rows_kernel(self, x: torch.Tensor):
         """cv_f32_gemm if this product should run in our kernel, else None."""
         w = self.weight
-        if (x.shape[0] > KERNEL_ROWS or x.dtype != torch.float32 or w.dtype != torch.float32
-                or w.device.type != "cpu" or (torch.is_grad_enabled() and w.requires_grad)):
+        ops = small_ops(x) if x.shape[0] <= KERNEL_ROWS else None
+        if ops is None or w.dtype != torch.float32 or w.device.type != "cpu":
             return None
-        if self._kernel is None:
-            from .native import float_kernel
-
-            lib = float_kernel()
-            self._kernel = lib.cv_f32_gemm if lib is not None else False
-        return self._kernel or None
+        return ops.cv_f32_gemm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         T = x.shape[0]
@@ -105,13 +99,11 @@ class Linear(nn.Module):
             gemm = self._rows_kernel(x)
             if gemm is None:
                 return F.linear(x, self.weight, self.bias)
-            from .native import kernel_threads
-
             x = x.contiguous()
             y = torch.empty(T, self.out_features)
             if gemm(x.data_ptr(), T, self.in_features, self.weight.data_ptr(),
                     None if self.bias is None else self.bias.data_ptr(), y.data_ptr(),
-                    self.out_features, kernel_threads()) != 0:
+                    self.out_features, native.kernel_threads()) != 0:
                 raise RuntimeError("float32 kernel rejected its arguments")
             return y
         if self.blocks == 1:
@@ -134,9 +126,7 @@ def small_ops(x: torch.Tensor):
     if x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_grad_enabled():
         return None
     if _small_ops is None:
-        from .native import float_kernel
-
-        _small_ops = float_kernel() or False
+        _small_ops = native.float_kernel() or False
     return _small_ops or None
 
 
@@ -413,8 +403,7 @@ class Transformer(nn.Module):
         if (ops is None or cfg.norm != "rms" or cfg.mlp != "gated" or cfg.hidden_act != "silu"
                 or self.rope_cos is None or self.rope_cos.shape[-1] != cfg.head_dim):
             return False
-        from .native import CLayer, CLinear
-        from .quant import Int8Linear
+        CLayer, CLinear = native.CLayer, native.CLinear
 
         def ptr(t: torch.Tensor | None) -> int | None:
             return None if t is None else t.data_ptr()
@@ -450,8 +439,6 @@ class Transformer(nn.Module):
         if (not plan or k.dtype != torch.float32 or not k.is_contiguous()
                 or not v.is_contiguous()):
             return None
-        from .native import kernel_threads
-
         ops, layers, head = plan
         cfg = self.cfg
         x = x.contiguous().clone()
@@ -464,7 +451,8 @@ class Transformer(nn.Module):
                                 attn.head_dim, cfg.intermediate_size, x.data_ptr(),
                                 seg.length, cos.data_ptr(), sin.data_ptr(), k.data_ptr(),
                                 v.data_ptr(), k.shape[2], seg.pos, attn.scale,
-                                int(seg.all_logits), logits.data_ptr(), kernel_threads())
+                                int(seg.all_logits), logits.data_ptr(),
+                                native.kernel_threads())
         if rc != 0:
             raise RuntimeError(f"decode step in C failed ({rc})")
         return logits
@@ -475,16 +463,6 @@ class Transformer(nn.Module):
         positions against its own cache; the weights are read once for all of them.
         Returns each segment's logits, as `forward` does."""
         assert self.rope_cos is not None and self.rope_sin is not None, "call setup_rope()"
-        if len(segs) == 1 and segs[0].length <= KERNEL_ROWS and (
-                segs[0].length == 1 or segs[0].all_logits):
-            seg = segs[0]  # one decode step or draft: the whole step in one C call
-            x = (self.embed_tokens(seg.tokens) if seg.embeds is None
-                 else seg.embeds.to(self.dtype))
-            if x.dtype == torch.float32 and x.device.type == "cpu":
-                out = self._step_in_c(seg, x, self.rope_cos[seg.pos:seg.pos + seg.length],
-                                      self.rope_sin[seg.pos:seg.pos + seg.length])
-                if out is not None:
-                    return [out]
         xs, cos, sin = [], [], []
         for seg in segs:
             T = seg.length
@@ -494,6 +472,12 @@ class Transformer(nn.Module):
             sin.append(self.rope_sin[seg.pos:seg.pos + T])
         if len(segs) == 1:
             x, c, s = xs[0], cos[0], sin[0]
+            seg = segs[0]
+            if (seg.length <= KERNEL_ROWS and (seg.length == 1 or seg.all_logits)
+                    and x.dtype == torch.float32 and x.device.type == "cpu"):
+                out = self._step_in_c(seg, x, c, s)  # a step or a draft: one C call
+                if out is not None:
+                    return [out]
         else:
             x, c, s = torch.cat(xs), torch.cat(cos), torch.cat(sin)
         windows = {layer.attn.window for layer in self.layers}  # type: ignore[union-attr]

@@ -247,7 +247,7 @@ static void rows_gemm(const float *x, int m, int n_in, const int8_t *w,
             for (int r = 0; r < m; r++)
                 acc[r] = _mm512_fmadd_ps(wf, _mm512_loadu_ps(x + (int64_t)r * n_in + i), acc[r]);
         }
-        for (int r = 0; r < m; r++) sums[r] = _mm512_reduce_add_ps(acc[r]);
+        for (int r = 0; r < m; r++) sums[r] = vsum(acc[r]);
 #elif defined(__AVX2__)
         __m256 acc[MAX_M];
         for (int r = 0; r < m; r++) acc[r] = _mm256_setzero_ps();
@@ -257,12 +257,7 @@ static void rows_gemm(const float *x, int m, int n_in, const int8_t *w,
             for (int r = 0; r < m; r++)
                 acc[r] = _mm256_fmadd_ps(wf, _mm256_loadu_ps(x + (int64_t)r * n_in + i), acc[r]);
         }
-        for (int r = 0; r < m; r++) {
-            __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
-            s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            s = _mm_add_ss(s, _mm_movehdup_ps(s));
-            sums[r] = _mm_cvtss_f32(s);
-        }
+        for (int r = 0; r < m; r++) sums[r] = vsum(acc[r]);
 #else
         for (int r = 0; r < m; r++) sums[r] = 0.0f;
 #endif
