@@ -234,4 +234,10 @@ def test_1000_completions_with_cancellations_during_translation_and_vision(tmp_p
     base_others = [t for t in base["threads"] if not t.startswith(("asyncio_",
                                                                     "ThreadPoolExecutor"))]
     assert sorted(others) == sorted(base_others)
-    assert len(pool) <= min(32, (psutil.cpu_count() or 1) + 4)  # the bounded worker pools
+    # the bounded worker pools: pygls's reader pool (ThreadPoolExecutor-N_k) and asyncio's
+    # default executor (asyncio_k) each grow to at most min(32, cores + 4) threads
+    pools: dict[str, int] = {}
+    for t in pool:
+        pools[t.rsplit("_", 1)[0]] = pools.get(t.rsplit("_", 1)[0], 0) + 1
+    assert all(n <= min(32, (psutil.cpu_count() or 1) + 4) for n in pools.values()), pools
+    assert len(pools) <= 2, pools
