@@ -21,11 +21,44 @@ from .native import kernel, kernel_threads, set_kernel_threads
 
 __all__ = ["DEQUANT_ROWS", "Int8Linear", "kernel", "quantize_int8", "set_kernel_threads"]
 
-DEQUANT_ROWS = 4096  # rows of W dequantized at a time for long inputs
+DEQUANT_ROWS = 4096  # rows of W dequantized at a time for long inputs (of TILEs)
+
+
+TILE = 16  # output rows per tile of the packed (VNNI) layout
+TILE_IN = 64  # inputs padded to a multiple of this in the packed layout
+
+
+def pack_tiles(q: torch.Tensor) -> torch.Tensor:
+    """int8 (out, in) -> the kernel's VPDPBUSD tiles (see vnni_tiles in gemm.c): uint8
+    (tiles, in / 4, 16, 4), tile t holding rows 16t.. with their four weights per group
+    of four inputs side by side, each + 128; rows and inputs padded with zero weights."""
+    n_out, n_in = q.shape
+    rows, cols = -(-n_out // TILE) * TILE, -(-n_in // TILE_IN) * TILE_IN
+    out = torch.empty(rows // TILE, cols // 4, TILE, 4, dtype=torch.uint8)
+    for o in range(0, rows, DEQUANT_ROWS):  # in blocks: no full-size temporaries
+        n = min(DEQUANT_ROWS, rows - o)
+        blk = torch.full((n, cols), 128, dtype=torch.uint8)
+        real = q[o:o + n]
+        blk[:real.shape[0], :n_in] = (real.to(torch.int16) + 128).to(torch.uint8)
+        out[o // TILE:(o + n) // TILE] = blk.view(n // TILE, TILE, cols // 4, 4).permute(0, 2, 1, 3)
+    return out
+
+
+def unpack_tiles(tiles: torch.Tensor, n_out: int, n_in: int,
+                 rows: slice = slice(None)) -> torch.Tensor:
+    """The int8 (out, in) rows `rows` of packed tiles (pack_tiles' inverse)."""
+    start, stop, _ = rows.indices(n_out)
+    t0, t1 = start // TILE, -(-stop // TILE)
+    part = tiles[t0:t1].permute(0, 2, 1, 3).reshape((t1 - t0) * TILE, -1)
+    part = part[start - t0 * TILE:stop - t0 * TILE, :n_in]
+    return (part.to(torch.int16) - 128).to(torch.int8)
 
 
 class Int8Linear(nn.Module):
-    """y = x @ (q * scale).T + bias, q int8 (out, in), scale float32 (out,)."""
+    """y = x @ (q * scale).T + bias, q int8 (out, in), scale float32 (out,).
+
+    `qweight` is q itself, or on CPUs with AVX-512 VNNI the kernel's packed tiles of it
+    (`packed`; see pack_tiles); `int8_rows()` gives q either way."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -38,25 +71,37 @@ class Int8Linear(nn.Module):
             s = blk.abs().amax(dim=1).clamp_min(1e-12) / 127.0
             q[o:o + DEQUANT_ROWS] = torch.round(blk / s[:, None]).clamp_(-127, 127)
             scale[o:o + DEQUANT_ROWS] = s
-        self.register_buffer("qweight", q)
+        lib = kernel()
+        self.packed = bool(lib.cv_int8_packed())
+        self.register_buffer("qweight", pack_tiles(q) if self.packed else q)
         self.register_buffer("scale", scale)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(),
                                                            requires_grad=False)
         self.out_features, self.in_features = out_features, in_features
-        lib = kernel()
         self._gemm = lib.cv_int8_gemm
         self.max_rows = lib.cv_int8_max_rows()
         self.act_block = lib.cv_int8_act_block()  # 0: float activations in the kernel
 
+    def int8_rows(self, rows: slice = slice(None)) -> torch.Tensor:
+        """q (out, in), or the rows `rows` of it."""
+        if self.packed:
+            return unpack_tiles(self.qweight, self.out_features, self.in_features, rows)
+        return self.qweight[rows]
+
     def dequantized(self, rows: slice = slice(None)) -> torch.Tensor:
-        return self.qweight[rows].float() * self.scale[rows, None]
+        return self.int8_rows(rows).float() * self.scale[rows, None]
 
     def unpack(self) -> torch.Tensor:
         return self.dequantized()
 
     def columns(self, idx: torch.Tensor) -> torch.Tensor:
         """Rows of the dequantized weight (embedding vectors of a tied model)."""
-        return self.qweight[idx].float() * self.scale[idx, None]
+        if self.packed:  # row o is lane o % 16 of tile o // 16
+            tiles = self.qweight[idx // TILE, :, idx % TILE, :]  # (n, in / 4, 4)
+            q = tiles.reshape(len(idx), -1)[:, :self.in_features].to(torch.int16) - 128
+        else:
+            q = self.qweight[idx]
+        return q.float() * self.scale[idx, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float().contiguous()

@@ -45,7 +45,26 @@ def test_int8_linear_equals_its_dequantized_weight(quant, rows, bias, n_in):
     # and the quantization itself is within half a step of each row's scale
     err = (lin.dequantized() - w).abs() / lin.scale[:, None]
     assert err.max() <= 0.5 + 1e-5
-    assert lin.qweight.dtype == torch.int8 and lin.qweight.abs().max() == 127
+    q = lin.int8_rows()
+    assert q.dtype == torch.int8 and q.shape == (200, n_in) and q.abs().max() == 127
+    # whatever the storage (plain rows, or the kernel's VNNI tiles), rows and embedding
+    # vectors read back the same q, also across a tile's edge and the padding
+    assert torch.equal(lin.int8_rows(slice(13, 35)), q[13:35])
+    assert torch.equal(lin.int8_rows(slice(190, 200)), q[190:])
+    idx = torch.tensor([0, 15, 16, 199, 7])
+    assert torch.equal(lin.columns(idx), q[idx].float() * lin.scale[idx, None])
+
+
+def test_packed_tiles_round_trip(quant):
+    g = torch.Generator().manual_seed(5)
+    q = torch.randint(-127, 128, (37, 70), generator=g, dtype=torch.int8)
+    tiles = quant.pack_tiles(q)
+    assert tiles.shape == (3, 128 // 4, 16, 4) and tiles.dtype == torch.uint8
+    # row 17's inputs 4..7 are lane 1 of tile 1's second group of four, each + 128
+    assert torch.equal(tiles[1, 1, 1].to(torch.int16) - 128, q[17, 4:8].to(torch.int16))
+    assert (tiles.view(3, 32, 16, 4)[2, :, 5:] == 128).all()  # padded rows weigh zero
+    assert torch.equal(quant.unpack_tiles(tiles, 37, 70), q)
+    assert torch.equal(quant.unpack_tiles(tiles, 37, 70, slice(15, 33)), q[15:33])
 
 
 def test_int8_model_tracks_float32(quant):

@@ -95,10 +95,11 @@ def auto_threads(model: torch.nn.Module) -> int:
     a second thread to pay for the synchronisation: the embedded 16 MB model decodes in
     2.45 ms/token on one thread against 5.66 ms on two (measured on this 2-core machine);
     a model big enough to be bound by memory bandwidth uses every core."""
-    # Weights are parameters, or buffers when quantized (int8 rows and their scales).
+    # Weights are parameters, or buffers when quantized (int8 rows or their packed uint8
+    # tiles, and their scales).
     size = sum(t.numel() * t.element_size()
                for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()
-               or t.dtype == torch.int8)
+               or t.dtype in (torch.int8, torch.uint8))
     return 1 if size < SMALL_MODEL_BYTES else torch.get_num_threads()
 
 

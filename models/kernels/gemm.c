@@ -5,9 +5,10 @@
  * Each weight row is read once and multiplied against every row of x, so a decode step
  * streams W from memory once: one byte per weight for int8, four for float32.
  *
- * Int8 with AVX-512 VNNI: x is first quantized to int8 in blocks of 64 (one float scale
- * per block, absmax / 127); each block's dot product is one VPDPBUSD of the weights made
- * unsigned (see rows_vnni) against x. Elsewhere the weights are widened to float in
+ * Int8 with AVX-512 VNNI: W is kept in tiles of 16 output rows (see vnni_tiles; the
+ * caller packs it, codevista.models.quant), x is quantized to int8 in blocks of 64 (one
+ * float scale per block, absmax / 127), and each VPDPBUSD adds four inputs' products to
+ * 16 output rows at once. Elsewhere the weights are widened to float in
  * registers (AVX-512 or AVX2) and x stays float32. Float32 weights use AVX-512 or AVX2
  * FMAs. Built by codevista.models.native with the machine's compiler (-O3 -march=native);
  * a plain loop otherwise.
@@ -40,99 +41,149 @@
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define CV_VNNI 1
 
-/* x (m, n_in) -> int8 blocks (m, nb * QB, zero padded), their scales (m, nb), and per row
- * the correction 128 * sum_b scale_b * sum(block b) (see rows_vnni) */
+/* x (m, n_in) -> int8 blocks (m, nb * QB, zero padded), their scales (m, nb), and each
+ * block's 128 * sum(q) (see vnni_tiles); q = round(x * 127 / absmax) per block */
 static void quantize_rows(const float *x, int m, int n_in, int8_t *xq, float *xs,
-                          float *corr)
+                          int32_t *xsum)
 {
     int nb = (n_in + QB - 1) / QB;
-    memset(xq, 0, (size_t)m * nb * QB);
     for (int r = 0; r < m; r++) {
         const float *xr = x + (int64_t)r * n_in;
-        double c = 0.0;
         for (int b = 0; b < nb; b++) {
-            int i0 = b * QB, i1 = i0 + QB < n_in ? i0 + QB : n_in;
-            float amax = 0.0f;
-            for (int i = i0; i < i1; i++) amax = fmaxf(amax, fabsf(xr[i]));
-            float sc = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-            xs[r * nb + b] = sc;
+            int i0 = b * QB, len = i0 + QB < n_in ? QB : n_in - i0;
             int8_t *q = xq + ((int64_t)r * nb + b) * QB;
-            int sum = 0;
-            for (int i = i0; i < i1; i++) {
-                q[i - i0] = (int8_t)nearbyintf(xr[i] * inv);
-                sum += q[i - i0];
+            __m512 v[QB / 16];
+            __m512 amax = _mm512_setzero_ps();
+            for (int k = 0; k < QB / 16; k++) {
+                int n = len - 16 * k;
+                __mmask16 mk = n >= 16 ? (__mmask16)0xFFFF : n > 0 ? (__mmask16)((1u << n) - 1) : 0;
+                v[k] = _mm512_maskz_loadu_ps(mk, xr + i0 + 16 * k);
+                amax = _mm512_max_ps(amax, _mm512_abs_ps(v[k]));
             }
-            c += 128.0 * (double)sc * sum;
+            float am = _mm512_reduce_max_ps(amax);
+            float sc = am / 127.0f, inv = am > 0.0f ? 127.0f / am : 0.0f;
+            xs[r * nb + b] = sc;
+            __m512 iv = _mm512_set1_ps(inv);
+            __m512i sum = _mm512_setzero_si512();
+            for (int k = 0; k < QB / 16; k++) {
+                /* round half to even, as nearbyintf in the default rounding mode */
+                __m512i qi = _mm512_cvtps_epi32(_mm512_mul_ps(v[k], iv));
+                sum = _mm512_add_epi32(sum, qi);
+                _mm_storeu_si128((__m128i *)(q + 16 * k), _mm512_cvtepi32_epi8(qi));
+            }
+            xsum[r * nb + b] = 128 * _mm512_reduce_add_epi32(sum);
         }
-        corr[r] = (float)c;
     }
 }
 
-/* VPDPBUSD multiplies unsigned bytes by signed ones. The weights are made unsigned by
- * flipping their sign bit (w + 128), so each block's product is sum(w x) + 128 sum(x); the
- * second term depends on x alone and is taken off once per row of x (corr). Per 64
- * weights and row of x: a load, an XOR, VPDPBUSD, a conversion and an FMA. */
-/* Sums of one row of W against G rows of x (G <= 4, a constant where inlined): block b
- * goes to chain b % 2, then the two chains are added. Each row of x sees exactly this
- * order whatever G is, so verifying a draft (m > 1) gives each row the bits a decode step
- * (m = 1) gives. */
+/* The weights are kept in tiles for VPDPBUSD (see cv_int8_pack): tile t holds output rows
+ * 16t..16t+15; for each group of four inputs it has 64 bytes, the four weights of each of
+ * its 16 rows, each plus 128 (VPDPBUSD multiplies unsigned bytes by signed ones). One
+ * VPDPBUSD of a tile's 64 bytes against four inputs of x broadcast to every lane adds
+ * those inputs' products to 16 output rows at once: no horizontal sums.
+ *
+ * Per block of 64 inputs and row of x, the 16 integer sums (exact) less 128 * sum(q) of
+ * the block are converted and added times the block's scale: one float chain per output
+ * row, block after block, whatever G (rows of x) and TT (tiles at a time) are. So a row
+ * of x gets the same bits in a decode step (m = 1) as in a draft's verification. */
 static inline __attribute__((always_inline)) void
-vnni_dot(const int8_t *row, const int8_t *xq, const float *xs, int nb, __mmask64 last, int G,
-         float *sums)
+vnni_tiles(const uint8_t *tile, int64_t tile_bytes, const int8_t *xq, const float *xs,
+           const int32_t *xsum, int nb, int G, int TT, __m512 *acc /* [TT * 4 + r] */)
 {
-    const __m512i zero = _mm512_setzero_si512();
-    const __m512i flip = _mm512_set1_epi8((char)0x80);
-    __m512 a0[4], a1[4];
-    for (int r = 0; r < G; r++) a0[r] = a1[r] = _mm512_setzero_ps();
-    int b = 0;
-    for (; b + 2 <= nb; b += 2) {
-        /* masked-off lanes read as 0 and become 128: x is zero there */
-        __m512i w0 = _mm512_xor_si512(_mm512_loadu_si512((const void *)(row + b * QB)), flip);
-        __m512i w1 = _mm512_xor_si512(
-            _mm512_maskz_loadu_epi8(b + 2 == nb ? last : ~(__mmask64)0, row + (b + 1) * QB), flip);
+    for (int t = 0; t < TT; t++)
+        for (int r = 0; r < G; r++) acc[t * 4 + r] = _mm512_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        __m512i s0[8], s1[8];  /* [t * 4 + r]: two integer chains each */
+        for (int t = 0; t < TT; t++)
+            for (int r = 0; r < G; r++) s0[t * 4 + r] = s1[t * 4 + r] = _mm512_setzero_si512();
+        const uint8_t *wb = tile + (int64_t)b * QB * 16;
+        if (TT * G <= 4) {  /* few chains: two per output vector hide VPDPBUSD's latency */
+            for (int k = 0; k < QB / 4; k += 2) {
+                __m512i w0[2], w1[2];
+                for (int t = 0; t < TT; t++) {
+                    w0[t] = _mm512_loadu_si512((const void *)(wb + t * tile_bytes + k * 64));
+                    w1[t] = _mm512_loadu_si512((const void *)(wb + t * tile_bytes + k * 64 + 64));
+                }
+                for (int r = 0; r < G; r++) {
+                    const int8_t *xr = xq + ((int64_t)r * nb + b) * QB + 4 * k;
+                    int32_t q0, q1;
+                    memcpy(&q0, xr, 4);
+                    memcpy(&q1, xr + 4, 4);
+                    __m512i x0 = _mm512_set1_epi32(q0), x1 = _mm512_set1_epi32(q1);
+                    for (int t = 0; t < TT; t++) {
+                        s0[t * 4 + r] = _mm512_dpbusd_epi32(s0[t * 4 + r], w0[t], x0);
+                        s1[t * 4 + r] = _mm512_dpbusd_epi32(s1[t * 4 + r], w1[t], x1);
+                    }
+                }
+            }
+        } else {  /* many: one each, so that everything stays in registers */
+            for (int k = 0; k < QB / 4; k++) {
+                __m512i w0[2];
+                for (int t = 0; t < TT; t++)
+                    w0[t] = _mm512_loadu_si512((const void *)(wb + t * tile_bytes + k * 64));
+                for (int r = 0; r < G; r++) {
+                    int32_t q0;
+                    memcpy(&q0, xq + ((int64_t)r * nb + b) * QB + 4 * k, 4);
+                    __m512i x0 = _mm512_set1_epi32(q0);
+                    for (int t = 0; t < TT; t++)
+                        s0[t * 4 + r] = _mm512_dpbusd_epi32(s0[t * 4 + r], w0[t], x0);
+                }
+            }
+        }
         for (int r = 0; r < G; r++) {
-            const int8_t *xr = xq + ((int64_t)r * nb + b) * QB;
-            __m512i d0 = _mm512_dpbusd_epi32(zero, w0, _mm512_loadu_si512((const void *)xr));
-            __m512i d1 = _mm512_dpbusd_epi32(zero, w1, _mm512_loadu_si512((const void *)(xr + QB)));
-            a0[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_set1_ps(xs[r * nb + b]), a0[r]);
-            a1[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_set1_ps(xs[r * nb + b + 1]), a1[r]);
+            __m512i c = _mm512_set1_epi32(xsum[r * nb + b]);
+            __m512 sc = _mm512_set1_ps(xs[r * nb + b]);
+            for (int t = 0; t < TT; t++) {
+                __m512i d = _mm512_sub_epi32(_mm512_add_epi32(s0[t * 4 + r], s1[t * 4 + r]), c);
+                acc[t * 4 + r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sc, acc[t * 4 + r]);
+            }
         }
     }
-    if (b < nb) {
-        __m512i w0 = _mm512_xor_si512(_mm512_maskz_loadu_epi8(last, row + b * QB), flip);
-        for (int r = 0; r < G; r++) {
-            const int8_t *xr = xq + ((int64_t)r * nb + b) * QB;
-            __m512i d0 = _mm512_dpbusd_epi32(zero, w0, _mm512_loadu_si512((const void *)xr));
-            a0[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_set1_ps(xs[r * nb + b]), a0[r]);
-        }
-    }
-    for (int r = 0; r < G; r++) sums[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r]));
 }
 
-static void rows_vnni(const int8_t *xq, const float *xs, const float *corr, int m, int n_in,
-                      const int8_t *w, const float *scale, const float *bias, float *y,
-                      int n_out, int o0, int o1)
+static void rows_vnni(const int8_t *xq, const float *xs, const int32_t *xsum, int m,
+                      int n_in, const uint8_t *w, const float *scale, const float *bias,
+                      float *y, int n_out, int t0, int t1)
 {
     int nb = (n_in + QB - 1) / QB;
-    int tail = n_in - (nb - 1) * QB;
-    __mmask64 last = tail == QB ? ~(__mmask64)0 : (((__mmask64)1 << tail) - 1);
-    for (int o = o0; o < o1; o++) {
-        const int8_t *row = w + (int64_t)o * n_in;
-        float bo = bias ? bias[o] : 0.0f;
-        for (int r0 = 0; r0 < m; r0 += 4) {  /* up to four rows of x per read of the row */
+    int64_t tile_bytes = (int64_t)nb * QB * 16;
+    for (int t = t0; t < t1;) {
+        int TT = t + 1 < t1 ? 2 : 1;  /* two tiles at a time where there are two */
+        const uint8_t *tile = w + t * tile_bytes;
+        for (int r0 = 0; r0 < m; r0 += 4) {  /* up to four rows of x per read of a tile */
             const int8_t *xr = xq + (int64_t)r0 * nb * QB;
             const float *sr = xs + (int64_t)r0 * nb;
-            float sums[4];
+            const int32_t *cr = xsum + (int64_t)r0 * nb;
+            __m512 acc[8];
             int g = m - r0 < 4 ? m - r0 : 4;
-            switch (g) {  /* a constant G for each: the sums stay in registers */
-            case 1: vnni_dot(row, xr, sr, nb, last, 1, sums); break;
-            case 2: vnni_dot(row, xr, sr, nb, last, 2, sums); break;
-            case 3: vnni_dot(row, xr, sr, nb, last, 3, sums); break;
-            default: vnni_dot(row, xr, sr, nb, last, 4, sums); break;
+#define CV_TILES(G_, TT_) vnni_tiles(tile, tile_bytes, xr, sr, cr, nb, G_, TT_, acc)
+            if (TT == 2) {
+                switch (g) {  /* constants: the sums stay in registers */
+                case 1: CV_TILES(1, 2); break;
+                case 2: CV_TILES(2, 2); break;
+                case 3: CV_TILES(3, 2); break;
+                default: CV_TILES(4, 2); break;
+                }
+            } else {
+                switch (g) {
+                case 1: CV_TILES(1, 1); break;
+                case 2: CV_TILES(2, 1); break;
+                case 3: CV_TILES(3, 1); break;
+                default: CV_TILES(4, 1); break;
+                }
             }
-            for (int r = 0; r < g; r++)
-                y[(int64_t)(r0 + r) * n_out + o] = fmaf(sums[r] - corr[r0 + r], scale[o], bo);
+#undef CV_TILES
+            for (int k = 0; k < TT; k++) {
+                int o = (t + k) * 16, n = n_out - o < 16 ? n_out - o : 16;
+                __mmask16 mk = n == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
+                __m512 sv = _mm512_maskz_loadu_ps(mk, scale + o);
+                __m512 bv = bias ? _mm512_maskz_loadu_ps(mk, bias + o) : _mm512_setzero_ps();
+                for (int r = 0; r < g; r++)
+                    _mm512_mask_storeu_ps(y + (int64_t)(r0 + r) * n_out + o, mk,
+                                          _mm512_fmadd_ps(acc[k * 4 + r], sv, bv));
+            }
         }
+        t += TT;
     }
 }
 #endif
@@ -276,7 +327,7 @@ static void rows_gemm(const float *x, int m, int n_in, const int8_t *w,
 #define SPIN_NS 2000000LL /* a worker spins this long after its last job, then sleeps */
 
 typedef struct {
-    const float *x; const int8_t *xq; const float *xs; const float *corr;
+    const float *x; const int8_t *xq; const float *xs; const int32_t *xsum;
     int m, n_in, n_out, blocks, vnni;
     const int8_t *w; const float *scale; const float *bias; float *y;
     const float *wf; /* float32 weights (cv_f32_gemm), else NULL */
@@ -318,7 +369,8 @@ static void run_range(const job_t *j, int first, int last)
     }
 #ifdef CV_VNNI
     if (j->vnni) {
-        rows_vnni(j->xq, j->xs, j->corr, j->m, j->n_in, j->w, j->scale, j->bias, j->y, j->n_out, o0, o1);
+        rows_vnni(j->xq, j->xs, j->xsum, j->m, j->n_in, (const uint8_t *)j->w, j->scale, j->bias,
+                  j->y, j->n_out, first, last);
         return;
     }
 #endif
@@ -426,16 +478,18 @@ int cv_int8_gemm(const float *x, int m, int n_in, const int8_t *w, const float *
 #ifdef CV_VNNI
     int nb = (n_in + QB - 1) / QB;
     int8_t *xq = malloc((size_t)m * nb * QB);
-    float *xs = malloc((size_t)(m * nb + m) * sizeof(float));
-    if (!xq || !xs) { free(xq); free(xs); return -2; }
-    quantize_rows(x, m, n_in, xq, xs, xs + m * nb);
+    float *xs = malloc((size_t)m * nb * sizeof(float));
+    int32_t *xsum = malloc((size_t)m * nb * sizeof(int32_t));
+    if (!xq || !xs || !xsum) { free(xq); free(xs); free(xsum); return -2; }
+    quantize_rows(x, m, n_in, xq, xs, xsum);
     j.xq = xq;
     j.xs = xs;
-    j.corr = xs + m * nb;
+    j.xsum = xsum;
     j.vnni = 1;
     run_job(&j, threads);
     free(xq);
     free(xs);
+    free(xsum);
     return 0;
 #endif
     run_job(&j, threads);
@@ -458,6 +512,16 @@ int cv_int8_max_rows(void) { return MAX_M; }
 int cv_f32_simd(void)
 {
 #if defined(__AVX512F__) || defined(__AVX2__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* 1 when int8 weights are kept in VPDPBUSD tiles (see vnni_tiles), 0 for plain rows */
+int cv_int8_packed(void)
+{
+#ifdef CV_VNNI
     return 1;
 #else
     return 0;

@@ -81,8 +81,28 @@ static inline __m512 exp_neg(__m512 x)
     return _mm512_scalef_ps(p, n);
 }
 
+/* The sums of the 16 lanes of each of v[0..15], in one vector (lane j: v[j]'s sum): a
+ * transposing tree instead of 16 horizontal sums. Every v[j] is summed in the same order. */
+static inline __m512 sum16(const __m512 *v)
+{
+    __m512 a[8], b[4];
+    for (int i = 0; i < 8; i++)  /* per 128-bit lane: v0 (0+2), v1 (0+2), v0 (1+3), v1 (1+3) */
+        a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                             _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++) {  /* per 128-bit lane: the lane's sum of v0, v1, v2, v3 */
+        __m512d x = _mm512_castps_pd(a[2 * i]), y = _mm512_castps_pd(a[2 * i + 1]);
+        b[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
+                             _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    }
+    __m512 c0 = _mm512_add_ps(_mm512_shuffle_f32x4(b[0], b[1], 0x88),
+                              _mm512_shuffle_f32x4(b[0], b[1], 0xDD));
+    __m512 c1 = _mm512_add_ps(_mm512_shuffle_f32x4(b[2], b[3], 0x88),
+                              _mm512_shuffle_f32x4(b[2], b[3], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(c0, c1, 0x88), _mm512_shuffle_f32x4(c0, c1, 0xDD));
+}
+
 /* One query head against n keys and values (D a multiple of 16, at most 256): the query
- * and the output stay in registers; scores are exponentiated 16 at a time. */
+ * and the output stay in registers; scores are taken and exponentiated 16 at a time. */
 static void head_avx512(const float *q, const float *K, const float *V, int n, int D,
                         float scale, float *scores, float *o)
 {
@@ -92,15 +112,26 @@ static void head_avx512(const float *q, const float *K, const float *V, int n, i
         qv[v] = _mm512_loadu_ps(q + 16 * v);
         ov[v] = _mm512_setzero_ps();
     }
-    float mx = -INFINITY;
-    for (int j = 0; j < n; j++) {
-        const float *k = K + (int64_t)j * D;
-        __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k));
-        for (int v = 1; v < nv; v++) acc = _mm512_fmadd_ps(qv[v], _mm512_loadu_ps(k + 16 * v), acc);
-        float sc = _mm512_reduce_add_ps(acc) * scale;
-        scores[j] = sc;
-        mx = sc > mx ? sc : mx;
+    __m512 mxs = _mm512_set1_ps(-INFINITY), scv = _mm512_set1_ps(scale);
+    for (int j0 = 0; j0 < n; j0 += 16) {
+        int cnt = n - j0 < 16 ? n - j0 : 16;
+        __m512 acc[16];
+        for (int j = 0; j < 16; j++) {
+            if (j >= cnt) {  /* past the last key: zeros, masked off below */
+                acc[j] = _mm512_setzero_ps();
+                continue;
+            }
+            const float *k = K + (int64_t)(j0 + j) * D;
+            __m512 a = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k));
+            for (int v = 1; v < nv; v++) a = _mm512_fmadd_ps(qv[v], _mm512_loadu_ps(k + 16 * v), a);
+            acc[j] = a;
+        }
+        __mmask16 mk = cnt == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << cnt) - 1);
+        __m512 sc = _mm512_mul_ps(sum16(acc), scv);
+        _mm512_mask_storeu_ps(scores + j0, mk, sc);
+        mxs = _mm512_mask_max_ps(mxs, mk, mxs, sc);
     }
+    float mx = _mm512_reduce_max_ps(mxs);
     __m512 mxv = _mm512_set1_ps(mx), sum = _mm512_setzero_ps();
     int j = 0;
     for (; j + 16 <= n; j += 16) {
