@@ -29,8 +29,9 @@ this process prints them, then one line of ratios. Measured:
   peak_rss_mb       the process's peak resident memory
   int8 accuracy     logit error and greedy agreement of int8 weights against float32
   lookup_speedup    (checkpoints with a tokenizer) greedy decode with prompt-lookup
-                    speculative decoding over plain greedy decode, completing at cut points
-                    of repetitive real code (the standard library's http/__init__.py,
+                    speculative decoding over plain greedy decode, for the completions the
+                    server would ask for (its prompts and stop tokens) at cursors in
+                    repetitive real code (the standard library's http/__init__.py,
                     token.py and unittest/case.py); outputs must be identical
 """
 
@@ -135,34 +136,52 @@ REPETITIVE = ("http/__init__.py", "token.py", "unittest/case.py")
 
 
 def lookup_prompts(tok, max_tokens: int, cuts: int = 4) -> list[list[int]]:
-    """Completion prompts at line starts spread through repetitive standard-library files,
-    each the last `max_tokens` tokens before the cut (after the Python language tag, for
-    a model that has one, as the server's prompts have it)."""
+    """The prompts the server builds (codevista.server.prompts: the FIM template of the
+    model's family with the rest of the file as the suffix, or the prefix alone for a
+    model without FIM tokens) for a cursor at line starts spread through repetitive
+    standard-library files, within `max_tokens`."""
     import sysconfig
 
-    from codevista.models import formats
+    from codevista.server.documents import Snapshot
+    from codevista.server.prompts import build_prompt, detect_family
 
     lib = Path(sysconfig.get_paths()["stdlib"])
-    # a model with language tags (the embedded one) gets the tag the server puts first
-    tag = tok.token_to_id(formats.lang_tag("python"))
-    head = [] if tag is None else [tag]
+    family = detect_family(tok)
     prompts = []
     for name in REPETITIVE:
         text = (lib / name).read_text(encoding="utf-8")
         lines = text.split("\n")
         for k in range(1, cuts + 1):
-            cut = "\n".join(lines[: len(lines) * k // (cuts + 1)]) + "\n"
-            ids = tok.encode(cut, add_special_tokens=False)[-(max_tokens - len(head)):]
-            prompts.append(head + ids)
+            offset = len("\n".join(lines[: len(lines) * k // (cuts + 1)]) + "\n")
+            snap = Snapshot(f"file:///{name}", 1, text, "python", offset)
+            prompts.append(build_prompt(family, tok, snap, max_tokens, heal_tokens=False).ids)
     return prompts
 
 
+def completion_stops(tok) -> list[int]:
+    """The tokens the server stops a completion at for this tokenizer's family ([] for a
+    model without FIM tokens, whose completions run to the token limit)."""
+    from codevista.server.prompts import detect_family
+
+    family = detect_family(tok)
+    if family.name == "plain":
+        return []
+    return [i for t in family.stop_tokens if (i := tok.token_to_id(t)) is not None]
+
+
 def lookup_speed(engine, new_tokens: int) -> dict:
+    """Completions as the server asks for them (its prompts, its stop tokens, at most
+    `new_tokens`), decoded with and without prompt lookup: decode time only (the prompts
+    are prefilled before the timing), and the outputs must be identical."""
     from codevista.models.engine import SamplingParams
 
-    room = engine.model.max_positions - new_tokens - 1
-    prompts = lookup_prompts(engine.tokenizer, min(400, room))
-    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    from codevista.server.settings import Settings
+
+    budget = min(Settings().context_tokens, engine.model.max_positions - new_tokens)
+    prompts = lookup_prompts(engine.tokenizer, budget)
+    stops = completion_stops(engine.tokenizer)
+    params = SamplingParams(max_new_tokens=new_tokens, stop_token_ids=tuple(stops),
+                            ignore_eos=not stops)
     secs = {}
     outs = {}
     for on in (False, True):
@@ -181,12 +200,12 @@ def lookup_speed(engine, new_tokens: int) -> dict:
     engine.lookup = False
     same = outs[True] == outs[False]
     drafted, accepted = after.drafted - before.drafted, after.accepted - before.accepted
+    decoded = sum(len(o) - 1 for o in outs[True])  # tokens after each first one
     return {"lookup_speedup": round(secs[False] / secs[True], 2),
             "lookup_identical": same, "lookup_prompts": len(prompts),
+            "lookup_tokens": decoded,
             "lookup_acceptance": round(accepted / max(1, drafted), 3),
-            "lookup_tokens_per_step": round(
-                len(prompts) * (new_tokens - 1) / max(1, len(prompts) * (new_tokens - 1)
-                                                      - accepted), 2)}
+            "lookup_tokens_per_step": round(decoded / max(1, decoded - accepted), 2)}
 
 
 def worker_transformers(model_dir: Path, lengths: list[int], decode_tokens: int) -> dict:
@@ -331,7 +350,7 @@ def int8_accuracy(model_dir: Path, tokens: int = 64) -> dict:
     q8 = load_model(model_dir, dtype="int8")
     cfg = f32.config
     if (model_dir / "tokenizer.json").is_file():
-        prompts = lookup_prompts(f32.tokenizer, min(256, f32.model.max_positions - tokens - 1),
+        prompts = lookup_prompts(f32.tokenizer, min(256, f32.model.max_positions - tokens),
                                  cuts=3)
     else:
         prompts = [_prompt(128, cfg.vocab_size)[i:] for i in range(0, 40, 10)]

@@ -90,6 +90,11 @@ def _compile() -> ctypes.CDLL:
         f32.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
                         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
         lib.cv_int8_max_rows.restype = ctypes.c_int
+        lib.cv_int8_packed.restype = ctypes.c_int
+        lib.cv_int8_embed.restype = ctypes.c_int
+        lib.cv_int8_embed.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                                      ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+                                      ctypes.c_void_p]
         lib.cv_int8_act_block.restype = ctypes.c_int
         lib.cv_f32_simd.restype = ctypes.c_int
         lib.cv_rmsnorm.restype = None

@@ -79,6 +79,7 @@ class Int8Linear(nn.Module):
                                                            requires_grad=False)
         self.out_features, self.in_features = out_features, in_features
         self._gemm = lib.cv_int8_gemm
+        self._embed = lib.cv_int8_embed
         self.max_rows = lib.cv_int8_max_rows()
         self.act_block = lib.cv_int8_act_block()  # 0: float activations in the kernel
 
@@ -97,8 +98,16 @@ class Int8Linear(nn.Module):
     def columns(self, idx: torch.Tensor) -> torch.Tensor:
         """Rows of the dequantized weight (embedding vectors of a tied model)."""
         if self.packed:  # row o is lane o % 16 of tile o // 16
+            if idx.dim() == 1 and idx.device.type == "cpu":
+                ids = idx.to(torch.int64).contiguous()
+                out = torch.empty(len(ids), self.in_features)
+                if self._embed(self.qweight.data_ptr(), self.scale.data_ptr(),
+                               self.out_features, self.in_features, ids.data_ptr(),
+                               len(ids), out.data_ptr()) != 0:
+                    raise IndexError("token id outside the vocabulary")
+                return out
             tiles = self.qweight[idx // TILE, :, idx % TILE, :]  # (n, in / 4, 4)
-            q = tiles.reshape(len(idx), -1)[:, :self.in_features].to(torch.int16) - 128
+            q = tiles.reshape(*idx.shape, -1)[..., :self.in_features].to(torch.int16) - 128
         else:
             q = self.qweight[idx]
         return q.float() * self.scale[idx, None]

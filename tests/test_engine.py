@@ -269,6 +269,26 @@ def test_ngram_index_drafts_what_followed_the_latest_occurrence():
     assert img.draft(4) == [8]
 
 
+def test_ngram_index_built_at_once_equals_one_token_at_a_time():
+    """A prompt's index is built in bulk (fast); it must hold what appending each token
+    would, whatever the split between the two."""
+    import random
+
+    from codevista.models.engine.lookup import NgramIndex
+
+    rng = random.Random(1)
+    for _ in range(300):
+        toks = [rng.randrange(4) for _ in range(rng.randrange(0, 30))]
+        cut = rng.randrange(0, len(toks) + 1)
+        one = NgramIndex(sizes=(3, 2))
+        for t in toks:
+            one.append(t)
+        bulk = NgramIndex(toks[:cut], sizes=(3, 2))
+        bulk.extend(toks[cut:])
+        assert bulk.seen == one.seen and bulk.tokens == one.tokens
+        assert bulk.draft(3) == one.draft(3)
+
+
 def _repetitive_prompt(n: int) -> list[int]:
     line = _ids(12, seed=40)
     out: list[int] = []

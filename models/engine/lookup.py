@@ -22,8 +22,15 @@ class NgramIndex:
         self.extend(tokens)
 
     def extend(self, tokens: Iterable[int]) -> None:
-        for t in tokens:
-            self.append(t)
+        toks = self.tokens
+        old = len(toks)
+        toks.extend(tokens)
+        for n in self.sizes:  # every n-gram that now has a token after it, latest last
+            first = max(old, n)
+            if first >= len(toks):
+                continue
+            grams = zip(*(toks[first - n + k:len(toks) - n + k] for k in range(n)), strict=True)
+            self.seen[n].update(zip(grams, range(first, len(toks)), strict=True))
 
     def append(self, token: int) -> None:
         toks = self.tokens

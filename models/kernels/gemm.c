@@ -518,6 +518,24 @@ int cv_f32_simd(void)
 #endif
 }
 
+/* Rows ids[0..T-1] of int8 weights kept in tiles (see vnni_tiles), dequantized: out
+ * (T, n_in) = q * scale (the embedding vectors of a model whose input embedding is its
+ * int8 LM head). Returns 0, or -1 for an id outside [0, n_out). */
+int cv_int8_embed(const uint8_t *tiles, const float *scale, int n_out, int n_in,
+                  const int64_t *ids, int T, float *out)
+{
+    int64_t tile_bytes = (int64_t)((n_in + QB - 1) / QB) * QB * 16;
+    for (int t = 0; t < T; t++) {
+        int64_t id = ids[t];
+        if (id < 0 || id >= n_out) return -1;
+        const uint8_t *lane = tiles + (id / 16) * tile_bytes + (id % 16) * 4;
+        float *o = out + (int64_t)t * n_in;
+        for (int i = 0; i < n_in; i++)
+            o[i] = (float)((int)lane[(i / 4) * 64 + i % 4] - 128) * scale[id];
+    }
+    return 0;
+}
+
 /* 1 when int8 weights are kept in VPDPBUSD tiles (see vnni_tiles), 0 for plain rows */
 int cv_int8_packed(void)
 {

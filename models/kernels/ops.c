@@ -101,59 +101,132 @@ static inline __m512 sum16(const __m512 *v)
     return _mm512_add_ps(_mm512_shuffle_f32x4(c0, c1, 0x88), _mm512_shuffle_f32x4(c0, c1, 0xDD));
 }
 
-/* One query head against n keys and values (D a multiple of 16, at most 256): the query
- * and the output stay in registers; scores are taken and exponentiated 16 at a time. */
-static void head_avx512(const float *q, const float *K, const float *V, int n, int D,
-                        float scale, float *scores, float *o)
+/* Q query heads (at most heads_at_once) that share one KV head, against their keys and values (query i
+ * sees keys 0..ns[i]-1 of K and V; D = 16 NV): K and V are read once for all of them (the
+ * heads of a GQA group, and the rows of a draft), scores are taken and exponentiated 16 at
+ * a time, the outputs stay in registers. Each query is computed in the same order as it
+ * would be alone, so a draft's rows get a decode step's bits. */
+static inline __attribute__((always_inline)) void
+heads_avx512(const float *const *qs, const int *ns, int Q, int NV, const float *K,
+             const float *V, float scale, float *const *scores, float *const *outs)
 {
-    int nv = D / 16;
-    __m512 qv[16], ov[16];
-    for (int v = 0; v < nv; v++) {
-        qv[v] = _mm512_loadu_ps(q + 16 * v);
-        ov[v] = _mm512_setzero_ps();
+    int D = 16 * NV, nmax = 0, nmin = ns[0];
+    for (int i = 0; i < Q; i++) {
+        nmax = ns[i] > nmax ? ns[i] : nmax;
+        nmin = ns[i] < nmin ? ns[i] : nmin;
     }
-    __m512 mxs = _mm512_set1_ps(-INFINITY), scv = _mm512_set1_ps(scale);
-    for (int j0 = 0; j0 < n; j0 += 16) {
-        int cnt = n - j0 < 16 ? n - j0 : 16;
-        __m512 acc[16];
-        for (int j = 0; j < 16; j++) {
-            if (j >= cnt) {  /* past the last key: zeros, masked off below */
-                acc[j] = _mm512_setzero_ps();
-                continue;
+    __m512 mxs[4], scv = _mm512_set1_ps(scale);
+    for (int i = 0; i < Q; i++) mxs[i] = _mm512_set1_ps(-INFINITY);
+    for (int j0 = 0; j0 < nmax; j0 += 16) {
+        for (int i = 0; i < Q; i++) {
+            int cnt = ns[i] - j0 < 16 ? ns[i] - j0 : 16;
+            if (cnt <= 0) continue;
+            const float *q = qs[i];
+            __m512 acc[16];
+            for (int j = 0; j < 16; j++) {
+                if (j >= cnt) {  /* past the query's last key: zeros, masked off below */
+                    acc[j] = _mm512_setzero_ps();
+                    continue;
+                }
+                const float *k = K + (int64_t)(j0 + j) * D;
+                __m512 a = _mm512_mul_ps(_mm512_loadu_ps(q), _mm512_loadu_ps(k));
+                for (int v = 1; v < NV; v++)
+                    a = _mm512_fmadd_ps(_mm512_loadu_ps(q + 16 * v), _mm512_loadu_ps(k + 16 * v), a);
+                acc[j] = a;
             }
-            const float *k = K + (int64_t)(j0 + j) * D;
-            __m512 a = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k));
-            for (int v = 1; v < nv; v++) a = _mm512_fmadd_ps(qv[v], _mm512_loadu_ps(k + 16 * v), a);
-            acc[j] = a;
+            __mmask16 mk = cnt == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << cnt) - 1);
+            __m512 sc = _mm512_mul_ps(sum16(acc), scv);
+            _mm512_mask_storeu_ps(scores[i] + j0, mk, sc);
+            mxs[i] = _mm512_mask_max_ps(mxs[i], mk, mxs[i], sc);
         }
-        __mmask16 mk = cnt == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << cnt) - 1);
-        __m512 sc = _mm512_mul_ps(sum16(acc), scv);
-        _mm512_mask_storeu_ps(scores + j0, mk, sc);
-        mxs = _mm512_mask_max_ps(mxs, mk, mxs, sc);
     }
-    float mx = _mm512_reduce_max_ps(mxs);
-    __m512 mxv = _mm512_set1_ps(mx), sum = _mm512_setzero_ps();
+    __m512 inv[4];
+    for (int i = 0; i < Q; i++) {
+        int n = ns[i];
+        float *sc = scores[i];
+        __m512 mxv = _mm512_set1_ps(_mm512_reduce_max_ps(mxs[i])), sum = _mm512_setzero_ps();
+        int j = 0;
+        for (; j + 16 <= n; j += 16) {
+            __m512 e = exp_neg(_mm512_sub_ps(_mm512_loadu_ps(sc + j), mxv));
+            _mm512_storeu_ps(sc + j, e);
+            sum = _mm512_add_ps(sum, e);
+        }
+        if (j < n) {
+            __mmask16 k = (__mmask16)((1u << (n - j)) - 1);
+            __m512 e = exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, sc + j), mxv));
+            e = _mm512_maskz_mov_ps(k, e);
+            _mm512_mask_storeu_ps(sc + j, k, e);
+            sum = _mm512_add_ps(sum, e);
+        }
+        inv[i] = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+    }
+    /* key j goes to chain j % CH (CH a function of NV alone: the same for a query
+     * whatever is beside it); the chains hide the FMA latency of short heads */
+    const int CH = NV <= 2 ? 2 : 1;
+    __m512 ov[2][16];
+    for (int c = 0; c < CH; c++)
+        for (int i = 0; i < Q * NV; i++) ov[c][i] = _mm512_setzero_ps();
     int j = 0;
-    for (; j + 16 <= n; j += 16) {
-        __m512 e = exp_neg(_mm512_sub_ps(_mm512_loadu_ps(scores + j), mxv));
-        _mm512_storeu_ps(scores + j, e);
-        sum = _mm512_add_ps(sum, e);
+    for (; j + CH <= nmin; j += CH) {  /* keys every query sees */
+        for (int c = 0; c < CH; c++) {
+            const float *vr = V + (int64_t)(j + c) * D;
+            for (int v = 0; v < NV; v++) {
+                __m512 vv = _mm512_loadu_ps(vr + 16 * v);
+                for (int i = 0; i < Q; i++)
+                    ov[c][i * NV + v] = _mm512_fmadd_ps(_mm512_set1_ps(scores[i][j + c]), vv,
+                                                        ov[c][i * NV + v]);
+            }
+        }
     }
-    if (j < n) {
-        __mmask16 k = (__mmask16)((1u << (n - j)) - 1);
-        __m512 e = exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, scores + j), mxv));
-        e = _mm512_maskz_mov_ps(k, e);
-        _mm512_mask_storeu_ps(scores + j, k, e);
-        sum = _mm512_add_ps(sum, e);
-    }
-    for (j = 0; j < n; j++) {
+    for (; j < nmax; j++) {  /* the rest: the later rows of a draft see a few more keys */
         const float *vr = V + (int64_t)j * D;
-        __m512 pj = _mm512_set1_ps(scores[j]);
-        for (int v = 0; v < nv; v++) ov[v] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(vr + 16 * v), ov[v]);
+        int c = j % CH;
+        for (int v = 0; v < NV; v++) {
+            __m512 vv = _mm512_loadu_ps(vr + 16 * v);
+            for (int i = 0; i < Q; i++)
+                if (j < ns[i])
+                    ov[c][i * NV + v] = _mm512_fmadd_ps(_mm512_set1_ps(scores[i][j]), vv,
+                                                        ov[c][i * NV + v]);
+        }
     }
-    __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
-    for (int v = 0; v < nv; v++) _mm512_storeu_ps(o + 16 * v, _mm512_mul_ps(ov[v], inv));
+    for (int i = 0; i < Q; i++)
+        for (int v = 0; v < NV; v++) {
+            int k = i * NV + v;
+            __m512 o = CH == 2 ? _mm512_add_ps(ov[0][k], ov[1][k]) : ov[0][k];
+            _mm512_storeu_ps(outs[i] + 16 * v, _mm512_mul_ps(o, inv[i]));
+        }
 }
+
+/* heads_avx512 with Q and NV constants (the accumulators stay in registers) where they
+ * are common, else one query at a time */
+static void heads_dispatch(const float *const *qs, const int *ns, int Q, int nv,
+                           const float *K, const float *V, float scale, float *const *scores,
+                           float *const *outs)
+{
+#define CV_HEADS(Q_, NV_) heads_avx512(qs, ns, Q_, NV_, K, V, scale, scores, outs)
+    if (nv == 2 || nv == 4) {  /* up to four queries */
+        switch (Q * 8 + nv) {
+        case 10: CV_HEADS(1, 2); return;
+        case 18: CV_HEADS(2, 2); return;
+        case 26: CV_HEADS(3, 2); return;
+        case 34: CV_HEADS(4, 2); return;
+        case 12: CV_HEADS(1, 4); return;
+        case 20: CV_HEADS(2, 4); return;
+        case 28: CV_HEADS(3, 4); return;
+        default: CV_HEADS(4, 4); return;
+        }
+    }
+    if (nv == 8) {
+        if (Q == 1) CV_HEADS(1, 8); else CV_HEADS(2, 8);
+        return;
+    }
+#undef CV_HEADS
+    for (int i = 0; i < Q; i++)
+        heads_avx512(qs + i, ns + i, 1, nv, K, V, scale, scores + i, outs + i);
+}
+
+/* the most queries heads_dispatch takes at once for D = 16 nv */
+static int heads_at_once(int nv) { return nv <= 4 ? 4 : nv == 8 ? 2 : 1; }
 #endif
 
 /* y (T, n) = x / sqrt(mean(x^2) + eps) * w, row by row */
@@ -192,6 +265,55 @@ int cv_attend_rows(const float *qkv, int T, int H, int KV, int D, const float *c
     if (T < 1 || H < 1 || KV < 1 || H % KV || D < 2 || D % 2 || pos < 0 || pos + T > cap)
         return -1;
     int group = H / KV, stride = (H + 2 * KV) * D;
+    /* every row's key and value first: row t sees positions up to pos + t only */
+    for (int t = 0; t < T; t++) {
+        const float *row = qkv + (int64_t)t * stride;
+        const float *c = cs + (int64_t)t * D, *s = sn + (int64_t)t * D;
+        for (int g = 0; g < KV; g++) {
+            rope(row + (H + g) * D, c, s, kc + ((int64_t)g * cap + pos + t) * D, D);
+            memcpy(vc + ((int64_t)g * cap + pos + t) * D, row + (H + KV + g) * D, sizeof(float) * D);
+        }
+    }
+#if defined(__AVX512F__)
+    if (D % 16 == 0 && D <= 256) {
+        /* the queries of one KV head (its group's heads, every row), a few at a time */
+        int nv = D / 16, at_once = heads_at_once(nv), nq = T * group;
+        float *qbuf = malloc(sizeof(float) * (size_t)nq * D);
+        float *sbuf = malloc(sizeof(float) * (size_t)at_once * (pos + T));
+        if (!qbuf || !sbuf) { free(qbuf); free(sbuf); return -2; }
+        for (int g = 0; g < KV; g++) {
+            for (int t = 0; t < T; t++)
+                for (int h = g * group; h < (g + 1) * group; h++)
+                    rope(qkv + (int64_t)t * stride + h * D, cs + (int64_t)t * D,
+                         sn + (int64_t)t * D, qbuf + ((int64_t)t * group + h - g * group) * D, D);
+            for (int i0 = 0; i0 < nq;) {
+                /* a run of queries whose rows start at the same key (all of them, without
+                 * a sliding window) */
+                int t0 = i0 / group, p0 = pos + t0;
+                int start = window > 0 && p0 + 1 > window ? p0 + 1 - window : 0;
+                const float *qs[4];
+                float *scs[4], *outs[4];
+                int ns[4], Q = 0;
+                while (Q < at_once && i0 + Q < nq) {
+                    int t = (i0 + Q) / group, h = g * group + (i0 + Q) % group, p = pos + t;
+                    int st = window > 0 && p + 1 > window ? p + 1 - window : 0;
+                    if (st != start) break;
+                    qs[Q] = qbuf + (int64_t)(i0 + Q) * D;
+                    ns[Q] = p + 1 - start;
+                    scs[Q] = sbuf + (int64_t)Q * (pos + T);
+                    outs[Q] = out + (int64_t)t * H * D + h * D;
+                    Q++;
+                }
+                heads_dispatch(qs, ns, Q, nv, kc + ((int64_t)g * cap + start) * D,
+                               vc + ((int64_t)g * cap + start) * D, scale, scs, outs);
+                i0 += Q;
+            }
+        }
+        free(qbuf);
+        free(sbuf);
+        return 0;
+    }
+#endif
     float *scores = malloc(sizeof(float) * (size_t)(pos + T));
     float *q = malloc(sizeof(float) * (size_t)D);
     if (!scores || !q) { free(scores); free(q); return -2; }
@@ -199,21 +321,11 @@ int cv_attend_rows(const float *qkv, int T, int H, int KV, int D, const float *c
         const float *row = qkv + (int64_t)t * stride;
         const float *c = cs + (int64_t)t * D, *s = sn + (int64_t)t * D;
         int p = pos + t;
-        for (int g = 0; g < KV; g++) {
-            rope(row + (H + g) * D, c, s, kc + ((int64_t)g * cap + p) * D, D);
-            memcpy(vc + ((int64_t)g * cap + p) * D, row + (H + KV + g) * D, sizeof(float) * D);
-        }
         int start = window > 0 && p + 1 > window ? p + 1 - window : 0, n = p + 1 - start;
         for (int h = 0; h < H; h++) {
             const float *K = kc + ((int64_t)(h / group) * cap + start) * D;
             const float *V = vc + ((int64_t)(h / group) * cap + start) * D;
             rope(row + h * D, c, s, q, D);
-#if defined(__AVX512F__)
-            if (D % 16 == 0 && D <= 256) {
-                head_avx512(q, K, V, n, D, scale, scores, out + (int64_t)t * H * D + h * D);
-                continue;
-            }
-#endif
             float mx = -INFINITY;
             for (int j = 0; j < n; j++) {
                 scores[j] = dot(q, K + (int64_t)j * D, D) * scale;
