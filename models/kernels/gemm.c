@@ -1,14 +1,14 @@
 /* Matrix products for decoding: y = x @ W^T (* scale) (+ bias), W int8 or float32.
  *
- * W is (out, in), row-major: int8 with one float32 scale per output row, or float32; x is
- * float32 (m, in) with m small (a decode step, or a speculative draft being verified).
- * Each weight row is read once and multiplied against every row of x, so a decode step
- * streams W from memory once: one byte per weight for int8, four for float32.
+ * W is (out, in): int8 with one float32 scale per output row, or float32; x is float32
+ * (m, in) with m small (a decode step, or a speculative draft being verified). Each part
+ * of W is read once and multiplied against every row of x (up to four at a time), so a
+ * decode step streams W from memory once: one byte per weight for int8, four for float32.
  *
  * Int8 with AVX-512 VNNI: W is kept in tiles of 16 output rows (see vnni_tiles; the
  * caller packs it, codevista.models.quant), x is quantized to int8 in blocks of 64 (one
  * float scale per block, absmax / 127), and each VPDPBUSD adds four inputs' products to
- * 16 output rows at once. Elsewhere the weights are widened to float in
+ * 16 output rows at once. Elsewhere W is row-major, the weights are widened to float in
  * registers (AVX-512 or AVX2) and x stays float32. Float32 weights use AVX-512 or AVX2
  * FMAs. Built by codevista.models.native with the machine's compiler (-O3 -march=native);
  * a plain loop otherwise.
