@@ -92,6 +92,10 @@ def _compile() -> ctypes.CDLL:
         lib.cv_int8_max_rows.restype = ctypes.c_int
         lib.cv_int8_packed.restype = ctypes.c_int
         lib.cv_int8_embed.restype = ctypes.c_int
+        lib.cv_int8_dequant.restype = ctypes.c_int
+        lib.cv_int8_dequant.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                                        ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                        ctypes.c_void_p]
         lib.cv_int8_embed.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
                                       ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
                                       ctypes.c_void_p]

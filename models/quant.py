@@ -49,9 +49,10 @@ def unpack_tiles(tiles: torch.Tensor, n_out: int, n_in: int,
     """The int8 (out, in) rows `rows` of packed tiles (pack_tiles' inverse)."""
     start, stop, _ = rows.indices(n_out)
     t0, t1 = start // TILE, -(-stop // TILE)
-    part = tiles[t0:t1].permute(0, 2, 1, 3).reshape((t1 - t0) * TILE, -1)
-    part = part[start - t0 * TILE:stop - t0 * TILE, :n_in]
-    return (part.to(torch.int16) - 128).to(torch.int8)
+    # w + 128 with its top bit flipped is w's own two's-complement byte
+    part = tiles[t0:t1].bitwise_xor(128).view(torch.int8)
+    part = part.permute(0, 2, 1, 3).reshape((t1 - t0) * TILE, -1)
+    return part[start - t0 * TILE:stop - t0 * TILE, :n_in]
 
 
 class Int8Linear(nn.Module):
@@ -80,6 +81,7 @@ class Int8Linear(nn.Module):
         self.out_features, self.in_features = out_features, in_features
         self._gemm = lib.cv_int8_gemm
         self._embed = lib.cv_int8_embed
+        self._dequant = lib.cv_int8_dequant
         self.max_rows = lib.cv_int8_max_rows()
         self.act_block = lib.cv_int8_act_block()  # 0: float activations in the kernel
 
@@ -90,6 +92,14 @@ class Int8Linear(nn.Module):
         return self.qweight[rows]
 
     def dequantized(self, rows: slice = slice(None)) -> torch.Tensor:
+        if self.packed:  # one pass in C (torch's copy out of the tiles is 5x slower)
+            start, stop, _ = rows.indices(self.out_features)
+            out = torch.empty(max(0, stop - start), self.in_features)
+            if stop > start and self._dequant(
+                    self.qweight.data_ptr(), self.scale.data_ptr(), self.out_features,
+                    self.in_features, start, stop, out.data_ptr()) != 0:
+                raise IndexError(f"rows {start}:{stop} of {self.out_features}")
+            return out
         return self.int8_rows(rows).float() * self.scale[rows, None]
 
     def unpack(self) -> torch.Tensor:

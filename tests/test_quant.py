@@ -53,6 +53,8 @@ def test_int8_linear_equals_its_dequantized_weight(quant, rows, bias, n_in):
     assert torch.equal(lin.int8_rows(slice(190, 200)), q[190:])
     idx = torch.tensor([0, 15, 16, 199, 7])
     assert torch.equal(lin.columns(idx), q[idx].float() * lin.scale[idx, None])
+    for rows in (slice(None), slice(13, 35), slice(190, 200), slice(16, 32)):
+        assert torch.equal(lin.dequantized(rows), q[rows].float() * lin.scale[rows, None])
 
 
 def test_packed_tiles_round_trip(quant):

@@ -518,6 +518,69 @@ int cv_f32_simd(void)
 #endif
 }
 
+/* Rows o0..o1-1 of int8 weights kept in tiles (see vnni_tiles), dequantized: out
+ * (o1 - o0, n_in) = q * scale, for the float32 matmul of long inputs (prefill). Returns 0,
+ * or -1 for a bad range. */
+int cv_int8_dequant(const uint8_t *tiles, const float *scale, int n_out, int n_in, int o0,
+                    int o1, float *out)
+{
+    if (o0 < 0 || o1 > n_out || o0 > o1) return -1;
+    int64_t tile_bytes = (int64_t)((n_in + QB - 1) / QB) * QB * 16;
+    int whole = n_in / 4;  /* groups of four inputs, all real */
+    for (int t = o0 / 16; t * 16 < o1; t++) {
+        const uint8_t *tile = tiles + t * tile_bytes;
+        int r0 = t * 16;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+        /* per quarter of a group's 64 bytes (rows 4q..4q+3, four inputs each): their
+         * scales, each repeated four times */
+        __m512 sq[4];
+        for (int q = 0; q < 4; q++) {
+            float sc[16];
+            for (int i = 0; i < 16; i++) {
+                int o = r0 + 4 * q + i / 4;
+                sc[i] = o < n_out ? scale[o] : 0.0f;
+            }
+            sq[q] = _mm512_loadu_ps(sc);
+        }
+        const __m512i flip = _mm512_set1_epi8((char)0x80);
+        for (int k = 0; k < whole; k++) {
+            __m512i b = _mm512_xor_si512(_mm512_loadu_si512((const void *)(tile + k * 64)), flip);
+            for (int q = 0; q < 4; q++) {
+                __m128i part = _mm512_extracti32x4_epi32(b, 0);
+                if (q == 1) part = _mm512_extracti32x4_epi32(b, 1);
+                if (q == 2) part = _mm512_extracti32x4_epi32(b, 2);
+                if (q == 3) part = _mm512_extracti32x4_epi32(b, 3);
+                __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(part)), sq[q]);
+                for (int i = 0; i < 4; i++) {
+                    int o = r0 + 4 * q + i;
+                    if (o < o0 || o >= o1) continue;
+                    __m128 v = i == 0 ? _mm512_extractf32x4_ps(f, 0) : i == 1 ? _mm512_extractf32x4_ps(f, 1)
+                             : i == 2 ? _mm512_extractf32x4_ps(f, 2) : _mm512_extractf32x4_ps(f, 3);
+                    _mm_storeu_ps(out + (int64_t)(o - o0) * n_in + 4 * k, v);
+                }
+            }
+        }
+#else
+        for (int k = 0; k < whole; k++)
+            for (int j = 0; j < 16; j++) {
+                int o = r0 + j;
+                if (o < o0 || o >= o1) continue;
+                for (int c = 0; c < 4; c++)
+                    out[(int64_t)(o - o0) * n_in + 4 * k + c] =
+                        (float)((int)tile[k * 64 + j * 4 + c] - 128) * scale[o];
+            }
+#endif
+        for (int i = 4 * whole; i < n_in; i++)  /* the last, partial group */
+            for (int j = 0; j < 16; j++) {
+                int o = r0 + j;
+                if (o < o0 || o >= o1) continue;
+                out[(int64_t)(o - o0) * n_in + i] =
+                    (float)((int)tile[(i / 4) * 64 + j * 4 + i % 4] - 128) * scale[o];
+            }
+    }
+    return 0;
+}
+
 /* Rows ids[0..T-1] of int8 weights kept in tiles (see vnni_tiles), dequantized: out
  * (T, n_in) = q * scale (the embedding vectors of a model whose input embedding is its
  * int8 LM head). Returns 0, or -1 for an id outside [0, n_out). */
