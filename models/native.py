@@ -117,7 +117,8 @@ def _compile() -> ctypes.CDLL:
         lib.cv_attend_rows.restype = ctypes.c_int
         lib.cv_attend_rows.argtypes = [ctypes.c_void_p, *[ctypes.c_int] * 4, ctypes.c_void_p,
                                        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                                       *[ctypes.c_int] * 3, ctypes.c_float, ctypes.c_void_p]
+                                       *[ctypes.c_int] * 3, ctypes.c_float, ctypes.c_void_p,
+                                       ctypes.c_int]
         return lib
     raise ConfigError(f"the matrix kernel did not compile with {cc}: {errors[-1]}; int8 "
                       "weights need it: use dtype float32, or set CC to a working C compiler")

@@ -216,7 +216,7 @@ class Attention(nn.Module):
         rc = ops.cv_attend_rows(qkv.data_ptr(), T, self.n_heads, self.n_kv, self.head_dim,
                                 cos.data_ptr(), sin.data_ptr(), k.data_ptr(), v.data_ptr(),
                                 k.shape[1], seg.pos, self.window or 0, self.scale,
-                                out.data_ptr())
+                                out.data_ptr(), native.kernel_threads())
         if rc != 0:
             raise RuntimeError(f"attention kernel failed ({rc})")
         return out

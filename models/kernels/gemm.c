@@ -331,6 +331,8 @@ typedef struct {
     int m, n_in, n_out, blocks, vnni;
     const int8_t *w; const float *scale; const float *bias; float *y;
     const float *wf; /* float32 weights (cv_f32_gemm), else NULL */
+    void (*fn)(void *ctx, int first, int last); /* any other work (cv_parallel_for) */
+    void *ctx;
 } job_t;
 
 static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER; /* one product at a time */
@@ -362,6 +364,10 @@ static inline void cpu_relax(void)
 /* Rows of blocks [first, last) of job `j`. */
 static void run_range(const job_t *j, int first, int last)
 {
+    if (j->fn) {
+        j->fn(j->ctx, first, last);
+        return;
+    }
     int o0 = first * 16, o1 = last * 16 < j->n_out ? last * 16 : j->n_out;
     if (j->wf) {
         rows_f32(j->x, j->m, j->n_in, j->wf, j->bias, j->y, j->n_out, o0, o1);
@@ -474,7 +480,8 @@ int cv_int8_gemm(const float *x, int m, int n_in, const int8_t *w, const float *
                  const float *bias, float *y, int n_out, int threads)
 {
     if (m < 1 || m > MAX_M) return -1;
-    job_t j = {x, NULL, NULL, NULL, m, n_in, n_out, (n_out + 15) / 16, 0, w, scale, bias, y, NULL};
+    job_t j = {x, NULL, NULL, NULL, m, n_in, n_out, (n_out + 15) / 16, 0, w, scale, bias, y, NULL,
+               NULL, NULL};
 #ifdef CV_VNNI
     int nb = (n_in + QB - 1) / QB;
     int8_t *xq = malloc((size_t)m * nb * QB);
@@ -501,9 +508,23 @@ int cv_f32_gemm(const float *x, int m, int n_in, const float *w, const float *bi
                 int n_out, int threads)
 {
     if (m < 1 || m > MAX_M) return -1;
-    job_t j = {x, NULL, NULL, NULL, m, n_in, n_out, (n_out + 15) / 16, 0, NULL, NULL, bias, y, w};
+    job_t j = {x, NULL, NULL, NULL, m, n_in, n_out, (n_out + 15) / 16, 0, NULL, NULL, bias, y, w,
+               NULL, NULL};
     run_job(&j, threads);
     return 0;
+}
+
+/* fn(ctx, first, last) over units [0, units), in runs handed out to `threads` threads
+ * (the caller and the product workers above); for the attention of a step's heads. */
+void cv_parallel_for(void (*fn)(void *, int, int), void *ctx, int units, int threads)
+{
+    if (units < 1) return;
+    job_t j;
+    memset(&j, 0, sizeof j);
+    j.blocks = units;
+    j.fn = fn;
+    j.ctx = ctx;
+    run_job(&j, threads);
 }
 
 int cv_int8_max_rows(void) { return MAX_M; }

@@ -251,16 +251,62 @@ static void rope(const float *v, const float *cs, const float *sn, float *out, i
     }
 }
 
+void cv_parallel_for(void (*fn)(void *, int, int), void *ctx, int units, int threads);
+
+#if defined(__AVX512F__)
+/* One unit of a step's attention: a few queries of one KV head (see cv_attend_rows) */
+typedef struct {
+    int g, first, count, start;  /* KV head, its first query, how many, first key */
+} att_unit;
+
+typedef struct {
+    const att_unit *units;
+    const float *qbuf;  /* rotated queries, (KV, T * group, D) */
+    float *kc, *vc, *out;
+    int T, H, KV, D, group, cap, pos, span;
+    float scale;
+    int failed;  /* set (never cleared) by a thread that could not get its buffer */
+} att_job;
+
+static void att_run(void *ctx, int first, int last)
+{
+    att_job *a = ctx;
+    int D = a->D, nv = D / 16, nq = a->T * a->group;
+    float *sbuf = malloc(sizeof(float) * (size_t)4 * a->span);
+    if (!sbuf) {
+        __atomic_store_n(&a->failed, 1, __ATOMIC_RELAXED);
+        return;
+    }
+    for (int u = first; u < last; u++) {
+        const att_unit *un = a->units + u;
+        const float *qs[4];
+        float *scs[4], *outs[4];
+        int ns[4];
+        for (int i = 0; i < un->count; i++) {
+            int qi = un->first + i, t = qi / a->group, h = un->g * a->group + qi % a->group;
+            qs[i] = a->qbuf + ((int64_t)un->g * nq + qi) * D;
+            ns[i] = a->pos + t + 1 - un->start;
+            scs[i] = sbuf + (int64_t)i * a->span;
+            outs[i] = a->out + (int64_t)t * a->H * D + h * D;
+        }
+        heads_dispatch(qs, ns, un->count, nv, a->kc + ((int64_t)un->g * a->cap + un->start) * D,
+                       a->vc + ((int64_t)un->g * a->cap + un->start) * D, a->scale, scs, outs);
+    }
+    free(sbuf);
+}
+#endif
+
 /* Attention for T query rows of one sequence at positions pos..pos+T-1.
  *
  * qkv (T, (H + 2 KV) D): each row's q, k and v before rotary embedding; cs, sn (T, D): the
  * rotary tables at those positions; kc, vc: this layer's cache, (KV, cap, D). Each row
  * writes its rotated k and its v at its position, then attends to the keys of positions
  * [max(0, p + 1 - window), p] (window 0: all), head h using KV head h / (H / KV).
- * out (T, H D). Returns 0, -1 for bad sizes, -2 when out of memory. */
+ * out (T, H D). The heads' work is shared among `threads` threads (the product workers).
+ * Returns 0, -1 for bad sizes, -2 when out of memory. */
 int cv_attend_rows(const float *qkv, int T, int H, int KV, int D, const float *cs,
                    const float *sn, float *kc, float *vc, int cap, int pos, int window,
-                   float scale, float *out)
+                   float scale, float *out, int threads)
 {
     if (T < 1 || H < 1 || KV < 1 || H % KV || D < 2 || D % 2 || pos < 0 || pos + T > cap)
         return -1;
@@ -276,42 +322,36 @@ int cv_attend_rows(const float *qkv, int T, int H, int KV, int D, const float *c
     }
 #if defined(__AVX512F__)
     if (D % 16 == 0 && D <= 256) {
-        /* the queries of one KV head (its group's heads, every row), a few at a time */
-        int nv = D / 16, at_once = heads_at_once(nv), nq = T * group;
-        float *qbuf = malloc(sizeof(float) * (size_t)nq * D);
-        float *sbuf = malloc(sizeof(float) * (size_t)at_once * (pos + T));
-        if (!qbuf || !sbuf) { free(qbuf); free(sbuf); return -2; }
+        /* units: the queries of one KV head (its group's heads, every row), a few at a
+         * time, each run whose rows start at the same key (all, without a sliding window) */
+        int at_once = heads_at_once(D / 16), nq = T * group;
+        float *qbuf = malloc(sizeof(float) * (size_t)KV * nq * D);
+        att_unit *units = malloc(sizeof(att_unit) * (size_t)KV * nq);
+        if (!qbuf || !units) { free(qbuf); free(units); return -2; }
+        int n_units = 0;
         for (int g = 0; g < KV; g++) {
             for (int t = 0; t < T; t++)
                 for (int h = g * group; h < (g + 1) * group; h++)
                     rope(qkv + (int64_t)t * stride + h * D, cs + (int64_t)t * D,
-                         sn + (int64_t)t * D, qbuf + ((int64_t)t * group + h - g * group) * D, D);
+                         sn + (int64_t)t * D,
+                         qbuf + ((int64_t)g * nq + t * group + h - g * group) * D, D);
             for (int i0 = 0; i0 < nq;) {
-                /* a run of queries whose rows start at the same key (all of them, without
-                 * a sliding window) */
-                int t0 = i0 / group, p0 = pos + t0;
-                int start = window > 0 && p0 + 1 > window ? p0 + 1 - window : 0;
-                const float *qs[4];
-                float *scs[4], *outs[4];
-                int ns[4], Q = 0;
+                int p0 = pos + i0 / group;
+                int start = window > 0 && p0 + 1 > window ? p0 + 1 - window : 0, Q = 0;
                 while (Q < at_once && i0 + Q < nq) {
-                    int t = (i0 + Q) / group, h = g * group + (i0 + Q) % group, p = pos + t;
-                    int st = window > 0 && p + 1 > window ? p + 1 - window : 0;
-                    if (st != start) break;
-                    qs[Q] = qbuf + (int64_t)(i0 + Q) * D;
-                    ns[Q] = p + 1 - start;
-                    scs[Q] = sbuf + (int64_t)Q * (pos + T);
-                    outs[Q] = out + (int64_t)t * H * D + h * D;
+                    int p = pos + (i0 + Q) / group;
+                    if ((window > 0 && p + 1 > window ? p + 1 - window : 0) != start) break;
                     Q++;
                 }
-                heads_dispatch(qs, ns, Q, nv, kc + ((int64_t)g * cap + start) * D,
-                               vc + ((int64_t)g * cap + start) * D, scale, scs, outs);
+                units[n_units++] = (att_unit){g, i0, Q, start};
                 i0 += Q;
             }
         }
+        att_job job = {units, qbuf, kc, vc, out, T, H, KV, D, group, cap, pos, pos + T, scale, 0};
+        cv_parallel_for(att_run, &job, n_units, threads);
         free(qbuf);
-        free(sbuf);
-        return 0;
+        free(units);
+        return job.failed ? -2 : 0;
     }
 #endif
     float *scores = malloc(sizeof(float) * (size_t)(pos + T));
@@ -430,7 +470,7 @@ int cv_decode_rows(const cv_layer *layers, int n_layers, const float *final_norm
         cv_rmsnorm(x, L->attn_norm, h, T, hidden, eps);
         if ((rc = linear(&L->qkv, h, T, qkv, threads))) break;
         if ((rc = cv_attend_rows(qkv, T, H, KV, D, cs, sn, kc + l * layer_kv, vc + l * layer_kv,
-                                 cap, pos, L->window, scale, att))) break;
+                                 cap, pos, L->window, scale, att, threads))) break;
         if ((rc = linear(&L->o, att, T, tmp, threads))) break;
         for (int64_t i = 0; i < (int64_t)T * hidden; i++) x[i] = x[i] + tmp[i];
         cv_rmsnorm(x, L->mlp_norm, h, T, hidden, eps);
