@@ -174,7 +174,6 @@ def lookup_speed(engine, new_tokens: int) -> dict:
     `new_tokens`), decoded with and without prompt lookup: decode time only (the prompts
     are prefilled before the timing), and the outputs must be identical."""
     from codevista.models.engine import SamplingParams
-
     from codevista.server.settings import Settings
 
     budget = min(Settings().context_tokens, engine.model.max_positions - new_tokens)
