@@ -5,11 +5,22 @@ from __future__ import annotations
 import torch
 
 
+def greedy(logits: torch.Tensor) -> int | list[int]:
+    """The index of the largest logit (the first of equal ones; a NaN counts as largest),
+    or for (rows, vocab) each row's. CPU float32 goes through numpy, whose argmax costs
+    ~2 µs against torch's ~11 µs of dispatch: a decode step of a small model is ~100 µs."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and not logits.requires_grad:
+        best = logits.numpy().argmax(-1)
+        return best.tolist() if logits.dim() > 1 else int(best)
+    best = torch.argmax(logits, dim=-1)
+    return best.tolist() if logits.dim() > 1 else int(best.item())
+
+
 def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
            generator: torch.Generator | None) -> int:
     """Pick one token id from logits (vocab,). temperature <= 0 means greedy."""
     if temperature <= 0:
-        return int(torch.argmax(logits).item())
+        return greedy(logits)
     logits = logits.float() / temperature
     if 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k).values[-1]

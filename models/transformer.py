@@ -427,31 +427,31 @@ class Transformer(nn.Module):
         head = lin(self.lm_head)
         if head is None:
             return False
-        self._plan = (ops, layers, head)
+        attn = self.layers[0].attn
+        # the arguments of cv_decode_rows that stay the same from step to step
+        fixed = (layers, cfg.num_layers, self.norm.weight.data_ptr(), head, self.norm.eps,
+                 cfg.hidden_size, attn.n_heads, attn.n_kv, attn.head_dim,
+                 cfg.intermediate_size)
+        self._plan = (ops, fixed, attn.scale, cfg.vocab_size)
         return self._plan
 
     def _step_in_c(self, seg: Segment, x: torch.Tensor, cos: torch.Tensor,
                    sin: torch.Tensor) -> torch.Tensor | None:
         """A decode step or a draft's verification run as one C call (cv_decode_rows):
-        the same operations, in the same order, as the layers below run for such rows."""
+        the same operations, in the same order, as the layers below run for such rows.
+        x is overwritten: the caller passes its own copy (fresh embeddings)."""
         plan = self._step_plan()
         k, v = seg.cache.k, seg.cache.v
         if (not plan or k.dtype != torch.float32 or not k.is_contiguous()
                 or not v.is_contiguous()):
             return None
-        ops, layers, head = plan
-        cfg = self.cfg
-        x = x.contiguous().clone()
-        rows = seg.length if seg.all_logits else 1
-        logits = torch.empty(rows, cfg.vocab_size)
+        ops, fixed, scale, vocab = plan
+        x = x.contiguous()
+        logits = torch.empty(seg.length if seg.all_logits else 1, vocab)
         cos, sin = cos.contiguous(), sin.contiguous()
-        attn = self.layers[0].attn
-        rc = ops.cv_decode_rows(layers, cfg.num_layers, self.norm.weight.data_ptr(), head,
-                                self.norm.eps, cfg.hidden_size, attn.n_heads, attn.n_kv,
-                                attn.head_dim, cfg.intermediate_size, x.data_ptr(),
-                                seg.length, cos.data_ptr(), sin.data_ptr(), k.data_ptr(),
-                                v.data_ptr(), k.shape[2], seg.pos, attn.scale,
-                                int(seg.all_logits), logits.data_ptr(),
+        rc = ops.cv_decode_rows(*fixed, x.data_ptr(), seg.length, cos.data_ptr(),
+                                sin.data_ptr(), k.data_ptr(), v.data_ptr(), k.shape[2], seg.pos,
+                                scale, int(seg.all_logits), logits.data_ptr(),
                                 native.kernel_threads())
         if rc != 0:
             raise RuntimeError(f"decode step in C failed ({rc})")
@@ -475,7 +475,9 @@ class Transformer(nn.Module):
             seg = segs[0]
             if (seg.length <= KERNEL_ROWS and (seg.length == 1 or seg.all_logits)
                     and x.dtype == torch.float32 and x.device.type == "cpu"):
-                out = self._step_in_c(seg, x, c, s)  # a step or a draft: one C call
+                # a step or a draft: one C call, which overwrites its input (the caller's
+                # embeddings of an image must not change: a copy)
+                out = self._step_in_c(seg, x if seg.embeds is None else x.clone(), c, s)
                 if out is not None:
                     return [out]
         else:

@@ -24,7 +24,7 @@ from ..errors import ContextLengthError, EngineStoppedError, ModelError, Request
 from ..kv_cache import KVCache
 from ..loader import LoadedModel
 from ..quant import Int8Linear, set_kernel_threads
-from ..sampling import sample
+from ..sampling import greedy, sample
 from ..stopping import StopStringMatcher
 from ..tokenizer import IncrementalDetokenizer
 from ..transformer import KERNEL_ROWS, ROWS, Linear, Segment
@@ -502,7 +502,7 @@ class Engine:
         longest prefix that greedy decoding agrees with, then the model's own next token.
         The keys and values of rejected draft tokens are dropped (their positions are
         overwritten later)."""
-        best = logits.argmax(-1).tolist()
+        best = greedy(logits)
         n = 0
         while n < len(draft) and draft[n] == best[n]:
             n += 1
