@@ -169,10 +169,12 @@ def completion_stops(tok) -> list[int]:
     return [i for t in family.stop_tokens if (i := tok.token_to_id(t)) is not None]
 
 
-def lookup_speed(engine, new_tokens: int) -> dict:
+def lookup_speed(engine, new_tokens: int, rounds: int = 2) -> dict:
     """Completions as the server asks for them (its prompts, its stop tokens, at most
     `new_tokens`), decoded with and without prompt lookup: decode time only (the prompts
-    are prefilled before the timing), and the outputs must be identical."""
+    are prefilled before the timing), each prompt decoded both ways back to back (in
+    alternating order, `rounds` times) so that both see the same machine load; the
+    outputs must be identical."""
     from codevista.models.engine import SamplingParams
     from codevista.server.settings import Settings
 
@@ -181,24 +183,26 @@ def lookup_speed(engine, new_tokens: int) -> dict:
     stops = completion_stops(engine.tokenizer)
     params = SamplingParams(max_new_tokens=new_tokens, stop_token_ids=tuple(stops),
                             ignore_eos=not stops)
-    secs = {}
-    outs = {}
-    for on in (False, True):
-        engine.lookup = on
-        engine.cache.clear()
-        for ids in prompts:  # prefill outside the timing: only decoding is compared
-            engine.generate(ids, SamplingParams(max_new_tokens=1, ignore_eos=True))
-        before = engine.stats()
-        t, got = 0.0, []
-        for ids in prompts:
-            r = engine.generate(ids, params)
-            t += r.total_s - r.ttft_s
-            got.append(r.token_ids)
-        secs[on], outs[on] = t, got
-        after = engine.stats()
+    engine.cache.clear()
+    for ids in prompts:  # prefill outside the timing: only decoding is compared
+        engine.generate(ids, SamplingParams(max_new_tokens=1, ignore_eos=True))
+    secs = {False: 0.0, True: 0.0}
+    outs: dict[bool, list] = {False: [], True: []}
+    drafted = accepted = 0
+    for rnd in range(rounds):
+        for i, ids in enumerate(prompts):
+            for on in ((False, True) if (i + rnd) % 2 == 0 else (True, False)):
+                engine.lookup = on
+                before = engine.stats()
+                r = engine.generate(ids, params)
+                after = engine.stats()
+                secs[on] += r.total_s - r.ttft_s
+                if rnd == 0:
+                    outs[on].append(r.token_ids)
+                    drafted += after.drafted - before.drafted
+                    accepted += after.accepted - before.accepted
     engine.lookup = False
     same = outs[True] == outs[False]
-    drafted, accepted = after.drafted - before.drafted, after.accepted - before.accepted
     decoded = sum(len(o) - 1 for o in outs[True])  # tokens after each first one
     return {"lookup_speedup": round(secs[False] / secs[True], 2),
             "lookup_identical": same, "lookup_prompts": len(prompts),
