@@ -6,10 +6,11 @@ stay float32, and so do the activations. A decode step then reads one byte per w
 instead of four, which is what bounds decoding on a CPU.
 
 The matrix product for a few rows (a decode step, a speculative draft) is our C kernel
-(models/kernels/gemm.c, built by models/native.py on first use); on CPUs with
-AVX-512 VNNI it also quantizes the activations to int8 in blocks of 64 (as llama.cpp's
-q8_0 does in blocks of 32). Longer inputs (prefill chunks) dequantize a block of rows at
-a time and use the float32 matmul.
+(models/kernels/gemm.c, built by models/native.py on first use). On CPUs with AVX-512
+VNNI the weights are kept in the kernel's VPDPBUSD tiles (pack_tiles) and the activations
+are quantized to int8 in blocks of 64 (as llama.cpp's q8_0 does in blocks of 32);
+elsewhere they stay row-major. Longer inputs (prefill chunks) dequantize a block of rows
+at a time and use the float32 matmul.
 """
 
 from __future__ import annotations
