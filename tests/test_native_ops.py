@@ -46,12 +46,14 @@ def test_rmsnorm_in_c_equals_torch(ops):
 
 
 @pytest.mark.parametrize("window", [None, 7])
-@pytest.mark.parametrize("heads", [(4, 4), (6, 2)])
-def test_attention_rows_in_c_equal_torch(ops, window, heads):
+@pytest.mark.parametrize("heads", [(4, 4), (6, 2), (8, 2)])
+@pytest.mark.parametrize("D", [16, 32, 64, 128])  # the kernel's head sizes: 1, 2, 4, 8 vectors
+def test_attention_rows_in_c_equal_torch(ops, window, heads, D):
     """A decode step and a verified draft of 6 rows, at positions past the window, give
-    the torch path's output and cache; the draft's rows equal one-row steps bit for bit."""
+    the torch path's output and cache; the draft's rows equal one-row steps bit for bit
+    (queries sharing a KV head are taken several at a time)."""
     n_heads, n_kv = heads
-    D, prompt = 16, 20
+    prompt = 20
     cfg = DecoderConfig(family="llama", vocab_size=50, hidden_size=n_heads * D,
                         intermediate_size=32, max_position_embeddings=64, num_layers=1,
                         num_heads=n_heads,

@@ -292,3 +292,17 @@ def test_both_float32_layouts_give_the_same_model(quant, qwen_dir, monkeypatch):
             out.append((prefill, step))
     for a, b in zip(*out, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(200, 77), (48, 256), (33, 1000)])
+def test_int8_kernel_keeps_rows_independent(quant, shape):
+    """Whatever the number of rows beside it (one at a time, groups of four, a remainder),
+    each row of x gets the same bits: a draft's verification equals its decode steps."""
+    n_out, n_in = shape
+    g = torch.Generator().manual_seed(n_in)
+    lin = quant.Int8Linear(torch.randn(n_out, n_in, generator=g), torch.randn(n_out, generator=g))
+    x = torch.randn(16, n_in, generator=g)
+    with torch.inference_mode():
+        alone = torch.cat([lin(x[r:r + 1]) for r in range(16)])
+        for m in (2, 3, 4, 5, 7, 9, 16):
+            assert torch.equal(lin(x[:m]), alone[:m])
