@@ -22,7 +22,7 @@ from .native import kernel, kernel_threads, set_kernel_threads
 
 __all__ = ["DEQUANT_ROWS", "Int8Linear", "kernel", "quantize_int8", "set_kernel_threads"]
 
-DEQUANT_ROWS = 4096  # rows of W dequantized at a time for long inputs (of TILEs)
+DEQUANT_ROWS = 4096  # rows of W dequantized (and packed) at a time; a multiple of TILE
 
 
 TILE = 16  # output rows per tile of the packed (VNNI) layout
@@ -40,7 +40,8 @@ def pack_tiles(q: torch.Tensor) -> torch.Tensor:
         n = min(DEQUANT_ROWS, rows - o)
         blk = torch.full((n, cols), 128, dtype=torch.uint8)
         real = q[o:o + n]
-        blk[:real.shape[0], :n_in] = (real.to(torch.int16) + 128).to(torch.uint8)
+        # w + 128 as a byte is w's two's-complement byte with its top bit flipped
+        blk[:real.shape[0], :n_in] = real.view(torch.uint8).bitwise_xor(128)
         out[o // TILE:(o + n) // TILE] = blk.view(n // TILE, TILE, cols // 4, 4).permute(0, 2, 1, 3)
     return out
 
@@ -50,7 +51,6 @@ def unpack_tiles(tiles: torch.Tensor, n_out: int, n_in: int,
     """The int8 (out, in) rows `rows` of packed tiles (pack_tiles' inverse)."""
     start, stop, _ = rows.indices(n_out)
     t0, t1 = start // TILE, -(-stop // TILE)
-    # w + 128 with its top bit flipped is w's own two's-complement byte
     part = tiles[t0:t1].bitwise_xor(128).view(torch.int8)
     part = part.permute(0, 2, 1, 3).reshape((t1 - t0) * TILE, -1)
     return part[start - t0 * TILE:stop - t0 * TILE, :n_in]
@@ -108,20 +108,14 @@ class Int8Linear(nn.Module):
 
     def columns(self, idx: torch.Tensor) -> torch.Tensor:
         """Rows of the dequantized weight (embedding vectors of a tied model)."""
-        if self.packed:  # row o is lane o % 16 of tile o // 16
-            if idx.dim() == 1 and idx.device.type == "cpu":
-                ids = idx.to(torch.int64).contiguous()
-                out = torch.empty(len(ids), self.in_features)
-                if self._embed(self.qweight.data_ptr(), self.scale.data_ptr(),
-                               self.out_features, self.in_features, ids.data_ptr(),
-                               len(ids), out.data_ptr()) != 0:
-                    raise IndexError("token id outside the vocabulary")
-                return out
-            tiles = self.qweight[idx // TILE, :, idx % TILE, :]  # (n, in / 4, 4)
-            q = tiles.reshape(*idx.shape, -1)[..., :self.in_features].to(torch.int16) - 128
-        else:
-            q = self.qweight[idx]
-        return q.float() * self.scale[idx, None]
+        if not self.packed:
+            return self.qweight[idx].float() * self.scale[idx, None]
+        ids = idx.reshape(-1).to(torch.int64).contiguous()  # read out of the tiles in C
+        out = torch.empty(len(ids), self.in_features)
+        if self._embed(self.qweight.data_ptr(), self.scale.data_ptr(), self.out_features,
+                       self.in_features, ids.data_ptr(), len(ids), out.data_ptr()) != 0:
+            raise IndexError("token id outside the vocabulary")
+        return out.view(*idx.shape, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float().contiguous()

@@ -76,7 +76,7 @@ static void quantize_rows(const float *x, int m, int n_in, int8_t *xq, float *xs
     }
 }
 
-/* The weights are kept in tiles for VPDPBUSD (see cv_int8_pack): tile t holds output rows
+/* The weights are kept in tiles for VPDPBUSD (packed by codevista.models.quant.pack_tiles): tile t holds output rows
  * 16t..16t+15; for each group of four inputs it has 64 bytes, the four weights of each of
  * its 16 rows, each plus 128 (VPDPBUSD multiplies unsigned bytes by signed ones). One
  * VPDPBUSD of a tile's 64 bytes against four inputs of x broadcast to every lane adds
@@ -157,20 +157,15 @@ static void rows_vnni(const int8_t *xq, const float *xs, const int32_t *xsum, in
             __m512 acc[8];
             int g = m - r0 < 4 ? m - r0 : 4;
 #define CV_TILES(G_, TT_) vnni_tiles(tile, tile_bytes, xr, sr, cr, nb, G_, TT_, acc)
-            if (TT == 2) {
-                switch (g) {  /* constants: the sums stay in registers */
-                case 1: CV_TILES(1, 2); break;
-                case 2: CV_TILES(2, 2); break;
-                case 3: CV_TILES(3, 2); break;
-                default: CV_TILES(4, 2); break;
-                }
-            } else {
-                switch (g) {
-                case 1: CV_TILES(1, 1); break;
-                case 2: CV_TILES(2, 1); break;
-                case 3: CV_TILES(3, 1); break;
-                default: CV_TILES(4, 1); break;
-                }
+            switch (g * 2 + TT - 1) {  /* constants: the sums stay in registers */
+            case 2: CV_TILES(1, 1); break;
+            case 3: CV_TILES(1, 2); break;
+            case 4: CV_TILES(2, 1); break;
+            case 5: CV_TILES(2, 2); break;
+            case 6: CV_TILES(3, 1); break;
+            case 7: CV_TILES(3, 2); break;
+            case 8: CV_TILES(4, 1); break;
+            default: CV_TILES(4, 2); break;
             }
 #undef CV_TILES
             for (int k = 0; k < TT; k++) {
@@ -539,6 +534,12 @@ int cv_f32_simd(void)
 #endif
 }
 
+/* Weight j (0..15) of a tile's rows, input i, as the int8 it stands for */
+static inline int tile_weight(const uint8_t *tile, int j, int i)
+{
+    return (int)tile[(i / 4) * 64 + j * 4 + i % 4] - 128;
+}
+
 /* Rows o0..o1-1 of int8 weights kept in tiles (see vnni_tiles), dequantized: out
  * (o1 - o0, n_in) = q * scale, for the float32 matmul of long inputs (prefill). Returns 0,
  * or -1 for a bad range. */
@@ -547,14 +548,12 @@ int cv_int8_dequant(const uint8_t *tiles, const float *scale, int n_out, int n_i
 {
     if (o0 < 0 || o1 > n_out || o0 > o1) return -1;
     int64_t tile_bytes = (int64_t)((n_in + QB - 1) / QB) * QB * 16;
-    int whole = n_in / 4;  /* groups of four inputs, all real */
     for (int t = o0 / 16; t * 16 < o1; t++) {
         const uint8_t *tile = tiles + t * tile_bytes;
-        int r0 = t * 16;
+        int r0 = t * 16, done = 0;  /* inputs converted 4 at a time below */
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-        /* per quarter of a group's 64 bytes (rows 4q..4q+3, four inputs each): their
-         * scales, each repeated four times */
-        __m512 sq[4];
+        /* a group's 64 bytes in quarters: rows 4q..4q+3, four inputs each */
+        __m512 sq[4];  /* those rows' scales, each four times */
         for (int q = 0; q < 4; q++) {
             float sc[16];
             for (int i = 0; i < 16; i++) {
@@ -563,41 +562,26 @@ int cv_int8_dequant(const uint8_t *tiles, const float *scale, int n_out, int n_i
             }
             sq[q] = _mm512_loadu_ps(sc);
         }
-        const __m512i flip = _mm512_set1_epi8((char)0x80);
-        for (int k = 0; k < whole; k++) {
-            __m512i b = _mm512_xor_si512(_mm512_loadu_si512((const void *)(tile + k * 64)), flip);
+        const __m128i flip = _mm_set1_epi8((char)0x80);
+        for (done = 0; done + 4 <= n_in; done += 4) {
             for (int q = 0; q < 4; q++) {
-                __m128i part = _mm512_extracti32x4_epi32(b, 0);
-                if (q == 1) part = _mm512_extracti32x4_epi32(b, 1);
-                if (q == 2) part = _mm512_extracti32x4_epi32(b, 2);
-                if (q == 3) part = _mm512_extracti32x4_epi32(b, 3);
-                __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(part)), sq[q]);
-                for (int i = 0; i < 4; i++) {
-                    int o = r0 + 4 * q + i;
-                    if (o < o0 || o >= o1) continue;
-                    __m128 v = i == 0 ? _mm512_extractf32x4_ps(f, 0) : i == 1 ? _mm512_extractf32x4_ps(f, 1)
-                             : i == 2 ? _mm512_extractf32x4_ps(f, 2) : _mm512_extractf32x4_ps(f, 3);
-                    _mm_storeu_ps(out + (int64_t)(o - o0) * n_in + 4 * k, v);
-                }
+                __m128i b = _mm_xor_si128(
+                    _mm_loadu_si128((const __m128i *)(tile + done * 16 + 16 * q)), flip);
+                __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), sq[q]);
+                int o = r0 + 4 * q;  /* its four rows: the four quarters of f */
+#define CV_ROW(I) if (o + I >= o0 && o + I < o1) \
+                    _mm_storeu_ps(out + (int64_t)(o + I - o0) * n_in + done, _mm512_extractf32x4_ps(f, I))
+                CV_ROW(0); CV_ROW(1); CV_ROW(2); CV_ROW(3);
+#undef CV_ROW
             }
         }
-#else
-        for (int k = 0; k < whole; k++)
-            for (int j = 0; j < 16; j++) {
-                int o = r0 + j;
-                if (o < o0 || o >= o1) continue;
-                for (int c = 0; c < 4; c++)
-                    out[(int64_t)(o - o0) * n_in + 4 * k + c] =
-                        (float)((int)tile[k * 64 + j * 4 + c] - 128) * scale[o];
-            }
 #endif
-        for (int i = 4 * whole; i < n_in; i++)  /* the last, partial group */
-            for (int j = 0; j < 16; j++) {
-                int o = r0 + j;
-                if (o < o0 || o >= o1) continue;
-                out[(int64_t)(o - o0) * n_in + i] =
-                    (float)((int)tile[(i / 4) * 64 + j * 4 + i % 4] - 128) * scale[o];
-            }
+        for (int j = 0; j < 16; j++) {  /* the rest (everything without AVX-512) */
+            int o = r0 + j;
+            if (o < o0 || o >= o1) continue;
+            for (int i = done; i < n_in; i++)
+                out[(int64_t)(o - o0) * n_in + i] = (float)tile_weight(tile, j, i) * scale[o];
+        }
     }
     return 0;
 }
@@ -612,10 +596,9 @@ int cv_int8_embed(const uint8_t *tiles, const float *scale, int n_out, int n_in,
     for (int t = 0; t < T; t++) {
         int64_t id = ids[t];
         if (id < 0 || id >= n_out) return -1;
-        const uint8_t *lane = tiles + (id / 16) * tile_bytes + (id % 16) * 4;
+        const uint8_t *tile = tiles + (id / 16) * tile_bytes;
         float *o = out + (int64_t)t * n_in;
-        for (int i = 0; i < n_in; i++)
-            o[i] = (float)((int)lane[(i / 4) * 64 + i % 4] - 128) * scale[id];
+        for (int i = 0; i < n_in; i++) o[i] = (float)tile_weight(tile, (int)(id % 16), i) * scale[id];
     }
     return 0;
 }
