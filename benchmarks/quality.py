@@ -19,7 +19,10 @@ bpb        Bits per byte on the held-out files (`test.jsonl` of --corpus). Per l
            bytes = the UTF-8 bytes of the scored tokens, taken from the byte-level BPE
            vocabulary (each token's raw bytes; special tokens count 0 bytes but their NLL,
            e.g. of the final EOT, is counted), falling back to len(decode([id]).encode())
-           for tokens that are not byte-level. Also reported: bits per token.
+           for tokens that are not byte-level. Also reported: bits per token, and bits per
+           byte with "tagged" windows: after a file's first window, every window is one
+           token shorter and starts with the language tag (not scored), as every prompt the
+           server sends starts with it; a model trained only on tagged text is lost without.
 line       Single-line completion, CodeXGLUE line-level style. Per language --samples cut
            points: a line with >= 8 non-space characters is drawn (uniformly over all such
            lines of the language's held-out files) and cut at a random column between the
@@ -261,7 +264,6 @@ class Harness:
     # -- bits per byte ------------------------------------------------------------------
     def bpb(self, by_lang: dict[str, list[dict[str, str]]], langs: list[str]) -> dict[str, Any]:
         cfg = self.loaded.config
-        model = self.loaded.model
         window = min(cfg.max_position_embeddings, 1024, self.max_positions)
         token_bytes = TokenBytes(self.loaded)
         per_lang: dict[str, Any] = {}
@@ -291,28 +293,39 @@ class Harness:
                     for t, whole in texts]
             total_windows = sum(math.ceil(len(s) / window) for s in seqs)
             progress = Progress(f"bpb {lang}", total_windows)
-            nll = 0.0
-            scored_bytes = scored_tokens = 0
+            tag = self.encode(formats.plain(lang, ""))  # the language tag of every prompt
+            nll = nll_tagged = 0.0
+            scored_bytes = scored_tokens = tagged_bytes = 0
             for ids in seqs:
                 for s in range(0, len(ids), window):
                     win = ids[s:s + window]
                     progress.tick()
                     if len(win) < 2:
                         continue
-                    cache = KVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, len(win),
-                                    model.dtype, model.device)
-                    x = torch.tensor(win, dtype=torch.long, device=model.device)
-                    logits = model(x, cache, 0, all_logits=True)
-                    logp = torch.log_softmax(logits[:-1].float(), dim=-1)
-                    nll -= logp.gather(1, x[1:, None]).sum().item()
+                    nll += self.window_nll(win, 1)
                     scored_tokens += len(win) - 1
                     scored_bytes += sum(token_bytes(t) for t in win[1:])
+                # "tagged": the windows after a file's first one begin with the language
+                # tag, as every prompt of the server does (one tag shorter; tag not scored)
+                first = ids[:window]
+                if len(first) > 1 and tag and len(tag) < window:
+                    nll_tagged += self.window_nll(first, 1)
+                    tagged_bytes += sum(token_bytes(t) for t in first[1:])
+                    step = window - len(tag)
+                    for s in range(window, len(ids), step):
+                        win = ids[s:s + step]
+                        if len(win) < 2:
+                            continue
+                        nll_tagged += self.window_nll(tag + win, len(tag) + 1)
+                        tagged_bytes += sum(token_bytes(t) for t in win[1:])
             bits = nll / math.log(2)
             per_lang[lang] = {
                 "files": len(texts), "text_bytes": used, "scored_bytes": scored_bytes,
                 "scored_tokens": scored_tokens, "bits": round(bits, 1),
                 "bpb": round(bits / scored_bytes, 4) if scored_bytes else None,
-                "bits_per_token": round(bits / scored_tokens, 4) if scored_tokens else None}
+                "bits_per_token": round(bits / scored_tokens, 4) if scored_tokens else None,
+                "bpb_tagged": (round(nll_tagged / math.log(2) / tagged_bytes, 4)
+                               if tagged_bytes else None)}
         done = [v for v in per_lang.values() if v.get("bpb") is not None]
         return {"metric": "bpb", "window": window, "budget_bytes_per_lang": budget,
                 "per_lang": per_lang,
@@ -320,7 +333,20 @@ class Harness:
                               if done else None),
                 "micro_bpb": (round(sum(v["bits"] for v in done)
                                     / sum(v["scored_bytes"] for v in done), 4)
-                              if done else None)}
+                              if done else None),
+                "macro_bpb_tagged": (round(sum(v["bpb_tagged"] for v in done) / len(done), 4)
+                                     if done and all(v["bpb_tagged"] for v in done) else None)}
+
+    def window_nll(self, ids: list[int], first_scored: int) -> float:
+        """Negative log-likelihood (nats) of ids[first_scored:] given what precedes them,
+        in one forward pass from an empty cache."""
+        cfg, model = self.loaded.config, self.loaded.model
+        cache = KVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, len(ids), model.dtype,
+                        model.device)
+        x = torch.tensor(ids, dtype=torch.long, device=model.device)
+        logits = model(x, cache, 0, all_logits=True)
+        logp = torch.log_softmax(logits[first_scored - 1:-1].float(), dim=-1)
+        return -logp.gather(1, x[first_scored:, None]).sum().item()
 
     # -- single-line completion -----------------------------------------------------------
     def line_prompt(self, cp: CutPoint, before: str | None = None) -> list[int]:
@@ -486,15 +512,19 @@ def markdown(results: dict[str, Any]) -> str:
         r = results["bpb"]
         md += ["## Bits per byte (held-out test files)", "",
                f"Windows of {r['window']} tokens scored independently; macro "
-               f"{r['macro_bpb']}, micro {r['micro_bpb']}.", "",
-               "| lang | files | bytes scored | tokens | bits/byte | bits/token |",
-               "|---|---|---|---|---|---|"]
+               f"{r['macro_bpb']}, micro {r['micro_bpb']}. With the language tag at the "
+               f"start of every window (as every prompt of the server has it): macro "
+               f"{r.get('macro_bpb_tagged')}.", "",
+               "| lang | files | bytes scored | tokens | bits/byte | bits/token | "
+               "bits/byte, tagged windows |",
+               "|---|---|---|---|---|---|---|"]
         for lang, v in r["per_lang"].items():
             if v.get("files"):
                 md.append(f"| {lang} | {v['files']} | {v['scored_bytes']} | "
-                          f"{v['scored_tokens']} | {v['bpb']} | {v['bits_per_token']} |")
+                          f"{v['scored_tokens']} | {v['bpb']} | {v['bits_per_token']} | "
+                          f"{v.get('bpb_tagged')} |")
             else:
-                md.append(f"| {lang} | 0 | - | - | - | - |")
+                md.append(f"| {lang} | 0 | - | - | - | - | - |")
         md.append("")
     if "line" in results:
         r = results["line"]

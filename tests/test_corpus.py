@@ -226,3 +226,43 @@ def test_deb_source_reads_zip_inside_cached_deb(tmp_path: Path) -> None:
 def test_cli_rejects_unknown_language(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert corpus.main(["--out", str(tmp_path / "o"), "--langs", "python,cobol"]) == 2
     assert capsys.readouterr().out == ""
+
+
+def test_extra_python_keeps_held_out_data_out(tmp_path: Path) -> None:
+    """Extra train files from installed packages: packages of the corpus, vendored code,
+    exact copies of corpus files and files that mostly repeat held-out lines are dropped."""
+    out = tmp_path / "corpus"
+    out.mkdir()
+    held = "".join(f"    value_{i} = compute_something_long({i}, argument={i})\n"
+                   for i in range(30))
+    held_file = "def held_out():\n" + held
+    rows = {"train": [py_file(1)], "valid": [py_file(2)], "test": [held_file]}
+    for split, texts in rows.items():
+        (out / f"{split}.jsonl").write_text("".join(
+            json.dumps({"lang": "python", "source": "s", "path": f"{split}{i}.py",
+                        "text": t}) + "\n" for i, t in enumerate(texts)))
+    site = tmp_path / "site"
+    for pkg in ("alpha", "numpy", "pip/_vendor/six", "alpha/_vendor", "alpha/__pycache__"):
+        (site / pkg).mkdir(parents=True, exist_ok=True)
+    (site / "alpha" / "good.py").write_text(py_file(10))
+    (site / "alpha" / "copy_of_valid.py").write_text(py_file(2))
+    (site / "alpha" / "near_test.py").write_text("def renamed():\n" + held + "    return 1\n")
+    (site / "alpha" / "_vendor" / "vendored.py").write_text(py_file(11))
+    (site / "alpha" / "__pycache__" / "cached.py").write_text(py_file(12))
+    (site / "numpy" / "corpus_package.py").write_text(py_file(13))
+    (site / "pip" / "_vendor" / "six" / "six.py").write_text(py_file(14))
+    (site / "single_module.py").write_text(py_file(15))
+    (site / "alpha-1.0.dist-info").mkdir()
+    (site / "alpha-1.0.dist-info" / "top_level.txt").write_text("alpha\n")
+    target = tmp_path / "extra.jsonl"
+    entry = corpus.extra_python([site], out, target)
+    kept = {r["path"]: r for r in read_jsonl(target)}
+    assert set(kept) == {"alpha/good.py", "single_module.py"}
+    assert kept["alpha/good.py"]["text"] == py_file(10)
+    assert entry["dropped"] == {"duplicate": 1, "near_heldout": 1}
+    assert entry["packages"]["alpha"]["dist"] == "alpha 1.0"
+    # a cap keeps a seeded selection spread over the packages, the same every time
+    capped = tmp_path / "capped.jsonl"
+    one = corpus.extra_python([site], out, capped, max_bytes=1)
+    assert len(read_jsonl(capped)) == 1 and one["bytes"] > 0
+    assert corpus.extra_python([site], out, tmp_path / "again.jsonl", max_bytes=1) == one

@@ -164,6 +164,7 @@ def test_quality_harness_end_to_end(tmp_path):
     assert bpb["rust"]["files"] == 0  # no held-out rust files in this corpus
     for lang in ("python", "java", "go"):
         assert bpb[lang]["bpb"] > 0 and bpb[lang]["scored_bytes"] > 0
+        assert bpb[lang]["bpb_tagged"] > 0
         assert bpb[lang]["text_bytes"] <= 1500
         assert results["line"]["per_lang"][lang]["n"] == 3
         assert 0 <= results["line"]["per_lang"][lang]["edit_sim"] <= 100

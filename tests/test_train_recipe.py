@@ -154,3 +154,73 @@ def test_pair_fraction_without_pairs_stream_is_refused(prepared: Path, tmp_path:
     with pytest.raises(SystemExit, match="run `pairs` first"):
         recipe.main(["train", "--run", str(run), "--steps", "2", "--pair-fraction", "0.5",
                      *TINY])
+
+
+def test_prepare_reuses_a_tokenizer_and_adds_extra_files(prepared: Path, tmp_path: Path):
+    """A larger run keeps the shipped model's token ids and reads more train files."""
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    corpus = Path(json.loads((prepared / "prepare.json").read_text())["corpus"])
+    pairs = Path(json.loads((prepared / "prepare.json").read_text())["pairs"])
+    marker = "def extra_function_only_in_the_extra_file(zebra):\n    return zebra\n"
+    extra = tmp_path / "extra.jsonl"
+    extra.write_text(json.dumps({"lang": "python", "source": "x", "path": "x.py",
+                                 "text": marker * 3}) + "\n")
+    run = tmp_path / "run"
+    recipe.main(["prepare", "--corpus", str(corpus), "--pairs", str(pairs), "--run", str(run),
+                 "--scale", "1", "--tokenizer", str(prepared / "tokenizer"),
+                 "--extra", str(extra)])
+    assert ((run / "tokenizer" / "tokenizer.json").read_bytes()
+            == (prepared / "tokenizer" / "tokenizer.json").read_bytes())
+    info = json.loads((run / "prepare.json").read_text())
+    assert info["vocab"] == Tokenizer.from_file(
+        str(prepared / "tokenizer" / "tokenizer.json")).get_vocab_size()
+    assert info["extra"] == [str(extra)]
+    tok = Tokenizer.from_file(str(run / "tokenizer" / "tokenizer.json"))
+    train_text = tok.decode(np.load(run / "train.tokens.npy").tolist(),
+                            skip_special_tokens=False)
+    valid_text = tok.decode(np.load(run / "valid.tokens.npy").tolist(),
+                            skip_special_tokens=False)
+    assert "zebra" in train_text and "zebra" not in valid_text
+
+
+def test_time_budget_fixes_the_total_from_the_measured_rate(monkeypatch: pytest.MonkeyPatch):
+    clock = [1000.0]
+    monkeypatch.setattr(recipe.time, "time", lambda: clock[0])
+    b = recipe.TimeBudget(100.0, None, 10_000, 0)
+    assert b.total == 10_000
+    fixed_at = None
+    for step in range(1, 10_000):
+        clock[0] += 0.5  # half a second a step
+        if b.tick(step) and fixed_at is None:
+            fixed_at = step
+        if step >= b.total:
+            break
+    assert fixed_at == b.SKIP + b.CALIBRATE
+    # 100 s less the reserve, at 0.5 s a step: about 184 steps, ending inside the budget
+    assert abs(b.total - 100 * (1 - b.RESERVE) / 0.5) <= 2
+    assert clock[0] - 1000.0 <= 100.0
+    # a resumed run keeps the total it fixed
+    assert recipe.TimeBudget(100.0, 184, 10_000, 50).total == 184
+
+
+def test_time_budget_measures_again_and_stops_a_slowed_run(monkeypatch: pytest.MonkeyPatch):
+    clock = [0.0]
+    monkeypatch.setattr(recipe.time, "time", lambda: clock[0])
+    b = recipe.TimeBudget(100.0, None, 10_000, 0)
+    step = 0
+    while step < b.total:
+        step += 1
+        # slow during calibration (start-up work beside it), then twice as fast
+        clock[0] += 0.5 if step <= b.SKIP + b.CALIBRATE else 0.25
+        b.tick(step)
+    assert step == b.total and clock[0] <= 100.0
+    assert step > 300  # re-measured: far more than the 184 steps of the first rate
+    slow = recipe.TimeBudget(100.0, None, 10_000, 0)
+    step = 0
+    while step < slow.total:
+        step += 1
+        clock[0] += 0.5 if step <= 100 else 2.0  # slows down after it was measured
+        slow.tick(step)
+    assert slow.total == step and step < 184

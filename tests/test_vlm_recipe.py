@@ -178,3 +178,226 @@ def test_the_shipped_vlm_loads_and_answers():
         out = engine.generate(ids, SamplingParams(max_new_tokens=24),
                               images=[loaded.vision.preprocess(s.image)])
     assert out.generated_tokens > 0 and out.finish_reason in ("stop", "length")
+
+
+# The GPU options of `train`: batch workers, a time budget, bf16 autocast, a guarded
+# torch.compile and a start from an exported VLM, all tested on the CPU.
+
+SHIPPED_VLM = ROOT / "models" / "default" / "vlm"
+needs_shipped_vlm = pytest.mark.skipif(not (SHIPPED_VLM / "model.safetensors").is_file(),
+                                       reason="the default VLM is not shipped in this checkout")
+# the flags of the last shipped stage, and a scene share, so every branch of draw() runs
+MIX = dict(ocr_rate=0.9, novel_words=0.8, diagram_share=0.3, scene_share=0.5)
+
+
+def _train_args(run: Path, *extra: str):
+    from codevista.models.train import vlm
+
+    return vlm.parser().parse_args(["train", "--run", str(run), "--device", "cpu", *extra])
+
+
+def test_batch_workers_give_the_in_process_batches_in_step_order(tmp_path):
+    import time
+
+    from codevista.models.tokenizer import Tokenizer
+    from codevista.models.train.vlm import Batcher, BatchPool, Prefetcher, train_seeds
+
+    tok_dir = ROOT / "models" / "default" / "code"
+    kw = dict(tokens_per_image=100, **MIX)
+    batcher = Batcher(Tokenizer.from_dir(tok_dir), **kw)
+    with BatchPool(tok_dir, kw, batch=3, workers=2, depth=3) as pool:
+        for step in range(6):
+            got = pool.get(step, limit=8)
+            want = batcher.batch("train", train_seeds(step, 3))
+            assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True)), step
+        # the training loop's path: a thread takes them from the pool, ahead, in order
+        with Prefetcher(pool, 6, limit=100, pin=False) as ahead:
+            for step in (6, 7, 8):
+                got = ahead.get(step)
+                want = batcher.batch("train", train_seeds(step, 3))
+                assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True)), step
+            ahead.limit = 9  # a time budget fixed the total: the thread stops
+            ahead.thread.join(timeout=30)
+            assert not ahead.thread.is_alive()
+        procs = list(pool.procs)
+    assert procs and not any(p.is_alive() for p in procs)  # stopped at the end
+    # Without room in /dev/shm the batches come through the pipe, the same.
+    with BatchPool(tok_dir, kw, batch=2, workers=1, shm=False) as pool:
+        for step in (0, 1):
+            got = pool.get(step)
+            want = batcher.batch("train", train_seeds(step, 2))
+            assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True)), step
+    # A failing worker raises in the training process, and the pool still stops.
+    t = time.time()
+    with pytest.raises(RuntimeError, match="batch worker"):
+        with BatchPool(tmp_path / "no-tokenizer", kw, batch=2, workers=1) as pool:
+            procs = list(pool.procs)
+            pool.get(0)
+    assert not any(p.is_alive() for p in procs) and time.time() - t < 60
+
+
+def test_planned_total_fits_the_budget():
+    from codevista.models.train.vlm import planned_total
+
+    # 100 s budget, 10 s used, 2 s a checkpoint (one at the end, one per 100 steps), a
+    # margin of 4 s: 84 s left at 0.12 s a step
+    assert planned_total(25, 0.1, 2.0, 10.0, 100.0, 100, 10**6) == 25 + 700
+    assert planned_total(25, 0.1, 2.0, 10.0, 100.0, 100, 300) == 300  # --steps bounds it
+    assert planned_total(25, 0.1, 2.0, 99.0, 100.0, 100, 10**6) == 25  # out of time
+
+
+@needs_shipped_vlm
+def test_a_time_budget_fixes_the_total_and_the_run_ends_within_it(tmp_path, monkeypatch,
+                                                                   capsys):
+    import json
+    import time
+
+    from codevista.models.train import vlm
+
+    monkeypatch.setattr(vlm, "CALIBRATION_SKIP", 1)
+    monkeypatch.setattr(vlm, "CALIBRATION_STEPS", 3)
+    monkeypatch.setattr(vlm, "HELD_OUT_SEEDS", range(10_000, 10_002))
+    run, budget = tmp_path / "run", 8.0
+    # warm-up 2 < the 4 steps timed: the steps between run at the peak LR
+    args = _train_args(run, "--init-vlm", str(SHIPPED_VLM), "--steps", "100000", "--batch",
+                       "1", "--warmup", "2", "--workers", "1", "--time-budget", str(budget),
+                       "--log-every", "1", "--save-every", "1000", "--ocr-rate", "0.9")
+    t = time.time()
+    vlm.train(args)
+    took = time.time() - t
+    err = capsys.readouterr().err
+    state = json.loads((run / "ckpt" / "state.json").read_text())
+    assert "time budget 8 s:" in err and f"-> {state['total']} steps" in err
+    assert 4 <= state["step"] <= state["total"] < 100000
+    assert took < budget + 10  # the margin, and a loaded test machine
+    assert state["valid_loss"][-1][0] == state["step"]  # evaluated and saved at the end
+    # Resuming keeps the fixed total (and does not time the steps again).
+    vlm.train(args)
+    again = json.loads((run / "ckpt" / "state.json").read_text())
+    assert again["total"] == state["total"] and again["step"] <= state["total"]
+    assert "time budget 8 s:" not in capsys.readouterr().err
+
+
+@needs_shipped_vlm
+def test_init_vlm_continues_the_shipped_model_and_exports_it_unchanged(tmp_path):
+    import json
+
+    from codevista.models.train import vlm
+    from safetensors.torch import load_file
+
+    shipped = load_file(str(SHIPPED_VLM / "model.safetensors"))
+    model, _ = vlm.build(tmp_path / "direct", ROOT / "models" / "default" / "code",
+                         SHIPPED_VLM)
+    own = model.state_dict()
+    assert set(shipped) - set(own) == {"vision_tower.post_layernorm.weight",
+                                       "vision_tower.post_layernorm.bias"}
+    assert all(torch.equal(own[k], shipped[k]) for k in own)
+    assert vlm.shape_of(SHIPPED_VLM) == vlm.shape_of(tmp_path / "direct" / "tokenizer")
+
+    # 0 steps, then export: the same weights and files; the same held-out loss as shipped.
+    run, out = tmp_path / "run", tmp_path / "out"
+    vlm.train(_train_args(run, "--init-vlm", str(SHIPPED_VLM), "--steps", "0",
+                          "--ocr-rate", "0.9", "--export-to", str(out)))
+    again = load_file(str(out / "model.safetensors"))
+    assert set(again) == set(shipped)
+    assert all(torch.equal(again[k], shipped[k]) for k in shipped)
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json",
+                 "generation_config.json", "preprocessor_config.json"):
+        assert (out / name).read_text() == (SHIPPED_VLM / name).read_text(), name
+    shipped_loss = json.loads((SHIPPED_VLM / "training.json").read_text())[
+        "final_held_out_loss"]
+    got = json.loads((out / "training.json").read_text())["final_held_out_loss"]
+    assert abs(got - shipped_loss) < 1e-4
+
+
+@needs_shipped_vlm
+def test_amp_is_off_on_cpu_and_a_failing_compile_falls_back_to_eager(tmp_path, monkeypatch,
+                                                                      caplog):
+    import json
+    import logging
+
+    from codevista.models.train import vlm
+
+    assert vlm.parser().parse_args(["train", "--run", "r"]).amp is None
+    assert vlm.amp_of("cpu", None) == "none"
+    assert vlm.amp_of("cuda", None) == vlm.amp_of("cuda:0", None) == "bf16"
+    assert vlm.amp_of("cuda", "none") == "none"
+
+    # Under bf16 autocast the loss is float32 (the logits are cast before the loss).
+    model, tok = vlm.build(tmp_path / "m", ROOT / "models" / "default" / "code", SHIPPED_VLM)
+    batch = vlm.Batcher(tok, model.vision_tower.cfg.num_patches).batch("train", [0, 1])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(*batch)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert model.multi_modal_projector.linear_1.weight.dtype == torch.float32
+
+    def broken_compile(m, *a, **k):
+        def fails(*args, **kwargs):
+            raise RuntimeError("inductor: no working C compiler")
+        return fails
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(vlm, "HELD_OUT_SEEDS", range(10_000, 10_002))
+    run = tmp_path / "run"
+    with caplog.at_level(logging.INFO, logger="codevista.train.vlm"):
+        vlm.train(_train_args(run, "--init-vlm", str(SHIPPED_VLM), "--steps", "2",
+                              "--batch", "1", "--compile", "--amp", "bf16",
+                              "--log-every", "1"))
+    assert "compiled model failed" in caplog.text and "amp bf16" in caplog.text
+    state = json.loads((run / "ckpt" / "state.json").read_text())
+    assert state["step"] == 2 and all(np.isfinite(v) for _, v in state["train_loss"])
+    weights = load_weights(run)
+    assert all(v.dtype == torch.float32 for v in weights.values())
+
+
+def load_weights(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "ckpt" / "model.safetensors"))
+
+
+@needs_shipped_vlm
+def test_an_error_in_the_training_loop_stops_the_batch_workers(tmp_path, monkeypatch):
+    import multiprocessing
+
+    from codevista.models.train import vlm
+
+    calls = []
+
+    def clip_fails(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA error: an illegal memory access")
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_fails)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        vlm.train(_train_args(tmp_path / "run", "--init-vlm", str(SHIPPED_VLM), "--steps",
+                              "50", "--batch", "1", "--workers", "2"))
+    assert not [p for p in multiprocessing.active_children()
+                if p.name.startswith("vlm-batch")]
+
+
+@needs_shipped_vlm
+def test_failing_batch_workers_leave_the_run_to_draw_in_process(tmp_path, monkeypatch,
+                                                                caplog):
+    import json
+    import logging
+    import multiprocessing
+
+    from codevista.models.train import vlm
+
+    def fails(self, step):
+        raise RuntimeError("batch worker vlm-batch-0 died (exit code -7)")
+
+    monkeypatch.setattr(vlm, "HELD_OUT_SEEDS", range(10_000, 10_002))
+    base = ["--init-vlm", str(SHIPPED_VLM), "--steps", "2", "--batch", "1", "--log-every", "1"]
+    vlm.train(_train_args(tmp_path / "plain", *base))
+    monkeypatch.setattr(vlm.Prefetcher, "get", fails)
+    with caplog.at_level(logging.INFO, logger="codevista.train.vlm"):
+        vlm.train(_train_args(tmp_path / "run", *base, "--workers", "1"))
+    assert "batch workers failed" in caplog.text
+    assert not [p for p in multiprocessing.active_children()
+                if p.name.startswith("vlm-batch")]
+    losses = [json.loads((tmp_path / r / "ckpt" / "state.json").read_text())["train_loss"]
+              for r in ("plain", "run")]
+    assert losses[0] == losses[1] and len(losses[0]) == 2

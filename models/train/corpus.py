@@ -522,6 +522,98 @@ def build(sources: Sequence[Source], out: Path, cache: Path = DEFAULT_CACHE, *, 
     return manifest
 
 
+# --- extra Python for a larger run --------------------------------------------------------
+
+# never taken as extra data: packages already in the corpus (their held-out files would
+# leak), installers with vendored copies of other projects, and build leftovers
+EXTRA_EXCLUDE = frozenset({"pygls", "lsprotocol", "tokenizers", "safetensors", "numpy",
+                           "pip", "setuptools", "pkg_resources", "_distutils_hack", "wheel",
+                           "codevista"})
+EXTRA_PRUNE = ("__pycache__", "_vendor", "vendor", "vendored", "_vendored", "site-packages")
+HELDOUT_LINE_MIN = 25   # characters of a stripped line that counts in the overlap check
+HELDOUT_OVERLAP = 0.2   # a file sharing this share of its counted lines is dropped
+
+
+def _line_hashes(text: str) -> set[int]:
+    return {hash(s) for s in (line.strip() for line in text.split("\n"))
+            if len(s) >= HELDOUT_LINE_MIN}
+
+
+def extra_python(roots: Sequence[Path], corpus: Path, out: Path,
+                 max_bytes: int | None = None, seed: int = 0) -> dict[str, object]:
+    """Gather the Python of installed packages under ``roots`` (site-packages folders)
+    into ``out`` (JSONL, train only), for a run with more compute than the corpus feeds.
+
+    The corpus's own split stays the only held-out data: packages that are in the corpus
+    are skipped, files equal to any corpus file are dropped, and so is any file that
+    shares at least HELDOUT_OVERLAP of its lines with the valid or test files (copies of
+    stdlib or corpus modules inside other packages). The same quality filters as the
+    corpus apply. Returns a manifest entry with the packages, versions and counts."""
+    seen: set[str] = set()
+    held_lines: set[int] = set()
+    for split in SPLITS:
+        with (corpus / f"{split}.jsonl").open(encoding="utf-8") as f:
+            for line in f:
+                text = json.loads(line)["text"]
+                seen.add(content_key(text))
+                if split != "train":
+                    held_lines |= _line_hashes(text)
+    versions: dict[str, str] = {}
+    for root in roots:
+        for info in sorted(Path(root).glob("*.dist-info")):
+            name, _, version = info.name.removesuffix(".dist-info").partition("-")
+            top = info / "top_level.txt"
+            for module in (top.read_text().split() if top.is_file() else [name]):
+                versions.setdefault(module, f"{name} {version}")
+    candidates: list[tuple[str, str, Path, Path]] = []  # (rank, module, root, path)
+    for root in roots:
+        for top in sorted(Path(root).iterdir()):
+            module = top.name.removesuffix(".py")
+            if (module in EXTRA_EXCLUDE or module.startswith(("_", "."))
+                    or "-" in top.name or not (top.is_dir() or top.suffix == ".py")):
+                continue
+            paths = [top] if top.is_file() else sorted(
+                p for p in top.rglob("*.py")
+                if not set(p.relative_to(top).parts[:-1]) & set(EXTRA_PRUNE))
+            for path in paths:
+                rel = path.relative_to(root).as_posix()
+                candidates.append((rank(rel, seed), module, Path(root), path))
+    # under a cap, files in a seeded order spread over all packages (not the first ones
+    # in the alphabet)
+    candidates.sort()
+    packages: Counter[str] = Counter()
+    dropped: Counter[str] = Counter()
+    total = 0
+    with out.open("w", encoding="utf-8") as dst:
+        for _, module, root, path in candidates:
+            if max_bytes is not None and total >= max_bytes:
+                break
+            text, reason = clean(path.read_bytes())
+            key = content_key(text) if text is not None else ""
+            if text is None or key in seen:
+                dropped[reason or "duplicate"] += 1
+                continue
+            lines = _line_hashes(text)
+            if len(lines) >= 5 and len(lines & held_lines) >= HELDOUT_OVERLAP * len(lines):
+                dropped["near_heldout"] += 1
+                continue
+            seen.add(key)
+            dst.write(json.dumps({"lang": "python", "source": module,
+                                  "path": path.relative_to(root).as_posix(),
+                                  "text": text}) + "\n")
+            nbytes = len(text.encode("utf-8"))
+            packages[module] += nbytes
+            total += nbytes
+    entry = {"roots": [str(r) for r in roots], "bytes": total, "seed": seed,
+             "max_bytes": max_bytes, "candidates": len(candidates),
+             "packages": {m: {"bytes": b, "dist": versions.get(m, "")}
+                          for m, b in sorted(packages.items())},
+             "dropped": dict(sorted(dropped.items()))}
+    log.info("extra python: %.1f MB from %d packages; dropped %s", total / 1e6,
+             len(packages), dict(dropped))
+    return entry
+
+
 def summary(manifest: dict[str, object]) -> dict[str, object]:
     """The one-line stdout summary of a manifest."""
     counts: dict[str, dict[str, dict[str, int]]] = manifest["counts"]  # type: ignore[assignment]
@@ -545,6 +637,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the split hash")
     parser.add_argument("--valid-frac", type=float, default=0.01)
     parser.add_argument("--test-frac", type=float, default=0.01)
+    parser.add_argument("--extra-python", type=Path, nargs="+", metavar="SITE_PACKAGES",
+                        help="instead of building: gather the Python of the packages in these "
+                             "folders as extra train data, checked against the corpus in --out")
+    parser.add_argument("--extra-out", type=Path, help="JSONL written by --extra-python")
+    parser.add_argument("--extra-mb", type=float, default=0.0, help="cap in MB (0: none)")
     return parser.parse_args(argv)
 
 
@@ -557,6 +654,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         log.error("unknown languages %s (known: %s)", unknown, ",".join(ALL_LANGS))
         return 2
+    if args.extra_python:
+        if args.extra_out is None:
+            log.error("--extra-python needs --extra-out")
+            return 2
+        entry = extra_python(args.extra_python, args.out, args.extra_out,
+                             int(args.extra_mb * 1e6) or None, args.seed)
+        args.extra_out.with_suffix(".manifest.json").write_text(json.dumps(entry, indent=1))
+        print(json.dumps({"bytes": entry["bytes"], "packages": len(entry["packages"])}))
+        return 0
     cap = int(args.max_mb_per_lang * 2**20) if args.max_mb_per_lang > 0 else None
     command = ["python", "-m", "codevista.models.train.corpus",
                *(sys.argv[1:] if argv is None else argv)]

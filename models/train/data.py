@@ -101,10 +101,16 @@ def render_pair(src_lang: str, src: str, tgt_lang: str, tgt: str) -> str:
 
 
 def build_samples(corpus: Path, pairs: Path, split: str, lang_bytes: dict[str, int],
-                  pair_passes: int, seed: int) -> list[str]:
+                  pair_passes: int, seed: int, extra: tuple[Path, ...] = ()) -> list[str]:
+    """`extra`: JSONL files of more train files (corpus.extra_python), added to their
+    languages before the budgets apply; never used for the valid split."""
     rng = random.Random(seed)
     samples: list[str] = []
     by_lang = read_corpus(corpus / f"{split}.jsonl")
+    if split == "train":
+        for path in extra:
+            for lang, texts in read_corpus(path).items():
+                by_lang[lang].extend(texts)
     for lang in sorted(by_lang):
         files = by_lang[lang]
         rng.shuffle(files)

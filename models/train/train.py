@@ -23,6 +23,7 @@ from a generator seeded by (seed, step), so a resumed run sees the same data.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -53,17 +54,28 @@ def prepare(args: argparse.Namespace) -> None:
     run: Path = args.run
     run.mkdir(parents=True, exist_ok=True)
     tok_dir = run / "tokenizer"
-    train_tokenizer(args.corpus, args.pairs, tok_dir, vocab=args.vocab, seed=args.seed)
+    vocab = args.vocab
+    if args.tokenizer is not None:  # reuse a fitted tokenizer (the shipped model's ids)
+        tok_dir.mkdir(exist_ok=True)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(args.tokenizer / name, tok_dir / name)
+        from tokenizers import Tokenizer
+
+        vocab = Tokenizer.from_file(str(tok_dir / "tokenizer.json")).get_vocab_size()
+    else:
+        train_tokenizer(args.corpus, args.pairs, tok_dir, vocab=vocab, seed=args.seed)
     budgets = {k: int(v * args.scale * 1e6) for k, v in LANG_BYTES.items()}
     for split, passes in (("train", args.pair_passes), ("valid", 1)):
         b = budgets if split == "train" else {k: 2_000_000 for k in budgets}
-        samples = build_samples(args.corpus, args.pairs, split, b, passes, args.seed)
+        samples = build_samples(args.corpus, args.pairs, split, b, passes, args.seed,
+                                tuple(args.extra))
         n_tokens, n_samples = tokenize(samples, tok_dir / "tokenizer.json", run / split)
         log.info("%s: %d samples, %.1fM tokens", split, n_samples, n_tokens / 1e6)
     (run / "prepare.json").write_text(json.dumps(
-        {"corpus": str(args.corpus), "pairs": str(args.pairs), "vocab": args.vocab,
+        {"corpus": str(args.corpus), "pairs": str(args.pairs), "vocab": vocab,
          "scale": args.scale, "pair_passes": args.pair_passes, "seed": args.seed,
-         "lang_bytes": budgets}, indent=1))
+         "lang_bytes": budgets, "extra": [str(p) for p in args.extra],
+         "tokenizer": str(args.tokenizer) if args.tokenizer else None}, indent=1))
 
 
 def prepare_pairs(args: argparse.Namespace) -> None:
@@ -172,6 +184,73 @@ def evaluate(model: CodeLM, valid: Batches, batch: int, device: str, n: int = 4)
     return sum(losses) / len(losses)
 
 
+def amp_context(mode: str, device: str):
+    """bf16 autocast on CUDA (weights and optimizer stay float32); nothing on CPU."""
+    if mode == "auto":
+        mode = "bf16" if str(device).startswith("cuda") else "none"
+    if mode == "bf16":
+        return lambda: torch.autocast(str(device).split(":")[0], dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+class TimeBudget:
+    """The number of steps of a run that must end within `seconds` of its start.
+
+    With a budget, the total is fixed once, from the step rate measured over CALIBRATE
+    steps after SKIP warm-up steps (compilation, allocator), keeping RESERVE of the budget
+    for evaluations and checkpoints; until then the total is `max_steps` (the schedule's
+    warm-up does not depend on it). A resumed run keeps the total it fixed."""
+
+    SKIP, CALIBRATE, RESERVE = 5, 20, 0.08
+
+    def __init__(self, seconds: float | None, fixed: int | None, max_steps: int,
+                 first_step: int) -> None:
+        self.seconds, self.total = seconds, fixed or max_steps
+        self.pending = seconds is not None and fixed is None
+        self.start, self.first = time.time(), first_step
+        self.t0: float | None = None
+        self.seconds_per_step = 0.0
+        self.max_steps = max_steps
+        self.again: tuple[int, float, int] | None = None
+
+    def tick(self, step: int) -> bool:
+        """Called after each step; True when the total was just fixed or cut. A run that
+        slows down after calibration (a shared machine) stops at the budget regardless."""
+        if self.seconds is not None and not self.pending and step < self.total and (
+                time.time() - self.start > self.seconds * (1 - self.RESERVE / 2)):
+            self.total = step
+            return True
+        if not self.pending:
+            return self.measure_again(step)
+        done = step - self.first
+        if done == self.SKIP:
+            self.t0 = time.time()
+        elif done == self.SKIP + self.CALIBRATE and self.t0 is not None:
+            now = time.time()
+            self.seconds_per_step = (now - self.t0) / self.CALIBRATE
+            left = self.seconds * (1 - self.RESERVE) - (now - self.start)
+            self.total = max(step + 1, min(self.total,
+                                           step + int(left / self.seconds_per_step)))
+            self.pending = False
+            # measured once more over a longer stretch (the first steps can run beside
+            # other start-up work on a shared machine)
+            if self.total - step > 40:
+                self.again = (step, now, step + (self.total - step) // 3)
+            return True
+        return False
+
+    def measure_again(self, step: int) -> bool:
+        """At a third of the run: the total from the rate since the first measurement."""
+        if self.again is None or step != self.again[2]:
+            return False
+        now = time.time()
+        self.seconds_per_step = (now - self.again[1]) / (step - self.again[0])
+        left = self.seconds * (1 - self.RESERVE) - (now - self.start)
+        self.total = max(step + 1, min(self.max_steps, step + int(left / self.seconds_per_step)))
+        self.again = None
+        return True
+
+
 def train(args: argparse.Namespace) -> None:
     run: Path = args.run
     device = args.device
@@ -210,11 +289,16 @@ def train(args: argparse.Namespace) -> None:
                   if (run / "pairs-valid.tokens.npy").is_file() else None)
     restart = checked_restart(args)
     step_fn = torch.compile(model) if args.compile else model
+    amp = amp_context(args.amp, device)
+    if str(device).startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+    budget = TimeBudget(args.time_budget, state.get("total_steps"), args.steps,
+                        state["step"])
     t_last = time.time()
     running: list[float] = []
-    while state["step"] < args.steps:
+    while state["step"] < budget.total:
         step = state["step"]
-        lr = lr_at(step, args.steps, args.lr, args.warmup, args.lr / 10, restart)
+        lr = lr_at(step, budget.total, args.lr, args.warmup, args.lr / 10, restart)
         for g in opt.param_groups:
             g["lr"] = lr
         rng = np.random.default_rng([args.seed, step])
@@ -222,12 +306,30 @@ def train(args: argparse.Namespace) -> None:
         if pair_data is not None:
             px, py = pair_data.get(rng, n_pairs)
             x, y = torch.cat([x, px]), torch.cat([y, py])
-        _, loss = step_fn(x.to(device), y.to(device))
-        assert loss is not None
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        try:
+            with amp():
+                _, loss = step_fn(x, y)
+            assert loss is not None
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        except Exception:
+            if step_fn is model:
+                raise
+            # a compiler that fails on this machine: the same step, eagerly
+            log.exception("compiled step failed; continuing without torch.compile")
+            step_fn = model
+            opt.zero_grad(set_to_none=True)
+            with amp():
+                _, loss = model(x, y)
+            assert loss is not None
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        if budget.tick(step + 1):
+            state["total_steps"] = budget.total
+            log.info("time budget: %d steps in all (%.3f s a step, measured)", budget.total,
+                     budget.seconds_per_step)
         running.append(float(loss.detach()))
         state["step"] = step + 1
         state["tokens"] += args.batch * args.seq_len
@@ -240,14 +342,16 @@ def train(args: argparse.Namespace) -> None:
             state["train_loss"].append([state["step"], avg])
             running = []
             tps = args.log_every * args.batch * args.seq_len / dt
-            print(f"step {state['step']}/{args.steps} loss {avg:.3f} lr {lr:.2e} "
+            print(f"step {state['step']}/{budget.total} loss {avg:.3f} lr {lr:.2e} "
                   f"{tps:.0f} tok/s", file=sys.stderr, flush=True)
-        if state["step"] % args.save_every == 0 or state["step"] == args.steps:
-            vl = evaluate(model, valid_data, args.batch, device)
+        if state["step"] % args.save_every == 0 or state["step"] == budget.total:
+            with amp():
+                vl = evaluate(model, valid_data, args.batch, device)
             state["valid_loss"].append([state["step"], vl])
             msg = f"step {state['step']} valid loss {vl:.3f}"
             if pair_valid is not None:
-                pl = evaluate(model, pair_valid, args.batch, device, n=2)
+                with amp():
+                    pl = evaluate(model, pair_valid, args.batch, device, n=2)
                 state.setdefault("pair_valid_loss", []).append([state["step"], pl])
                 msg += f", translation valid loss {pl:.3f}"
             print(msg, file=sys.stderr, flush=True)
@@ -276,6 +380,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--scale", type=float, default=1.0, help="multiplies LANG_BYTES")
     p.add_argument("--pair-passes", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--extra", type=Path, nargs="*", default=[],
+                   help="more train files (JSONL from `corpus --extra-python`)")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="reuse this fitted tokenizer instead of fitting one")
     t = sub.add_parser("train")
     t.add_argument("--run", type=Path, required=True)
     t.add_argument("--steps", type=int, default=3000)
@@ -297,6 +405,11 @@ def main(argv: list[str] | None = None) -> None:
                    help="share of each batch drawn from the pairs stream (see `pairs`)")
     t.add_argument("--restart", type=int, default=None,
                    help="start a new warm-up and cosine schedule at this step")
+    t.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="fix the number of steps (at most --steps) so that the run ends "
+                        "within this many seconds, from its measured step rate")
+    t.add_argument("--amp", choices=("auto", "bf16", "none"), default="auto",
+                   help="bf16 autocast (auto: on CUDA only)")
     q = sub.add_parser("pairs")
     q.add_argument("--pairs", type=Path, required=True)
     q.add_argument("--run", type=Path, required=True)

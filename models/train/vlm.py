@@ -1,7 +1,9 @@
 """The training recipe of the default vision model: LLaVA-shaped, from generated images.
 
     python -m codevista.models.train.vlm train --run DIR [--init models/default/code]
-        [--steps N] [--batch B] [--compile] [--device cpu|cuda]
+        [--init-vlm models/default/vlm] [--steps N] [--batch B] [--compile]
+        [--device cpu|cuda] [--amp none|bf16] [--workers N] [--time-budget SECONDS]
+        [--export-to DIR]
     python -m codevista.models.train.vlm export --run DIR --out models/default/vlm
 
 A small SigLIP-style tower (no class token) and a two-layer GELU projector feed the
@@ -17,21 +19,42 @@ labels that share of training flowcharts with made-up words, which the model can
 right by copying them from the OCR lines (the held-out words stay unseen either way).
 `--restart STEP` continues a finished run with a new warm-up and cosine schedule.
 
+`--init-vlm DIR` continues an exported vision model (the `export` layout) instead of
+starting the tower and projector from scratch on `--init`'s code model.
+
+`--workers N` draws the batches in N spawned processes, a few steps ahead; the batch of a
+step is the same as in-process. `--time-budget S` times ~20 steps (after a few warm-up
+ones), then fixes the number of steps (at most `--steps`) so that the run, its periodic
+and final held-out evaluations and checkpoints end within S seconds of the start; the
+cosine schedule runs to that total (recorded in the state JSON as `total`, kept on resume).
+`--amp bf16` (the default on CUDA) runs the forward under bfloat16 autocast; weights,
+optimizer and loss stay float32. `--compile` falls back to the eager model if compiling
+fails.
+
 Checkpoints (safetensors weights and optimizer state, JSON state) every --save-every
-steps; resume after any interruption; a loss plot at every checkpoint. `export` writes the
-Hugging Face Llava layout that both codevista and transformers load.
+steps and at the end; resume after any interruption; a loss plot at every checkpoint (and
+with `--export-to DIR` an exported model there). `export` writes the Hugging Face Llava
+layout that both codevista and transformers load.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import math
+import os
+import queue
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
+import traceback
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,7 +66,7 @@ from ..vision.tower import Projector, VisionConfig, VisionTower
 from .model import CodeLM, ModelShape
 from .plot import plot_losses
 from .train import checked_restart, load_checkpoint, lr_at, save_checkpoint
-from .vlm_data import IMAGE_SIZE, sample, shapes, simulated_ocr
+from .vlm_data import FONT_DIRS, FONTS, IMAGE_SIZE, MONO_FONTS, sample, shapes, simulated_ocr
 
 # the kinds a scene of shapes answers
 SCENE_KINDS = frozenset({"count", "color", "shape", "locate", "describe"})
@@ -159,7 +182,10 @@ class Batcher:
 
 
 def shape_of(init: Path) -> ModelShape:
+    """The decoder's shape from a code model's config.json or a Llava one's text_config."""
     cfg = json.loads((init / "config.json").read_text())
+    if cfg.get("model_type") == "llava":
+        cfg = cfg["text_config"]
     return ModelShape(vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
                       num_layers=cfg["num_hidden_layers"],
                       num_heads=cfg["num_attention_heads"],
@@ -170,81 +196,478 @@ def shape_of(init: Path) -> ModelShape:
                       rms_norm_eps=cfg["rms_norm_eps"])
 
 
-def build(run: Path, init: Path) -> tuple[TrainVLM, Tokenizer]:
+def build(run: Path, init: Path, init_vlm: Path | None = None) -> tuple[TrainVLM, Tokenizer]:
+    """The model and tokenizer of a run. A new run starts from the code model `init` (new
+    tower and projector) or, given `init_vlm`, from an exported VLM (all of it); the run's
+    tokenizer/config.json is the decoder's config (a Llava config's text_config), which
+    `export` writes back as text_config."""
     from safetensors.torch import load_file
 
+    src = init_vlm if init_vlm is not None else init
     run.mkdir(parents=True, exist_ok=True)
     if not (run / "tokenizer").is_dir():
-        (run / "tokenizer").mkdir()
-        for name in ("tokenizer.json", "tokenizer_config.json", "config.json"):
-            shutil.copy(init / name, run / "tokenizer" / name)
+        tmp = run / "tokenizer.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(src / name, tmp / name)
+        cfg = json.loads((src / "config.json").read_text())
+        if cfg.get("model_type") == "llava":
+            cfg = cfg["text_config"]
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=1))
+        tmp.rename(run / "tokenizer")
     tok = Tokenizer.from_dir(run / "tokenizer")
     model = TrainVLM(VisionConfig.from_hf(VISION), shape_of(run / "tokenizer"))
     if not (run / "ckpt" / "state.json").is_file():
-        model.language_model.load_state_dict(load_file(str(init / "model.safetensors")))
+        weights = load_file(str(src / "model.safetensors"))
+        if init_vlm is None:
+            model.language_model.load_state_dict(weights)
+        else:
+            cfg = json.loads((init_vlm / "config.json").read_text())
+            vision = {k: v for k, v in cfg.get("vision_config", {}).items()
+                      if k != "vision_use_head"}
+            if vision != VISION:
+                raise SystemExit(f"{init_vlm}: vision_config {vision} is not this recipe's "
+                                 f"{VISION}")
+            # export adds an identity post_layernorm for transformers; with
+            # vision_feature_layer -1 neither engine applies it, and TrainVLM has none
+            for name, want in (("weight", 1.0), ("bias", 0.0)):
+                t = weights.pop(f"vision_tower.post_layernorm.{name}", None)
+                if t is not None and not bool((t == want).all()):
+                    log.warning("%s: vision_tower.post_layernorm.%s is not the identity; "
+                                "it is dropped (unused with vision_feature_layer -1)",
+                                init_vlm, name)
+            model.load_state_dict(weights)
     return model, tok
 
 
+def train_seeds(step: int, batch: int) -> list[int]:
+    """The sample seeds of a training step: a function of the step alone."""
+    return [step * batch + i for i in range(batch)]
+
+
+def _batch_worker(tok_dir: str, batcher_kw: dict[str, Any], batch: int, tasks: Any,
+                  results: Any, shm: bool) -> None:
+    """A spawned process: draws the train batch of each step it is sent (None: stop), as
+    tensors in shared memory (`shm`), else as arrays through the pipe."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent shuts the workers down
+    torch.set_num_threads(1)
+    step = None
+    try:
+        batcher = Batcher(Tokenizer.from_dir(Path(tok_dir)), **batcher_kw)
+        while (step := tasks.get()) is not None:
+            tensors: tuple[Any, ...] = batcher.batch("train", train_seeds(step, batch))
+            if shm:
+                try:  # here, so that a full /dev/shm is not lost in the queue's thread
+                    for t in tensors:
+                        t.share_memory_()
+                except Exception:
+                    shm = False
+            if not shm:
+                tensors = tuple(t.numpy() for t in tensors)
+            results.put((step, tensors, None))
+    except BaseException:
+        results.put((step, None, traceback.format_exc()))
+
+
+def _shm_room(batch: int, batches: int) -> bool:
+    """Whether /dev/shm holds `batches` train batches of `batch` samples (twice over)."""
+    per_sample = 3 * IMAGE_SIZE * IMAGE_SIZE * 4 + 2 * 8 * (SEQ_LEN + 48)
+    try:
+        return shutil.disk_usage("/dev/shm").free > 2 * batches * batch * per_sample
+    except OSError:
+        return False
+
+
+class BatchPool:
+    """Train batches drawn by `workers` spawned processes, at most `depth` steps ahead of
+    the one asked for; `get(step)` returns exactly `Batcher.batch("train",
+    train_seeds(step, batch))`. A context manager: the workers stop at its end, also on
+    an exception."""
+
+    def __init__(self, tok_dir: Path, batcher_kw: dict[str, Any], batch: int, workers: int,
+                 depth: int | None = None, shm: bool | None = None,
+                 timeout: float = 120.0) -> None:
+        ctx = torch.multiprocessing.get_context("spawn")
+        self.tasks, self.results = ctx.Queue(), ctx.Queue()
+        self.depth = depth or 2 * workers
+        self.timeout = timeout  # no batch at all for that long: an error
+        self.last = time.time()
+        if shm is None:
+            shm = _shm_room(batch, self.depth + 4)
+            if not shm:
+                log.warning("/dev/shm is too small for %d batches in flight: the workers "
+                            "send them through pipes", self.depth)
+        self.submitted: set[int] = set()
+        self.ready: dict[int, tuple[torch.Tensor, ...]] = {}
+        self.procs = [ctx.Process(target=_batch_worker, daemon=True, name=f"vlm-batch-{i}",
+                                  args=(str(tok_dir), batcher_kw, batch, self.tasks,
+                                        self.results, shm))
+                      for i in range(workers)]
+        for p in self.procs:
+            p.start()
+
+    def __enter__(self) -> BatchPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def get(self, step: int, limit: int | None = None, stop: threading.Event | None = None
+            ) -> tuple[torch.Tensor, ...]:
+        """The batch of `step`; steps up to `step + depth - 1` (below `limit`) are queued.
+        `stop`, once set, ends the wait (InterruptedError)."""
+        for s in range(step, step + self.depth):
+            if limit is not None and s >= limit and s != step:
+                break
+            if s not in self.submitted:
+                self.submitted.add(s)
+                self.tasks.put(s)
+        for s in [s for s in self.submitted if s < step]:  # skipped steps: not awaited
+            self.submitted.discard(s)
+            self.ready.pop(s, None)
+        waiting = time.time()
+        while step not in self.ready:
+            try:
+                s, tensors, error = self.results.get(timeout=0.2)
+                self.last = time.time()
+            except queue.Empty:
+                if stop is not None and stop.is_set():
+                    raise InterruptedError("stopped") from None
+                if time.time() - max(self.last, waiting) > self.timeout:
+                    raise RuntimeError(f"no batch from the workers for {self.timeout:.0f} s"
+                                       ) from None
+                dead = [p for p in self.procs if not p.is_alive()]
+                if dead:
+                    raise RuntimeError(f"batch worker {dead[0].name} died (exit code "
+                                       f"{dead[0].exitcode})") from None
+                continue
+            if error is not None:
+                raise RuntimeError(f"batch worker failed at step {s}:\n{error}")
+            if s in self.submitted:
+                self.ready[s] = tuple(t if isinstance(t, torch.Tensor) else
+                                      torch.from_numpy(t) for t in tensors)
+        self.submitted.discard(step)
+        return self.ready.pop(step)
+
+    def close(self) -> None:
+        self.ready.clear()
+        for _ in self.procs:
+            with contextlib.suppress(Exception):
+                self.tasks.put(None)
+        deadline = time.time() + 10.0
+        while any(p.is_alive() for p in self.procs) and time.time() < deadline:
+            try:  # drain, so that the workers' queue threads can flush and exit
+                self.results.get(timeout=0.05)
+            except queue.Empty:
+                pass
+            except Exception:  # a batch whose sender already exited
+                pass
+        for p in self.procs:
+            p.join(timeout=0.5)
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=2.0)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        for q in (self.tasks, self.results):
+            q.cancel_join_thread()
+            q.close()
+        self.procs = []
+
+
+class Prefetcher:
+    """A thread that takes the batches of steps `start`, `start + 1`, ... (below `limit`,
+    which may be lowered) from a BatchPool ahead of the training loop, in page-locked
+    memory when `pin` (for non-blocking copies to the GPU). A context manager."""
+
+    def __init__(self, pool: BatchPool, start: int, limit: int, pin: bool,
+                 depth: int = 2) -> None:
+        self.limit = limit
+        self.ready: queue.Queue = queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(pool, start, pin),
+                                       name="vlm-prefetch", daemon=True)
+        self.thread.start()
+
+    def _put(self, item: tuple) -> None:
+        while not self.stop.is_set():
+            if item[2] is None and item[0] >= self.limit:  # no longer wanted
+                return
+            try:
+                self.ready.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _run(self, pool: BatchPool, step: int, pin: bool) -> None:
+        try:
+            while not self.stop.is_set() and step < self.limit:
+                batch = pool.get(step, limit=self.limit, stop=self.stop)
+                if pin:
+                    batch = tuple(t.pin_memory() for t in batch)
+                self._put((step, batch, None))
+                step += 1
+        except InterruptedError:
+            pass
+        except BaseException as e:  # handed to the training loop
+            self._put((step, None, e))
+
+    def get(self, step: int) -> tuple[torch.Tensor, ...]:
+        while True:
+            try:
+                s, batch, error = self.ready.get(timeout=0.5)
+            except queue.Empty:
+                if self.thread.is_alive() or not self.ready.empty():
+                    continue
+                raise RuntimeError(f"the prefetch thread ended before step {step}") from None
+            if error is not None:
+                raise RuntimeError(f"drawing the batch of step {s} failed: {error}"
+                                   ) from error
+            if s != step:
+                raise RuntimeError(f"prefetched step {s}, expected {step}")
+            return batch
+
+    def __enter__(self) -> Prefetcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=30.0)
+
+
+# the held-out batch of every checkpoint
+HELD_OUT_SEEDS = range(10_000, 10_000 + 64)
+# --time-budget: steps skipped (compilation, warm-up), then steps timed
+CALIBRATION_SKIP = 5
+CALIBRATION_STEPS = 20
+
+
+def planned_total(step: int, step_seconds: float, save_seconds: float, elapsed: float,
+                  budget: float, save_every: int, upper: int) -> int:
+    """The last step of a run at `step` after `elapsed` of `budget` seconds, when a step
+    takes `step_seconds` and a held-out evaluation and checkpoint `save_seconds` (one at the
+    end and one every `save_every` steps), with a 2 % + 2 s margin."""
+    left = budget - elapsed - save_seconds - (0.02 * budget + 2.0)
+    per_step = step_seconds + save_seconds / max(1, save_every)
+    return max(step, min(upper, step + math.floor(max(0.0, left) / max(per_step, 1e-9))))
+
+
+def missing_fonts() -> list[str]:
+    """The fonts vlm_data draws with that this machine lacks (it would draw those texts
+    with Pillow's default font instead: other pictures than the evaluation's)."""
+    return [f for f in dict.fromkeys(FONTS + MONO_FONTS)
+            if not any((d / f).is_file() for d in FONT_DIRS)]
+
+
+def amp_of(device: str, amp: str | None) -> str:
+    """--amp's value: bfloat16 autocast by default on CUDA only."""
+    return amp or ("bf16" if torch.device(device).type == "cuda" else "none")
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def train(args: argparse.Namespace) -> None:
+    t0 = time.time()
     run: Path = args.run
     torch.manual_seed(args.seed)
-    model, tok = build(run, args.init)
-    model.to(args.device)
+    device = args.device
+    amp = amp_of(device, getattr(args, "amp", None))
+    init_vlm = getattr(args, "init_vlm", None)
+    model, tok = build(run, args.init, init_vlm)
+    model.to(device)
     lm = list(model.language_model.parameters())
     lm_ids = {id(p) for p in lm}
     new = [p for p in model.parameters() if id(p) not in lm_ids]
     opt = torch.optim.AdamW([{"params": new, "lr": args.lr},
                              {"params": lm, "lr": args.lr * args.lm_lr_scale}],
                             betas=(0.9, 0.95), weight_decay=0.05)
-    state = load_checkpoint(run, model, opt) or {
+    loaded = load_checkpoint(run, model, opt)
+    state = loaded or {
         "step": 0, "train_loss": [], "valid_loss": [], "seconds": 0.0,
-        "args": {k: str(v) for k, v in vars(args).items()}, "device": args.device}
-    batcher = Batcher(tok, model.vision_tower.cfg.num_patches, args.ocr_rate,
-                      novel_words=args.novel_words, diagram_share=args.diagram_share,
-                      scene_share=args.scene_share)
+        "args": {k: str(v) for k, v in vars(args).items()}, "device": device}
+    batcher_kw = dict(tokens_per_image=model.vision_tower.cfg.num_patches,
+                      ocr_rate=args.ocr_rate, novel_words=args.novel_words,
+                      diagram_share=args.diagram_share, scene_share=args.scene_share)
+    batcher = Batcher(tok, **batcher_kw)
+    # --steps 0: only initialise, evaluate and save (e.g. --init-vlm, then export)
+    restart = checked_restart(args) if args.steps > 0 or args.restart else 0
+    # the schedule's total: --steps, or the one a time budget fixed (kept on resume)
+    total = args.steps
+    fixed = args.time_budget is None
+    if "total" in state and state.get("total_restart", 0) == restart:
+        total, fixed = min(state["total"], args.steps), True
+    budget = args.time_budget
+    export_to = getattr(args, "export_to", None)
+    copy_bias = getattr(args, "ocr_copy_bias", None)
+    if copy_bias is None:
+        copy_bias = 0.0
+        if init_vlm is not None:
+            copy_bias = json.loads((init_vlm / "config.json").read_text()).get(
+                "ocr_copy_bias", 0.0)
+    autocast = (torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+                if amp == "bf16" else contextlib.nullcontext())
     step_fn = torch.compile(model) if args.compile else model
-    log.info("VLM: %.2fM parameters (%.2fM new); resuming at step %d",
-             sum(p.numel() for p in model.parameters()) / 1e6,
-             sum(p.numel() for p in new) / 1e6, state["step"])
-    restart = checked_restart(args)
-    t_last, losses = time.time(), []
-    while state["step"] < args.steps:
-        step = state["step"]
-        scale = lr_at(step, args.steps, 1.0, args.warmup, 0.1, restart)
-        opt.param_groups[0]["lr"] = args.lr * scale
-        opt.param_groups[1]["lr"] = args.lr * args.lm_lr_scale * scale
-        seeds = [step * args.batch + i for i in range(args.batch)]
-        pixels, x, y = (t.to(args.device) for t in batcher.batch("train", seeds))
-        loss = step_fn(pixels, x, y)
+    log.info("VLM: %.2fM parameters (%.2fM new); resuming at step %d; amp %s; %d batch "
+             "workers; %s", sum(p.numel() for p in model.parameters()) / 1e6,
+             sum(p.numel() for p in new) / 1e6, state["step"], amp, args.workers,
+             f"{total} steps" if fixed else f"time budget {budget:.0f} s, at most "
+                                               f"{args.steps} steps")
+    if missing := missing_fonts():
+        log.warning("MISSING FONTS %s (looked in %s): those texts are drawn with Pillow's "
+                    "default font", missing, ", ".join(map(str, FONT_DIRS)))
+    held_out: list[torch.Tensor] = []
+    save_seconds = [0.0, 0.0]  # the longest checkpoint, all of them together
+    last_saved = state["step"] if loaded else None
+
+    def checkpoint() -> None:
+        t = time.time()
+        if not held_out:
+            held_out.extend(batcher.batch("test", list(HELD_OUT_SEEDS)))
+        model.eval()
+        with torch.no_grad():  # float32, eager: comparable with earlier held-out losses
+            vl = float(model(*(v.to(device) for v in held_out)))
+        model.train()
+        state["valid_loss"].append([state["step"], vl])
+        print(f"step {state['step']} held-out loss {vl:.3f}", file=sys.stderr, flush=True)
+        save_checkpoint(run, model, opt, state)
+        plot_losses({"train": [tuple(p) for p in state["train_loss"]],
+                     "held-out": [tuple(p) for p in state["valid_loss"]]},
+                    run / "loss.png", "default VLM")
+        if export_to is not None:
+            export(run, export_to, copy_bias)
+        save_seconds[0] = max(save_seconds[0], time.time() - t)
+        save_seconds[1] += time.time() - t
+
+    def one_step(pixels: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
+        with autocast:
+            loss = step_fn(pixels, x, y)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.detach().item())
-        state["step"] = step + 1
-        if state["step"] % args.log_every == 0:
-            dt = time.time() - t_last
-            t_last = time.time()
-            state["seconds"] += dt
-            avg = sum(losses) / len(losses)
-            losses = []
-            state["train_loss"].append([state["step"], avg])
-            print(f"step {state['step']}/{args.steps} loss {avg:.3f} "
-                  f"{args.batch * args.log_every / dt:.1f} samples/s", file=sys.stderr,
-                  flush=True)
-        if state["step"] % args.save_every == 0 or state["step"] == args.steps:
-            model.eval()
-            with torch.no_grad():
-                vp, vx, vy = (t.to(args.device) for t in batcher.batch(
-                    "test", list(range(10_000, 10_000 + 64))))
-                vl = float(model(vp, vx, vy))
-            model.train()
-            state["valid_loss"].append([state["step"], vl])
-            print(f"step {state['step']} held-out loss {vl:.3f}", file=sys.stderr, flush=True)
-            save_checkpoint(run, model, opt, state)
-            plot_losses({"train": [tuple(p) for p in state["train_loss"]],
-                         "held-out": [tuple(p) for p in state["valid_loss"]]},
-                        run / "loss.png", "default VLM")
+        return loss
+
+    start_step = state["step"]
+    calib_from, calib_to = start_step + CALIBRATION_SKIP, (start_step + CALIBRATION_SKIP +
+                                                           CALIBRATION_STEPS)
+    t_calib = None
+    recal: tuple[int, float, int] | None = None  # (step, time, step to measure again at)
+    t_last, losses = time.time(), []
+    with contextlib.ExitStack() as stack:
+        ahead = None
+        if args.workers > 0:
+            pool = stack.enter_context(BatchPool(run / "tokenizer", batcher_kw, args.batch,
+                                                 args.workers))
+            ahead = stack.enter_context(Prefetcher(pool, state["step"], total,
+                                                   pin=device.startswith("cuda")))
+        while state["step"] < total:
+            step = state["step"]
+            if fixed:
+                scale = lr_at(step, total, 1.0, args.warmup, 0.1, restart)
+            elif step - restart < args.warmup:  # the warm-up does not depend on the total
+                scale = lr_at(step, args.steps, 1.0, args.warmup, 0.1, restart)
+            else:  # past the warm-up before the total is fixed: the peak
+                scale = 1.0
+            opt.param_groups[0]["lr"] = args.lr * scale
+            opt.param_groups[1]["lr"] = args.lr * args.lm_lr_scale * scale
+            cpu = None
+            if ahead is not None:
+                try:
+                    cpu = ahead.get(step)
+                except RuntimeError as e:  # the same batches, slower: the run goes on
+                    log.error("the batch workers failed (%s); drawing the batches in this "
+                              "process from step %d on", e, step)
+                    stack.close()
+                    ahead = None
+            if cpu is None:
+                cpu = batcher.batch("train", train_seeds(step, args.batch))
+            pixels, x, y = (t.to(device, non_blocking=True) for t in cpu)
+            try:
+                loss = one_step(pixels, x, y)
+            except Exception as e:
+                if step_fn is model:
+                    raise
+                log.error("the compiled model failed (%s: %s); continuing with the eager "
+                          "model", type(e).__name__, str(e)[-2000:])
+                step_fn = model
+                loss = one_step(pixels, x, y)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            losses.append(loss.detach())
+            state["step"] = step + 1
+            if state["step"] % args.log_every == 0:
+                dt = time.time() - t_last
+                t_last = time.time()
+                state["seconds"] += dt
+                avg = float(torch.stack(losses).float().mean())
+                losses = []
+                state["train_loss"].append([state["step"], avg])
+                print(f"step {state['step']}/{total} loss {avg:.3f} "
+                      f"{args.batch * args.log_every / dt:.1f} samples/s", file=sys.stderr,
+                      flush=True)
+            if not fixed and state["step"] in (calib_from, calib_to):
+                _sync(device)
+                if state["step"] == calib_from:  # (checkpoints in between not counted)
+                    t_calib = time.time() - save_seconds[1]
+                else:
+                    step_seconds = (time.time() - save_seconds[1] - t_calib) / CALIBRATION_STEPS
+                    checkpoint()  # also times a held-out evaluation and checkpoint
+                    last_saved = state["step"]
+                    total = planned_total(state["step"], step_seconds, save_seconds[0],
+                                          time.time() - t0, budget, args.save_every,
+                                          args.steps)
+                    fixed = True
+                    if ahead is not None:
+                        ahead.limit = total
+                    state["total"], state["total_restart"] = total, restart
+                    _write_state(run, state)
+                    msg = (f"time budget {budget:.0f} s: {step_seconds * 1000:.1f} ms a "
+                           f"step, {save_seconds[0]:.1f} s a checkpoint -> {total} steps")
+                    print(msg, file=sys.stderr, flush=True)
+                    # measured once more over a longer stretch (the first steps can run
+                    # beside other start-up work on a shared machine)
+                    if total - state["step"] > 40:
+                        recal = (state["step"], time.time() - save_seconds[1],
+                                 state["step"] + (total - state["step"]) // 3)
+                    continue
+            if recal is not None and state["step"] == recal[2]:
+                _sync(device)
+                step_seconds = ((time.time() - save_seconds[1] - recal[1])
+                                / (state["step"] - recal[0]))
+                total = planned_total(state["step"], step_seconds, save_seconds[0],
+                                      time.time() - t0, budget, args.save_every, args.steps)
+                recal = None
+                if ahead is not None:
+                    ahead.limit = total
+                state["total"] = total
+                _write_state(run, state)
+                print(f"time budget {budget:.0f} s, measured again: {step_seconds * 1000:.1f}"
+                      f" ms a step -> {total} steps", file=sys.stderr, flush=True)
+            if state["step"] % args.save_every == 0 and state["step"] < total:
+                checkpoint()
+                last_saved = state["step"]
+            if (budget is not None and fixed and state["step"] < total
+                    and time.time() - t0 + save_seconds[0] > budget):
+                msg = (f"time budget {budget:.0f} s reached at step {state['step']} of "
+                       f"{total}: stopping")
+                print(msg, file=sys.stderr, flush=True)
+                break
+    if losses:
+        state["seconds"] += time.time() - t_last
+    if last_saved != state["step"]:
+        checkpoint()
+    log.info("done at step %d, %.0f s after the start", state["step"], time.time() - t0)
+
+
+def _write_state(run: Path, state: dict) -> None:
+    """Rewrite the last checkpoint's state JSON (after the total was fixed)."""
+    path = run / "ckpt" / "state.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(state, indent=1))
+    os.replace(tmp, path)
 
 
 def export(run: Path, out: Path, ocr_copy_bias: float = 0.0) -> None:
@@ -291,15 +714,18 @@ def export(run: Path, out: Path, ocr_copy_bias: float = 0.0) -> None:
         indent=1))
 
 
-def main() -> None:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train")
     t.add_argument("--run", type=Path, required=True)
     t.add_argument("--init", type=Path, default=Path(__file__).resolve().parents[1] /
                    "default" / "code")
-    t.add_argument("--steps", type=int, default=3000)
+    t.add_argument("--init-vlm", type=Path, default=None,
+                   help="start from an exported VLM directory (e.g. models/default/vlm) "
+                        "instead of --init's code model")
+    t.add_argument("--steps", type=int, default=3000,
+                   help="the number of steps (an upper bound with --time-budget)")
     t.add_argument("--batch", type=int, default=16)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--lm-lr-scale", type=float, default=0.5)
@@ -307,7 +733,19 @@ def main() -> None:
     t.add_argument("--log-every", type=int, default=10)
     t.add_argument("--save-every", type=int, default=100)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--compile", action="store_true")
+    t.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (the eager one if compiling fails)")
+    t.add_argument("--amp", choices=("none", "bf16"), default=None,
+                   help="bfloat16 autocast of the forward (default: bf16 on CUDA, else none)")
+    t.add_argument("--workers", type=int, default=0,
+                   help="draw the batches in that many spawned processes (0: in-process)")
+    t.add_argument("--time-budget", type=float, default=None,
+                   help="seconds from the start: time ~20 steps, then fix the number of "
+                        "steps (at most --steps) so that the run ends within them")
+    t.add_argument("--export-to", type=Path, default=None,
+                   help="also export the model there at every checkpoint and at the end")
+    t.add_argument("--ocr-copy-bias", type=float, default=None,
+                   help="for --export-to (default: --init-vlm's, else 0)")
     t.add_argument("--ocr-rate", type=float, default=0.0,
                    help="share of samples trained with simulated OCR lines in the prompt")
     t.add_argument("--novel-words", type=float, default=0.0,
@@ -328,8 +766,15 @@ def main() -> None:
     e.add_argument("--out", type=Path, required=True)
     e.add_argument("--ocr-copy-bias", type=float, default=0.0,
                    help="logit bias the server puts on OCR tokens for describe-diagram")
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    args = parser().parse_args()
     if args.cmd == "train":
+        if args.workers < 0:
+            raise SystemExit("--workers must be >= 0")
         train(args)
     else:
         export(args.run, args.out, args.ocr_copy_bias)
