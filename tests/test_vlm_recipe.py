@@ -296,8 +296,9 @@ def test_init_vlm_continues_the_shipped_model_and_exports_it_unchanged(tmp_path)
 
     # 0 steps, then export: the same weights and files; the same held-out loss as shipped.
     run, out = tmp_path / "run", tmp_path / "out"
+    # (the OCR share of the shipped model's last stage, which its held-out loss was taken at)
     vlm.train(_train_args(run, "--init-vlm", str(SHIPPED_VLM), "--steps", "0",
-                          "--ocr-rate", "0.9", "--export-to", str(out)))
+                          "--ocr-rate", "0.5", "--export-to", str(out)))
     again = load_file(str(out / "model.safetensors"))
     assert set(again) == set(shipped)
     assert all(torch.equal(again[k], shipped[k]) for k in shipped)
@@ -307,7 +308,8 @@ def test_init_vlm_continues_the_shipped_model_and_exports_it_unchanged(tmp_path)
     shipped_loss = json.loads((SHIPPED_VLM / "training.json").read_text())[
         "final_held_out_loss"]
     got = json.loads((out / "training.json").read_text())["final_held_out_loss"]
-    assert abs(got - shipped_loss) < 1e-4
+    # (the shipped figure was taken on a GPU, whose convolutions round to TF32)
+    assert abs(got - shipped_loss) < 2e-3
 
 
 @needs_shipped_vlm
