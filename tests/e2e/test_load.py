@@ -117,7 +117,9 @@ def test_1000_completions_with_cancellations_during_translation_and_vision(tmp_p
             while not stop.is_set():
                 n += 1  # a new target language each time: no full cache hit
                 translate["arguments"][0]["targetLanguage"] = TARGETS[n % len(TARGETS)]
-                for name, params in (("translate", translate), ("explain", explain)):
+                # the short request first: a long translation on a slow machine must not
+                # leave the load without any image request
+                for name, params in (("explain", explain), ("translate", translate)):
                     t0 = time.monotonic()
                     long_results.append((name, s.request("workspace/executeCommand", params,
                                                          timeout=300),
