@@ -320,8 +320,9 @@ def test_prompt_lookup_on_the_embedded_model_accepts_drafts_with_identical_text(
     from codevista.models.loader import DEFAULT_MODEL_DIR, load_model
 
     loaded = load_model(DEFAULT_MODEL_DIR)
+    # (ends indented, as an editor leaves a new line in a function body)
     prompt = ("<|lang:python|>def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n"
-              "    return a - b\n\n\ndef mul(a, b):\n")
+              "    return a - b\n\n\ndef mul(a, b):\n    ")
     params = SamplingParams(max_new_tokens=80, stop=("\ndef div",))
     with Engine(loaded, lookup=False) as plain:
         expected = plain.generate(prompt, params)

@@ -78,8 +78,9 @@ def test_int8_model_tracks_float32(quant):
     q8 = load_model(DEFAULT_MODEL_DIR, dtype="int8")
     assert q8.dtype == torch.float32 and any(
         isinstance(m, quant.Int8Linear) for m in q8.model.modules())
+    # (ends indented, as an editor leaves a new line in a function body)
     text = ("<|lang:python|>import os\n\n\ndef read_lines(path):\n    with open(path) as f:\n"
-            "        return [line.rstrip() for line in f]\n\n\ndef main():\n")
+            "        return [line.rstrip() for line in f]\n\n\ndef main():\n    ")
     ids = f32.tokenizer.encode(text, add_special_tokens=False)
     cfg = f32.config
     logits = []
