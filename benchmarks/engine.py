@@ -138,8 +138,11 @@ REPETITIVE = ("http/__init__.py", "token.py", "unittest/case.py")
 def lookup_prompts(tok, max_tokens: int, cuts: int = 4) -> list[list[int]]:
     """The prompts the server builds (codevista.server.prompts: the FIM template of the
     model's family with the rest of the file as the suffix, or the prefix alone for a
-    model without FIM tokens) for a cursor at line starts spread through repetitive
-    standard-library files, within `max_tokens`."""
+    model without FIM tokens) for a cursor spread through repetitive standard-library
+    files, within `max_tokens`: as if the line there were being typed anew, its text after
+    the indentation and three more characters is removed and the cursor put there (at a
+    bare line start between two existing lines, a model that knows code rightly inserts
+    nothing)."""
     import sysconfig
 
     from codevista.server.documents import Snapshot
@@ -152,8 +155,14 @@ def lookup_prompts(tok, max_tokens: int, cuts: int = 4) -> list[list[int]]:
         text = (lib / name).read_text(encoding="utf-8")
         lines = text.split("\n")
         for k in range(1, cuts + 1):
-            offset = len("\n".join(lines[: len(lines) * k // (cuts + 1)]) + "\n")
-            snap = Snapshot(f"file:///{name}", 1, text, "python", offset)
+            n = len(lines) * k // (cuts + 1)
+            while n < len(lines) - 1 and len(lines[n].strip()) < 8:
+                n += 1  # a line with something to type
+            line = lines[n]
+            keep = line[:len(line) - len(line.lstrip()) + 3]
+            typed = "\n".join(lines[:n] + [keep] + lines[n + 1:])
+            offset = len("\n".join(lines[:n]) + "\n") + len(keep)
+            snap = Snapshot(f"file:///{name}", 1, typed, "python", offset)
             prompts.append(build_prompt(family, tok, snap, max_tokens, heal_tokens=False).ids)
     return prompts
 
@@ -203,7 +212,7 @@ def lookup_speed(engine, new_tokens: int, rounds: int = 2) -> dict:
                     accepted += after.accepted - before.accepted
     engine.lookup = False
     same = outs[True] == outs[False]
-    decoded = sum(len(o) - 1 for o in outs[True])  # tokens after each first one
+    decoded = sum(max(0, len(o) - 1) for o in outs[True])  # tokens after each first one
     return {"lookup_speedup": round(secs[False] / secs[True], 2),
             "lookup_identical": same, "lookup_prompts": len(prompts),
             "lookup_tokens": decoded,
@@ -395,6 +404,21 @@ def best(runs: list[dict]) -> dict:
     return out
 
 
+def weights_key(model_dir: Path) -> str:
+    """A short digest of a checkpoint's config and weights (each file's size and its first
+    and last MiB), to name the GGUF files exported from it."""
+    import hashlib
+
+    h = hashlib.sha256((model_dir / "config.json").read_bytes())
+    for f in sorted(model_dir.glob("*.safetensors")):
+        size = f.stat().st_size
+        with f.open("rb") as fh:
+            h.update(str(size).encode() + fh.read(2**20))
+            fh.seek(max(0, size - 2**20))
+            h.update(fh.read())
+    return h.hexdigest()[:12]
+
+
 def burst_runner(name: str, model: Path, gguf: Path | None, tokens: int):
     """A decode burst function for one engine: `tokens` greedy tokens after a 64-token
     prompt, returning tokens/s after the first token."""
@@ -531,7 +555,8 @@ def main() -> None:
     for kind in filter(None, args.llamacpp.split(",")):
         from codevista.models.gguf_export import export_gguf
 
-        path = args.cache / f"{model.name}-{kind}.gguf"
+        # keyed by the weights: a retrained model in the same folder gets a new file
+        path = args.cache / f"{model.name}-{weights_key(Path(model))}-{kind}.gguf"
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
             export_gguf(model, path, kind)
