@@ -224,3 +224,16 @@ def test_time_budget_measures_again_and_stops_a_slowed_run(monkeypatch: pytest.M
         clock[0] += 0.5 if step <= 100 else 2.0  # slows down after it was measured
         slow.tick(step)
     assert slow.total == step and step < 184
+
+
+def test_gpu_run_script_parses_and_names_its_inputs():
+    """The one-shot GPU script (run on a borrowed machine, smoke-tested on CPU with SMOKE=1)
+    is valid bash and reads the inputs its header lists."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "models" / "train" / "gpu_run.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    for needed in ("corpus/$s.jsonl.xz", '"$INPUT"/pairs/*.xz', '"$INPUT"/fonts/*.ttf',
+                   "--extra-python", "--init-vlm", "--time-budget"):
+        assert needed in text, needed
