@@ -237,3 +237,36 @@ def test_gpu_run_script_parses_and_names_its_inputs():
     for needed in ("corpus/$s.jsonl.xz", '"$INPUT"/pairs/*.xz', '"$INPUT"/fonts/*.ttf',
                    "--extra-python", "--init-vlm", "--time-budget"):
         assert needed in text, needed
+
+
+def test_plain_chunks_end_with_eot_only_at_the_end_of_their_file():
+    """An EOT after every ~1 500-character chunk (each ends at a line start) taught a model
+    that code ends wherever a line does; only a file's last chunk ends with one now."""
+    import random
+
+    from codevista.models import formats
+    from codevista.models.train.data import render_chunk
+
+    for seed in range(40):
+        rng_a, rng_b = random.Random(seed), random.Random(seed)
+        inner = render_chunk("python", "x = 1\ny = 2\n", rng_a, last=False)
+        final = render_chunk("python", "x = 1\ny = 2\n", rng_b, last=True)
+        if formats.FIM_MIDDLE in final:  # FIM: the middle always ends with EOT
+            assert inner == final and final.endswith(formats.EOT)
+        else:
+            assert final == inner + formats.EOT and not inner.endswith(formats.EOT)
+
+
+def test_batches_never_score_language_tags(prepared: Path):
+    import numpy as np
+
+    tags = recipe.language_tag_ids(prepared / "tokenizer" / "tokenizer.json")
+    assert len(tags) == 9
+    plain = recipe.Batches(prepared / "train", 64)
+    masked = recipe.Batches(prepared / "train", 64, tags)
+    x0, y0 = plain.get(np.random.default_rng(1), 8)
+    x1, y1 = masked.get(np.random.default_rng(1), 8)
+    assert torch.equal(x0, x1)
+    is_tag = torch.isin(y0, torch.tensor(tags))
+    assert is_tag.any()  # samples start with a tag, so some target is one
+    assert (y1[is_tag] == -1).all() and torch.equal(y1[~is_tag], y0[~is_tag])

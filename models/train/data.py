@@ -2,7 +2,7 @@
 tokenized once into a flat uint16 stream with the start offset of every sample.
 
 Mix (seeded, per chunk of ~1,500 characters of a file):
-- plain left-to-right code, 50 %;
+- plain left-to-right code, 50 % (end-of-text only after a file's last chunk);
 - fill-in-the-middle, 50 %: suffix-first (SPM) 60 % of those, prefix-first (PSM) 40 %;
   the middle is the rest of a line from a random point half of the time (single-line
   completion, the common editor case), else a span of one to eight lines;
@@ -83,13 +83,18 @@ def fim_split(text: str, rng: random.Random) -> tuple[str, str, str] | None:
     return text[:start], text[start:end], text[end:]
 
 
-def render_chunk(lang: str, chunk: str, rng: random.Random) -> str:
+def render_chunk(lang: str, chunk: str, rng: random.Random, last: bool = True) -> str:
+    """One training sample of a file's chunk. Plain code ends with EOT only where the file
+    ends (`last`): a chunk ends at a line start, and an EOT after every chunk taught the
+    model that code ends wherever a line does (it stopped at bare line starts). The sample
+    after an open chunk starts with its language tag, which train.Batches never scores."""
     r = rng.random()
+    end = EOT if last else ""
     if r < 0.5:
-        return formats.plain(lang, chunk) + EOT
+        return formats.plain(lang, chunk) + end
     parts = fim_split(chunk, rng)
     if parts is None:
-        return formats.plain(lang, chunk) + EOT
+        return formats.plain(lang, chunk) + end
     prefix, middle, suffix = parts
     if r < 0.8:
         return formats.fim_spm(lang, prefix, suffix) + middle + EOT
@@ -119,7 +124,9 @@ def build_samples(corpus: Path, pairs: Path, split: str, lang_bytes: dict[str, i
             if used >= budget:
                 break
             used += len(text.encode())
-            samples.extend(render_chunk(lang, c, rng) for c in chunks(text))
+            pieces = chunks(text)
+            samples.extend(render_chunk(lang, c, rng, i == len(pieces) - 1)
+                           for i, c in enumerate(pieces))
         log.info("%s %s: %.1f MB", split, lang, used / 1e6)
     pair_split = "train" if split == "train" else "valid"
     for _ in range(pair_passes):

@@ -95,19 +95,34 @@ def prepare_pairs(args: argparse.Namespace) -> None:
 
 
 class Batches:
-    """Sequences starting at sample boundaries, packed to seq_len+1 tokens."""
+    """Sequences starting at sample boundaries, packed to seq_len+1 tokens. Targets in
+    `unscored` (the language tags, which open every sample and every prompt, and are never
+    the model's to write) are not scored."""
 
-    def __init__(self, prefix: Path, seq_len: int) -> None:
+    def __init__(self, prefix: Path, seq_len: int, unscored: tuple[int, ...] = ()) -> None:
         self.tokens = np.load(f"{prefix}.tokens.npy", mmap_mode="r")
         starts = np.load(f"{prefix}.starts.npy")
         self.starts = starts[starts + seq_len + 1 <= len(self.tokens)]
         self.seq_len = seq_len
+        self.unscored = np.asarray(unscored, dtype=np.int64)
 
     def get(self, rng: np.random.Generator, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         picks = rng.choice(self.starts, size=batch)
         rows = np.stack([self.tokens[s:s + self.seq_len + 1] for s in picks]).astype(np.int64)
-        t = torch.from_numpy(rows)
-        return t[:, :-1], t[:, 1:]
+        x, y = rows[:, :-1], rows[:, 1:].copy()
+        if len(self.unscored):
+            y[np.isin(y, self.unscored)] = -1
+        return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def language_tag_ids(tokenizer_json: Path) -> tuple[int, ...]:
+    from tokenizers import Tokenizer
+
+    from .. import formats
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    ids = (tok.token_to_id(formats.lang_tag(lang)) for lang in formats.LANGUAGES)
+    return tuple(i for i in ids if i is not None)
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int, floor: float,
@@ -279,13 +294,14 @@ def train(args: argparse.Namespace) -> None:
         raise SystemExit(f"checkpoint shape {state['shape']} differs from {asdict(shape)}")
     log.info("model: %.2fM parameters; resuming at step %d", model.num_parameters() / 1e6,
              state["step"])
-    train_data = Batches(run / "train", args.seq_len)
-    valid_data = Batches(run / "valid", args.seq_len)
+    tags = language_tag_ids(run / "tokenizer" / "tokenizer.json")
+    train_data = Batches(run / "train", args.seq_len, tags)
+    valid_data = Batches(run / "valid", args.seq_len, tags)
     n_pairs = round(args.pair_fraction * args.batch)
     if n_pairs and not (run / "pairs-train.tokens.npy").is_file():
         raise SystemExit(f"--pair-fraction needs {run}/pairs-train.*: run `pairs` first")
-    pair_data = Batches(run / "pairs-train", args.seq_len) if n_pairs else None
-    pair_valid = (Batches(run / "pairs-valid", args.seq_len)
+    pair_data = Batches(run / "pairs-train", args.seq_len, tags) if n_pairs else None
+    pair_valid = (Batches(run / "pairs-valid", args.seq_len, tags)
                   if (run / "pairs-valid.tokens.npy").is_file() else None)
     restart = checked_restart(args)
     step_fn = torch.compile(model) if args.compile else model
