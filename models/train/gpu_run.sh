@@ -7,6 +7,11 @@
 #   $INPUT/pairs/*.java-cs.txt.{java,cs}.xz      CodeXGLUE Java <-> C# (train, valid)
 #   $INPUT/fonts/*.ttf                           the fonts vlm_data draws with (DejaVu,
 #                                                Liberation Mono), installed if missing
+# Made here with, e.g.:
+#   mkdir -p .gpu/corpus .gpu/pairs .gpu/fonts && echo /.gpu/ >> .git/info/exclude
+#   for s in train valid test; do xz -c CORPUS/$s.jsonl > .gpu/corpus/$s.jsonl.xz; done
+#   for f in PAIRS/*.txt.*; do xz -c "$f" > ".gpu/pairs/$(basename "$f").xz"; done
+#   cp /usr/share/fonts/truetype/{dejavu,liberation}/<the five fonts> .gpu/fonts/
 # Outputs in $OUT: code.f16.safetensors.part* (fp16, split), vlm.safetensors.part*
 # (float32, split), meta.tar.gz (configs, logs, loss plots, manifests).
 #
