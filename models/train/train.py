@@ -242,10 +242,7 @@ class TimeBudget:
             self.t0 = time.time()
         elif done == self.SKIP + self.CALIBRATE and self.t0 is not None:
             now = time.time()
-            self.seconds_per_step = (now - self.t0) / self.CALIBRATE
-            left = self.seconds * (1 - self.RESERVE) - (now - self.start)
-            self.total = max(step + 1, min(self.total,
-                                           step + int(left / self.seconds_per_step)))
+            self.fit(step, now, (now - self.t0) / self.CALIBRATE)
             self.pending = False
             # measured once more over a longer stretch (the first steps can run beside
             # other start-up work on a shared machine)
@@ -259,11 +256,15 @@ class TimeBudget:
         if self.again is None or step != self.again[2]:
             return False
         now = time.time()
-        self.seconds_per_step = (now - self.again[1]) / (step - self.again[0])
-        left = self.seconds * (1 - self.RESERVE) - (now - self.start)
-        self.total = max(step + 1, min(self.max_steps, step + int(left / self.seconds_per_step)))
+        self.fit(step, now, (now - self.again[1]) / (step - self.again[0]))
         self.again = None
         return True
+
+    def fit(self, step: int, now: float, seconds_per_step: float) -> None:
+        """The total that ends within the budget less the reserve at this step rate."""
+        self.seconds_per_step = seconds_per_step
+        left = self.seconds * (1 - self.RESERVE) - (now - self.start)
+        self.total = max(step + 1, min(self.max_steps, step + int(left / seconds_per_step)))
 
 
 def train(args: argparse.Namespace) -> None:

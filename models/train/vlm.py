@@ -65,7 +65,7 @@ from ..vision.image import ImageProcessor
 from ..vision.tower import Projector, VisionConfig, VisionTower
 from .model import CodeLM, ModelShape
 from .plot import plot_losses
-from .train import checked_restart, load_checkpoint, lr_at, save_checkpoint
+from .train import amp_context, checked_restart, load_checkpoint, lr_at, save_checkpoint
 from .vlm_data import FONT_DIRS, FONTS, IMAGE_SIZE, MONO_FONTS, sample, shapes, simulated_ocr
 
 # the kinds a scene of shapes answers
@@ -509,8 +509,7 @@ def train(args: argparse.Namespace) -> None:
         if init_vlm is not None:
             copy_bias = json.loads((init_vlm / "config.json").read_text()).get(
                 "ocr_copy_bias", 0.0)
-    autocast = (torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
-                if amp == "bf16" else contextlib.nullcontext())
+    autocast = amp_context(amp, device)
     step_fn = torch.compile(model) if args.compile else model
     log.info("VLM: %.2fM parameters (%.2fM new); resuming at step %d; amp %s; %d batch "
              "workers; %s", sum(p.numel() for p in model.parameters()) / 1e6,
@@ -545,10 +544,21 @@ def train(args: argparse.Namespace) -> None:
 
     def one_step(pixels: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
-        with autocast:
+        with autocast():
             loss = step_fn(pixels, x, y)
         loss.backward()
         return loss
+
+    def refit(step_seconds: float) -> None:
+        """The total fitted to the budget at this step rate; the prefetcher and the saved
+        state follow it."""
+        nonlocal total
+        total = planned_total(state["step"], step_seconds, save_seconds[0], time.time() - t0,
+                              budget, args.save_every, args.steps)
+        if ahead is not None:
+            ahead.limit = total
+        state["total"], state["total_restart"] = total, restart
+        _write_state(run, state)
 
     start_step = state["step"]
     calib_from, calib_to = start_step + CALIBRATION_SKIP, (start_step + CALIBRATION_SKIP +
@@ -616,14 +626,8 @@ def train(args: argparse.Namespace) -> None:
                     step_seconds = (time.time() - save_seconds[1] - t_calib) / CALIBRATION_STEPS
                     checkpoint()  # also times a held-out evaluation and checkpoint
                     last_saved = state["step"]
-                    total = planned_total(state["step"], step_seconds, save_seconds[0],
-                                          time.time() - t0, budget, args.save_every,
-                                          args.steps)
+                    refit(step_seconds)
                     fixed = True
-                    if ahead is not None:
-                        ahead.limit = total
-                    state["total"], state["total_restart"] = total, restart
-                    _write_state(run, state)
                     msg = (f"time budget {budget:.0f} s: {step_seconds * 1000:.1f} ms a "
                            f"step, {save_seconds[0]:.1f} s a checkpoint -> {total} steps")
                     print(msg, file=sys.stderr, flush=True)
@@ -637,13 +641,8 @@ def train(args: argparse.Namespace) -> None:
                 _sync(device)
                 step_seconds = ((time.time() - save_seconds[1] - recal[1])
                                 / (state["step"] - recal[0]))
-                total = planned_total(state["step"], step_seconds, save_seconds[0],
-                                      time.time() - t0, budget, args.save_every, args.steps)
+                refit(step_seconds)
                 recal = None
-                if ahead is not None:
-                    ahead.limit = total
-                state["total"] = total
-                _write_state(run, state)
                 print(f"time budget {budget:.0f} s, measured again: {step_seconds * 1000:.1f}"
                       f" ms a step -> {total} steps", file=sys.stderr, flush=True)
             if state["step"] % args.save_every == 0 and state["step"] < total:
