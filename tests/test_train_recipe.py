@@ -270,3 +270,23 @@ def test_batches_never_score_language_tags(prepared: Path):
     is_tag = torch.isin(y0, torch.tensor(tags))
     assert is_tag.any()  # samples start with a tag, so some target is one
     assert (y1[is_tag] == -1).all() and torch.equal(y1[~is_tag], y0[~is_tag])
+
+
+def test_a_restart_fits_a_new_total_to_its_own_time_budget(prepared: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch):
+    """A total fixed by a time budget is kept on resume, but not by a --restart, which
+    starts a new schedule (it used to end at once, at the old total)."""
+    import shutil
+
+    monkeypatch.setattr(recipe.TimeBudget, "SKIP", 1)
+    monkeypatch.setattr(recipe.TimeBudget, "CALIBRATE", 2)
+    run = tmp_path / "run"
+    shutil.copytree(prepared, run)
+    tiny = [a for a in TINY if a not in ("--save-every", "3")] + ["--save-every", "1000"]
+    recipe.main(["train", "--run", str(run), "--steps", "8", "--time-budget", "600", *tiny])
+    state = json.loads((run / "ckpt" / "state.json").read_text())
+    assert state["step"] == state["total_steps"] == 8 and state["total_restart"] == 0
+    recipe.main(["train", "--run", str(run), "--steps", "12", "--restart", "8",
+                 "--time-budget", "600", *tiny])
+    state = json.loads((run / "ckpt" / "state.json").read_text())
+    assert state["step"] == state["total_steps"] == 12 and state["total_restart"] == 8

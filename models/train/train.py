@@ -309,8 +309,11 @@ def train(args: argparse.Namespace) -> None:
     amp = amp_context(args.amp, device)
     if str(device).startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
-    budget = TimeBudget(args.time_budget, state.get("total_steps"), args.steps,
-                        state["step"])
+    # a total fixed by a time budget holds for the schedule it was fixed in (a --restart
+    # starts a new one)
+    kept = (state.get("total_steps")
+            if state.get("total_restart", 0) == restart else None)
+    budget = TimeBudget(args.time_budget, kept, args.steps, state["step"])
     t_last = time.time()
     running: list[float] = []
     while state["step"] < budget.total:
@@ -344,7 +347,7 @@ def train(args: argparse.Namespace) -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if budget.tick(step + 1):
-            state["total_steps"] = budget.total
+            state["total_steps"], state["total_restart"] = budget.total, restart
             log.info("time budget: %d steps in all (%.3f s a step, measured)", budget.total,
                      budget.seconds_per_step)
         running.append(float(loss.detach()))
