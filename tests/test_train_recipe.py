@@ -247,14 +247,26 @@ def test_plain_chunks_end_with_eot_only_at_the_end_of_their_file():
     from codevista.models import formats
     from codevista.models.train.data import render_chunk
 
-    for seed in range(40):
+    chunk = "x = 1\ny = 2\nz = x + y\n"
+    kinds = set()
+    for seed in range(200):
         rng_a, rng_b = random.Random(seed), random.Random(seed)
-        inner = render_chunk("python", "x = 1\ny = 2\n", rng_a, last=False)
-        final = render_chunk("python", "x = 1\ny = 2\n", rng_b, last=True)
-        if formats.FIM_MIDDLE in final:  # FIM: the middle always ends with EOT
-            assert inner == final and final.endswith(formats.EOT)
+        inner = render_chunk("python", chunk, rng_a, last=False)
+        final = render_chunk("python", chunk, rng_b, last=True)
+        if final == inner:  # FIM inside the file: the middle always ends with EOT
+            assert formats.FIM_MIDDLE in final and final.endswith(formats.EOT)
+            kinds.add("fim")
+            continue
+        assert final == inner + formats.EOT and not inner.endswith(formats.EOT)
+        if formats.FIM_MIDDLE in final:  # written at the end of the file: no suffix
+            suffix = final.split(formats.FIM_SUFFIX)[1].split(formats.FIM_PREFIX)[0]
+            prefix = final.split(formats.FIM_PREFIX)[1].split(formats.FIM_MIDDLE)[0]
+            middle = inner.split(formats.FIM_MIDDLE)[1]
+            assert suffix in ("", "\n") and prefix + middle + suffix == chunk
+            kinds.add("end of file")
         else:
-            assert final == inner + formats.EOT and not inner.endswith(formats.EOT)
+            kinds.add("plain")
+    assert kinds == {"fim", "end of file", "plain"}
 
 
 def test_batches_never_score_language_tags(prepared: Path):
@@ -290,3 +302,52 @@ def test_a_restart_fits_a_new_total_to_its_own_time_budget(prepared: Path, tmp_p
                  "--time-budget", "600", *tiny])
     state = json.loads((run / "ckpt" / "state.json").read_text())
     assert state["step"] == state["total_steps"] == 12 and state["total_restart"] == 8
+
+
+def test_a_run_can_start_from_a_released_model(prepared: Path, tmp_path: Path):
+    """--init-hf: the continued run's first step starts from the export's weights (its
+    step-1 weights equal one step taken from them), and a wrong shape is refused."""
+    import shutil
+
+    from codevista.models.train.model import CodeLM, ModelShape
+    from safetensors.torch import load_file
+
+    first = tmp_path / "first"
+    shutil.copytree(prepared, first)
+    recipe.main(["train", "--run", str(first), "--steps", "3", *TINY, "--context", "48",
+                 "--warmup", "1"])  # weights far from the seed's initial ones
+    released = first / "latest-hf"
+    assert json.loads((released / "config.json").read_text())["max_position_embeddings"] == 48
+    # two continuations from the release, one step each, with the same seed: identical,
+    # and different from a run started at random
+    runs = []
+    for name in ("b", "c", "scratch"):
+        run = tmp_path / name
+        shutil.copytree(prepared, run)
+        init = [] if name == "scratch" else ["--init-hf", str(released)]
+        recipe.main(["train", "--run", str(run), "--steps", "1", *TINY, "--lr", "1e-9",
+                     *init])
+        runs.append(load_file(str(run / "ckpt" / "model.safetensors")))
+    start = load_file(str(released / "model.safetensors"))
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in start)
+    assert all(torch.allclose(runs[0][k], start[k], atol=1e-6) for k in start)
+    assert not all(torch.allclose(runs[2][k], start[k], atol=1e-3) for k in start)
+    wider = CodeLM(ModelShape(vocab_size=400, hidden_size=64, num_layers=2, num_heads=4,
+                              num_kv_heads=2, intermediate_size=64))
+    with pytest.raises(SystemExit, match="hidden_size"):
+        recipe.init_from_hf(wider, released)
+
+
+def test_prepare_weights_one_language(prepared: Path, tmp_path: Path):
+    root = prepared.parent
+    run = tmp_path / "weighted"
+    recipe.main(["prepare", "--corpus", str(root / "corpus"), "--pairs", str(root / "pairs"),
+                 "--run", str(run), "--tokenizer", str(prepared / "tokenizer"),
+                 "--scale", "0.001", "--weight", "python=3"])
+    budgets = json.loads((run / "prepare.json").read_text())["lang_bytes"]
+    base = json.loads((prepared / "prepare.json").read_text())["lang_bytes"]
+    assert budgets["python"] == 3 * base["python"] and budgets["java"] == base["java"]
+    with pytest.raises(SystemExit, match="LANG=FACTOR"):
+        recipe.main(["prepare", "--corpus", str(root / "corpus"), "--pairs",
+                     str(root / "pairs"), "--run", str(tmp_path / "bad"), "--tokenizer",
+                     str(prepared / "tokenizer"), "--weight", "klingon=2"])

@@ -5,7 +5,10 @@ Mix (seeded, per chunk of ~1,500 characters of a file):
 - plain left-to-right code, 50 % (end-of-text only after a file's last chunk);
 - fill-in-the-middle, 50 %: suffix-first (SPM) 60 % of those, prefix-first (PSM) 40 %;
   the middle is the rest of a line from a random point half of the time (single-line
-  completion, the common editor case), else a span of one to eight lines;
+  completion, the common editor case), else a span of one to eight lines; in a fifth of
+  the suffix-first samples the suffix is empty (or just the final newline an editor
+  keeps) and the middle runs to the chunk's end: the user writing at the end of a file,
+  where a completion goes on past the line and ends with EOT only where the file does;
 - Java <-> C# pairs (CodeXGLUE train split only), both directions, several passes.
 """
 
@@ -92,6 +95,11 @@ def render_chunk(lang: str, chunk: str, rng: random.Random, last: bool = True) -
     end = EOT if last else ""
     if r < 0.5:
         return formats.plain(lang, chunk) + end
+    if r < 0.56 and len(chunk) >= 20:  # a fifth of the suffix-first share: end of file
+        start = rng.randrange(len(chunk) - 1)
+        tail = "\n" if chunk.endswith("\n") and rng.random() < 0.5 else ""  # editors
+        middle = chunk[start:len(chunk) - len(tail)]  # the newline is the suffix
+        return formats.fim_spm(lang, chunk[:start], tail) + middle + end
     parts = fim_split(chunk, rng)
     if parts is None:
         return formats.plain(lang, chunk) + end

@@ -64,7 +64,14 @@ def prepare(args: argparse.Namespace) -> None:
         vocab = Tokenizer.from_file(str(tok_dir / "tokenizer.json")).get_vocab_size()
     else:
         train_tokenizer(args.corpus, args.pairs, tok_dir, vocab=vocab, seed=args.seed)
-    budgets = {k: int(v * args.scale * 1e6) for k, v in LANG_BYTES.items()}
+    weights = dict(LANG_BYTES)
+    for item in args.weight:
+        lang, _, factor = item.partition("=")
+        if lang not in weights or not factor:
+            raise SystemExit(f"--weight {item!r}: expected LANG=FACTOR, LANG one of "
+                             f"{', '.join(weights)}")
+        weights[lang] *= float(factor)
+    budgets = {k: int(v * args.scale * 1e6) for k, v in weights.items()}
     for split, passes in (("train", args.pair_passes), ("valid", 1)):
         b = budgets if split == "train" else {k: 2_000_000 for k in budgets}
         samples = build_samples(args.corpus, args.pairs, split, b, passes, args.seed,
@@ -199,6 +206,25 @@ def evaluate(model: CodeLM, valid: Batches, batch: int, device: str, n: int = 4)
     return sum(losses) / len(losses)
 
 
+def init_from_hf(model: CodeLM, directory: Path) -> None:
+    """Start a run from a released checkpoint (its config must have the run's shape):
+    a continued model keeps everything it learned, and its tokenizer's ids."""
+    from safetensors.torch import load_file
+
+    config = json.loads((directory / "config.json").read_text())
+    s = model.shape
+    want = {"vocab_size": s.vocab_size, "hidden_size": s.hidden_size,
+            "num_hidden_layers": s.num_layers, "num_attention_heads": s.num_heads,
+            "num_key_value_heads": s.num_kv_heads, "intermediate_size": s.intermediate_size}
+    wrong = {k: (config.get(k), v) for k, v in want.items() if config.get(k) != v}
+    if wrong:
+        raise SystemExit(f"{directory} does not have the run's shape "
+                         f"(checkpoint, run): {wrong}")
+    weights = load_file(str(directory / "model.safetensors"))
+    model.load_state_dict({k: v.float() for k, v in weights.items()})
+    log.info("initialised from %s", directory)
+
+
 def amp_context(mode: str, device: str):
     """bf16 autocast on CUDA (weights and optimizer stay float32); nothing on CPU."""
     if mode == "auto":
@@ -287,7 +313,10 @@ def train(args: argparse.Namespace) -> None:
     model = CodeLM(shape).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95),
                             weight_decay=0.1, eps=1e-8)
-    state = load_checkpoint(run, model, opt) or {
+    state = load_checkpoint(run, model, opt)
+    if state is None and args.init_hf is not None:
+        init_from_hf(model, args.init_hf)
+    state = state or {
         "step": 0, "tokens": 0, "train_loss": [], "valid_loss": [], "seconds": 0.0,
         "shape": asdict(shape), "args": {k: str(v) for k, v in vars(args).items()},
         "device": device}
@@ -377,7 +406,7 @@ def train(args: argparse.Namespace) -> None:
             print(msg, file=sys.stderr, flush=True)
             save_checkpoint(run, model, opt, state)
             export_hf(model, run / "latest-hf.tmp", run / "tokenizer", eos_id,
-                      context=args.seq_len)
+                      context=args.context or args.seq_len)
             shutil.rmtree(run / "latest-hf", ignore_errors=True)
             (run / "latest-hf.tmp").rename(run / "latest-hf")
             curves = {"train": [tuple(p) for p in state["train_loss"]],
@@ -398,6 +427,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--run", type=Path, required=True)
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--scale", type=float, default=1.0, help="multiplies LANG_BYTES")
+    p.add_argument("--weight", nargs="*", default=[], metavar="LANG=FACTOR",
+                   help="multiplies one language's share of LANG_BYTES (e.g. python=2)")
     p.add_argument("--pair-passes", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--extra", type=Path, nargs="*", default=[],
@@ -423,6 +454,11 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     t.add_argument("--pair-fraction", type=float, default=0.0,
                    help="share of each batch drawn from the pairs stream (see `pairs`)")
+    t.add_argument("--init-hf", type=Path, default=None, metavar="DIR",
+                   help="start from this exported model (same shape) instead of at random")
+    t.add_argument("--context", type=int, default=None,
+                   help="max_position_embeddings of the export (default --seq-len; a "
+                        "model trained at 1 024 and continued on shorter rows keeps 1 024)")
     t.add_argument("--restart", type=int, default=None,
                    help="start a new warm-up and cosine schedule at this step")
     t.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
