@@ -32,7 +32,9 @@ this process prints them, then one line of ratios. Measured:
                     speculative decoding over plain greedy decode, for the completions the
                     server would ask for (its prompts and stop tokens) at cursors in
                     repetitive real code (the standard library's http/__init__.py,
-                    token.py and unittest/case.py); outputs must be identical
+                    token.py and unittest/case.py); outputs must be identical;
+                    lookup_*_end: the same files cut after the typed line (the cursor at
+                    the end of a file being written); --lookup-only runs just these
 """
 
 from __future__ import annotations
@@ -132,17 +134,29 @@ def worker_codevista(model_dir: Path, lengths: list[int], decode_tokens: int,
     return out
 
 
+def worker_lookup(model_dir: Path, decode_tokens: int, dtype: str) -> dict:
+    from codevista.models.engine import Engine
+    from codevista.models.loader import load_model
+
+    loaded = load_model(model_dir, dtype=dtype)
+    with Engine(loaded, cache_bytes=8 << 30, warmup=True) as engine:
+        return {"engine": f"codevista-{dtype}", "model": model_dir.name,
+                **lookup_speed(engine, decode_tokens)}
+
+
 REPETITIVE = ("http/__init__.py", "token.py", "unittest/case.py")
 
 
-def lookup_prompts(tok, max_tokens: int, cuts: int = 4) -> list[list[int]]:
+def lookup_prompts(tok, max_tokens: int, cuts: int = 4, at_end: bool = False
+                   ) -> list[list[int]]:
     """The prompts the server builds (codevista.server.prompts: the FIM template of the
     model's family with the rest of the file as the suffix, or the prefix alone for a
     model without FIM tokens) for a cursor spread through repetitive standard-library
     files, within `max_tokens`: as if the line there were being typed anew, its text after
     the indentation and three more characters is removed and the cursor put there (at a
     bare line start between two existing lines, a model that knows code rightly inserts
-    nothing)."""
+    nothing). `at_end`: the file is being written, so nothing follows that line (the
+    cursor is at the end of the document, and a completion may run on for lines)."""
     import sysconfig
 
     from codevista.server.documents import Snapshot
@@ -160,7 +174,7 @@ def lookup_prompts(tok, max_tokens: int, cuts: int = 4) -> list[list[int]]:
                 n += 1  # a line with something to type
             line = lines[n]
             keep = line[:len(line) - len(line.lstrip()) + 3]
-            typed = "\n".join(lines[:n] + [keep] + lines[n + 1:])
+            typed = "\n".join(lines[:n] + [keep] + ([] if at_end else lines[n + 1:]))
             offset = len("\n".join(lines[:n]) + "\n") + len(keep)
             snap = Snapshot(f"file:///{name}", 1, typed, "python", offset)
             prompts.append(build_prompt(family, tok, snap, max_tokens, heal_tokens=False).ids)
@@ -179,6 +193,14 @@ def completion_stops(tok) -> list[int]:
 
 
 def lookup_speed(engine, new_tokens: int, rounds: int = 2) -> dict:
+    """`lookup_speed_at` for cursors inside the files (`lookup_*`) and at their ends,
+    where the files are being written (`lookup_*_end`)."""
+    inside = lookup_speed_at(engine, new_tokens, rounds, at_end=False)
+    end = lookup_speed_at(engine, new_tokens, rounds, at_end=True)
+    return {**inside, **{f"{k}_end": v for k, v in end.items()}}
+
+
+def lookup_speed_at(engine, new_tokens: int, rounds: int = 2, at_end: bool = False) -> dict:
     """Completions as the server asks for them (its prompts, its stop tokens, at most
     `new_tokens`), decoded with and without prompt lookup: decode time only (the prompts
     are prefilled before the timing), each prompt decoded both ways back to back (in
@@ -188,7 +210,7 @@ def lookup_speed(engine, new_tokens: int, rounds: int = 2) -> dict:
     from codevista.server.settings import Settings
 
     budget = min(Settings().context_tokens, engine.model.max_positions - new_tokens)
-    prompts = lookup_prompts(engine.tokenizer, budget)
+    prompts = lookup_prompts(engine.tokenizer, budget, at_end=at_end)
     stops = completion_stops(engine.tokenizer)
     params = SamplingParams(max_new_tokens=new_tokens, stop_token_ids=tuple(stops),
                             ignore_eos=not stops)
@@ -526,6 +548,8 @@ def main() -> None:
     ap.add_argument("--interleaved", type=int, default=0, metavar="N",
                     help="decode only: every engine loaded at once (a process each), N "
                          "alternated bursts")
+    ap.add_argument("--lookup-only", action="store_true",
+                    help="only prompt lookup (lookup_speed), each dtype in its own process")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--gguf", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -533,6 +557,10 @@ def main() -> None:
                                 ).split(",")]
     if args.worker and args.worker.startswith("burst:"):
         burst_worker(args.worker.split(":", 1)[1], args.model, args.gguf, args.decode_tokens)
+        return
+    if args.worker and args.worker.startswith("lookup:"):
+        print(json.dumps(worker_lookup(args.model, args.decode_tokens,
+                                       args.worker.split(":", 1)[1])), flush=True)
         return
     if args.worker:
         if args.worker.startswith("codevista-"):
@@ -548,6 +576,16 @@ def main() -> None:
     model = args.model or make_random_checkpoint(
         args.cache / ("tiny-random" if args.quick else "qwen2.5-coder-0.5b-shape-random"),
         TINY if args.quick else QWEN_05B)
+    if args.lookup_only:
+        for d in filter(None, args.dtypes.split(",")):
+            cmd = [sys.executable, __file__, "--worker", f"lookup:{d}", "--model",
+                   str(model), "--decode-tokens", str(args.decode_tokens)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                sys.stderr.write(proc.stderr)
+                raise SystemExit(f"lookup worker ({d}) failed")
+            print(proc.stdout.strip().splitlines()[-1], flush=True)
+        return
     dtypes = [d for d in args.dtypes.split(",") if d]
     runs: dict[str, list[dict]] = {f"codevista-{d}": [] for d in dtypes}
     runs["transformers"] = []
