@@ -40,7 +40,9 @@ fim        Single-line infilling at the same cut points: prefix = up to --fim-pr
            end of the cut line (it starts with that line's "\\n"), as `fim_psm` and, separately,
            `fim_spm` (budgets by characters, about 512 and 256 tokens; halved until the prompt
            fits the context). Greedy until EOT or "\\n", at most 48 tokens. Target: the rest
-           of the line. Exact match and edit similarity as for `line`.
+           of the line. Exact match and edit similarity as for `line`. Also "end":
+           `fim_spm` with an empty suffix, the prompt the server sends when nothing
+           follows the cursor (the user writing at the end of a file).
 translate  Java -> C# and C# -> Java on CodeXGLUE valid (all 499 pairs unless
            --translation-limit). Prompt `translation(src, source, tgt)`, greedy until EOT,
            max_new_tokens = 2 * source tokens + 16 (clamped to the context; a prompt that does
@@ -409,10 +411,15 @@ class Harness:
 
     def fim(self, points: dict[str, list[CutPoint]]) -> dict[str, Any]:
         per_lang: dict[str, Any] = {}
-        progress = Progress("fim", 2 * sum(len(v) for v in points.values()))
+        progress = Progress("fim", 3 * sum(len(v) for v in points.values()))
+
+        def at_end(lang: str, prefix: str, suffix: str) -> str:
+            return formats.fim_spm(lang, prefix, "")  # nothing after the cursor
+
         for lang, cps in points.items():
             row: dict[str, Any] = {"n": len(cps)}
-            for mode, make in (("psm", formats.fim_psm), ("spm", formats.fim_spm)):
+            for mode, make in (("psm", formats.fim_psm), ("spm", formats.fim_spm),
+                               ("end", at_end)):
                 em = es = 0.0
                 for cp in cps:
                     pred = self.generate(self.fim_prompt(cp, make), LINE_MAX_NEW, ("\n",))
@@ -425,7 +432,7 @@ class Harness:
         return {"metric": "fim", "prefix_chars": self.args.fim_prefix_chars,
                 "suffix_chars": self.args.fim_suffix_chars, "per_lang": per_lang,
                 **macro(per_lang, ("psm_exact_match", "psm_edit_sim", "spm_exact_match",
-                                   "spm_edit_sim"))}
+                                   "spm_edit_sim", "end_exact_match", "end_edit_sim"))}
 
     # -- translation ------------------------------------------------------------------------
     def translate(self, pairs: list[tuple[str, str]]) -> dict[str, Any]:
@@ -546,13 +553,17 @@ def markdown(results: dict[str, Any]) -> str:
     if "fim" in results:
         r = results["fim"]
         md += ["## Single-line fill-in-the-middle (same cut points)", "",
-               "| lang | n | PSM EM % | PSM ES % | SPM EM % | SPM ES % |",
-               "|---|---|---|---|---|---|"]
+               "| lang | n | PSM EM % | PSM ES % | SPM EM % | SPM ES % | end EM % | end ES % |",
+               "|---|---|---|---|---|---|---|---|"]
         for lang, v in r["per_lang"].items():
             md.append(f"| {lang} | {v['n']} | {v['psm_exact_match']} | {v['psm_edit_sim']} | "
-                      f"{v['spm_exact_match']} | {v['spm_edit_sim']} |")
+                      f"{v['spm_exact_match']} | {v['spm_edit_sim']} | "
+                      f"{v['end_exact_match']} | {v['end_edit_sim']} |")
         md += [f"| **macro** | | {r['macro_psm_exact_match']} | {r['macro_psm_edit_sim']} | "
-               f"{r['macro_spm_exact_match']} | {r['macro_spm_edit_sim']} |", ""]
+               f"{r['macro_spm_exact_match']} | {r['macro_spm_edit_sim']} | "
+               f"{r['macro_end_exact_match']} | {r['macro_end_edit_sim']} |", "",
+               "End: suffix-first with an empty suffix, as the server asks when nothing "
+               "follows the cursor (writing at the end of a file).", ""]
     if "translate" in results:
         r = results["translate"]
         a, b = r["java->csharp"], r["csharp->java"]
