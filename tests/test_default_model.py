@@ -58,3 +58,23 @@ def test_cli_uses_the_embedded_model_by_default():
          "--temperature", "0"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip()
+
+
+def test_eot_line_starts_benchmark_runs_on_the_shipped_model(tmp_path):
+    """benchmarks/eot_line_starts.py: shares are percentages of the points asked for."""
+    import json
+    from pathlib import Path
+
+    body = "".join(f"def f{i}(x):\n    y = x + {i}\n    return y\n\n" for i in range(30))
+    rows = [{"lang": "python", "path": f"m{k}.py", "text": body} for k in range(2)]
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "eot_line_starts.py"
+    proc = subprocess.run([sys.executable, str(script), "--model", str(DEFAULT_MODEL_DIR),
+                           "--corpus", str(tmp_path), "--points", "5"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["points"] == 5
+    for kind in ("plain", "end of file"):
+        assert result[kind]["eot_greedy_pct"] in {0.0, 20.0, 40.0, 60.0, 80.0, 100.0}
+        assert 0 <= result[kind]["eot_mean_prob_pct"] <= 100
