@@ -36,15 +36,11 @@ def points(corpus: Path, n: int, seed: int) -> list[tuple[str, str]]:
 
 
 def measure(model_dir: Path, pts: list[tuple[str, str]]) -> dict:
-    from codevista.models.train.model import CodeLM, ModelShape
+    from codevista.models.train.model import CodeLM, shape_of
     from codevista.models.train.train import init_from_hf
     from tokenizers import Tokenizer
 
-    cfg = json.loads((model_dir / "config.json").read_text())
-    model = CodeLM(ModelShape(
-        vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
-        num_layers=cfg["num_hidden_layers"], num_heads=cfg["num_attention_heads"],
-        num_kv_heads=cfg["num_key_value_heads"], intermediate_size=cfg["intermediate_size"]))
+    model = CodeLM(shape_of(model_dir))
     init_from_hf(model, model_dir)
     model.eval()
     tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))

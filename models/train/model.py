@@ -149,6 +149,21 @@ class CodeLM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+def shape_of(directory: Path) -> ModelShape:
+    """The decoder's shape from a code model's config.json or a Llava one's text_config."""
+    cfg = json.loads((directory / "config.json").read_text())
+    if cfg.get("model_type") == "llava":
+        cfg = cfg["text_config"]
+    return ModelShape(vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
+                      num_layers=cfg["num_hidden_layers"],
+                      num_heads=cfg["num_attention_heads"],
+                      num_kv_heads=cfg["num_key_value_heads"],
+                      intermediate_size=cfg["intermediate_size"],
+                      max_position_embeddings=cfg["max_position_embeddings"],
+                      rope_theta=cfg.get("rope_theta", 10000.0),
+                      rms_norm_eps=cfg["rms_norm_eps"])
+
+
 def export_hf(model: CodeLM, out: Path, tokenizer_dir: Path, eos_id: int,
               card: str | None = None, context: int | None = None) -> None:
     """Write an HF checkpoint directory (config, weights, tokenizer, generation config).

@@ -63,7 +63,7 @@ from .. import formats
 from ..tokenizer import Tokenizer
 from ..vision.image import ImageProcessor
 from ..vision.tower import Projector, VisionConfig, VisionTower
-from .model import CodeLM, ModelShape
+from .model import CodeLM, ModelShape, shape_of
 from .plot import plot_losses
 from .train import amp_context, checked_restart, load_checkpoint, lr_at, save_checkpoint
 from .vlm_data import FONT_DIRS, FONTS, IMAGE_SIZE, MONO_FONTS, sample, shapes, simulated_ocr
@@ -179,21 +179,6 @@ class Batcher:
             targets.append(y + [-1] * pad)
             pixels.append(self.proc(s.image))
         return (torch.stack(pixels), torch.tensor(inputs), torch.tensor(targets))
-
-
-def shape_of(init: Path) -> ModelShape:
-    """The decoder's shape from a code model's config.json or a Llava one's text_config."""
-    cfg = json.loads((init / "config.json").read_text())
-    if cfg.get("model_type") == "llava":
-        cfg = cfg["text_config"]
-    return ModelShape(vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
-                      num_layers=cfg["num_hidden_layers"],
-                      num_heads=cfg["num_attention_heads"],
-                      num_kv_heads=cfg["num_key_value_heads"],
-                      intermediate_size=cfg["intermediate_size"],
-                      max_position_embeddings=cfg["max_position_embeddings"],
-                      rope_theta=cfg.get("rope_theta", 10000.0),
-                      rms_norm_eps=cfg["rms_norm_eps"])
 
 
 def build(run: Path, init: Path, init_vlm: Path | None = None) -> tuple[TrainVLM, Tokenizer]:
