@@ -455,3 +455,42 @@ def test_logit_bias_is_checked():
     for bad in [((-1, 1.0),), ((3, 101.0),), ((3,),), (("a", 1.0),)]:
         with pytest.raises(RequestError):
             SamplingParams(logit_bias=bad)
+
+
+def test_draft_policy_drafts_only_where_verification_pays():
+    from codevista.models.engine.lookup import DraftPolicy
+
+    fresh = DraftPolicy()
+    assert fresh.limit(6, 0.5) == 6  # nothing measured: draft, and so measure
+    # a memory-bound step (verified rows cost 5 % of it): drafts pay at a low acceptance
+    cheap = DraftPolicy()
+    cheap.record_turn(1, 2e-3)
+    cheap.record_turn(5, 2.4e-3)
+    assert cheap.row == pytest.approx(1e-4)
+    assert cheap.limit(6, 0.3) == 6
+    assert cheap.limit(0, 0.9) == 0
+    # an arithmetic-bound step (a row costs half of it): only near-certain drafts pay
+    dear = DraftPolicy()
+    dear.record_turn(1, 4e-4)
+    dear.record_turn(3, 8e-4)
+    assert dear.limit(4, 0.95) == 4
+    answers = [dear.limit(4, 0.4) for _ in range(64)]
+    # refused, but one refusal in PROBE drafts a single token to keep the costs current
+    assert answers.count(1) == 64 // DraftPolicy.PROBE and set(answers) == {0, 1}
+
+
+def test_draft_policy_averages_are_robust_and_records_add_up():
+    from codevista.models.engine.lookup import DraftPolicy
+
+    pol = DraftPolicy()
+    pol.record_turn(1, 1e-3)
+    pol.record_turn(1, 1.0)  # a turn the OS interrupted counts as at most twice a step
+    assert pol.step == pytest.approx(0.8 * 1e-3 + 0.2 * 2e-3)
+    # 3 of a 4-token draft right: 4 judged (3 right, 1 wrong); a whole draft right: 2
+    assert pol.judged(0, 0, 4, 3) == (3, 4)
+    assert pol.judged(3, 4, 2, 2) == (5, 6)
+    assert pol.judged(5, 6, 0, 0) == (5, 6)
+    # a request's acceptance: its record pulled towards the engine's running average
+    assert 0.5 < pol.prior < 0.6
+    assert pol.acceptance(0, 0) == pytest.approx(pol.prior)
+    assert pol.acceptance(90, 100) > 0.85

@@ -29,7 +29,7 @@ from ..stopping import StopStringMatcher
 from ..tokenizer import IncrementalDetokenizer
 from ..transformer import KERNEL_ROWS, ROWS, Linear, Segment
 from ..vision.image import content_key
-from .lookup import NgramIndex
+from .lookup import DraftPolicy, NgramIndex
 from .prefix_cache import PrefixCache, Slot
 from .request import GenerationResult, Request, RequestHandle, SamplingParams
 
@@ -75,6 +75,8 @@ class _Active:
     draft_len: int = 4
     drafted: int = 0
     accepted: int = 0
+    hits: int = 0  # draft tokens right ...
+    trials: int = 0  # ... of those judged (DraftPolicy.judged)
     guide: _Guide | None = None
     bias: tuple[torch.Tensor, torch.Tensor] | None = None  # logit_bias as (ids, values)
 
@@ -149,6 +151,7 @@ class Engine:
         self.lookup = lookup
         self.max_batch = max_batch  # decoding requests batched into one forward pass
         self._drafted = self._accepted = 0
+        self._policy = DraftPolicy()  # how long a draft pays to be (measured costs)
         self._turns = self._batched = 0
         self.num_threads = num_threads or auto_threads(self.model)
         self.prefill_threads = num_threads or torch.get_num_threads()
@@ -383,6 +386,7 @@ class Engine:
         one chunk. Batching reads the weights once for all of them, so a completion that
         arrives during a translation neither waits for it nor slows it much."""
         now = time.monotonic()
+        started = time.perf_counter()
         for st in list(self._active):
             req = st.request
             if req.cancelled.is_set():
@@ -451,6 +455,9 @@ class Engine:
             except Exception as e:  # a bug: report it, keep serving others
                 log.exception("request %d failed", st.request.id)
                 self._finish(st, "error", ModelError(f"generation failed: {e}"))
+        if len(work) == 1 and work[0][2] is not None and outputs[0] is not None:
+            # one request's decode step, with or without a draft: what drafting costs
+            self._policy.record_turn(len(work[0][1]), time.perf_counter() - started)
 
     def _guided(self, st: _Active, row: torch.Tensor) -> torch.Tensor:
         """Classifier-free guidance: the guide's logits moved `scale` times the way from
@@ -492,10 +499,14 @@ class Engine:
         if (not self.lookup or p.temperature > 0 or st.required or p.token_range is not None
                 or st.guide is not None or p.logit_bias):
             return []  # drafts are verified against the unrestricted argmax
-        if st.lookup is None:  # built on the first decode step: the prompt, then output
+        cap = min(st.draft_len, p.max_new_tokens - len(st.generated) - 1)
+        # as long as pays on this machine at this request's acceptance
+        limit = self._policy.limit(cap, self._policy.acceptance(st.hits, st.trials))
+        if limit <= 0:
+            return []
+        if st.lookup is None:  # built when first wanted: the prompt, then the output
             st.lookup = NgramIndex(st.request.prompt_ids + st.generated)
-        room = p.max_new_tokens - len(st.generated) - 1
-        return st.lookup.draft(min(st.draft_len, room))
+        return st.lookup.draft(limit)
 
     def _verify(self, st: _Active, logits: torch.Tensor, draft: list[int]) -> None:
         """The pending token and the draft went through in one pass: keep the draft's
@@ -511,6 +522,7 @@ class Engine:
         st.pos = keep
         st.drafted += len(draft)
         st.accepted += n
+        st.hits, st.trials = self._policy.judged(st.hits, st.trials, len(draft), n)
         self._drafted += len(draft)
         self._accepted += n
         # cheap drafts when they keep hitting, short ones when they miss

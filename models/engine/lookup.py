@@ -59,3 +59,80 @@ class NgramIndex:
                         return out[:k]
                 return out
         return []
+
+
+class DraftPolicy:
+    """Whether a draft pays, from what verification costs on this machine and how often
+    this request's drafts were right.
+
+    A turn that verifies d draft tokens costs about `step + d * row` seconds and yields
+    1 + p + p^2 + ... + p^d tokens on average, when each draft token is right with
+    probability p once the ones before it were. When some d up to the cap it is given
+    promises more tokens per second than plain steps by a margin, the policy lets the
+    draft run to the cap (the caller's, which grows while drafts are right: they come
+    right in runs, a copied line, more than a constant p says, so a long draft is worth
+    more than the formula gives it); otherwise it drafts nothing. Where a step is bound
+    by memory (the default float32 model, a big model) a verified row costs a few per
+    cent of a step and drafts pay at a low acceptance; where it is bound by arithmetic
+    (the embedded model's int8 steps at a long context: a row costs half a step) they
+    pay only when they are nearly always right. Costs are running averages of measured
+    turns; the acceptance is the request's record, pulled towards the engine's running
+    average. The output is the same whatever is chosen: drafts are verified."""
+
+    # a draft must promise this much more speed than a plain step (the costs are noisy
+    # averages); and one refusal in `PROBE` drafts a single token anyway, so that the
+    # averages follow a change of context length, machine load or text
+    MARGIN = 1.15
+    PROBE = 32
+
+    def __init__(self, prior: float = 0.5, smoothing: float = 0.2) -> None:
+        self.prior = prior  # acceptance of a draft token, over recent requests
+        self.smoothing = smoothing
+        self.step: float | None = None  # seconds for a turn of one row
+        self.row: float | None = None  # extra seconds for each verified draft row
+        self._refused = 0
+
+    def limit(self, cap: int, p: float) -> int:
+        """The draft length for a request whose recent acceptance is p."""
+        if cap <= 0:
+            return 0
+        if self.step is None or self.row is None:
+            return cap  # nothing measured yet: the first drafts measure the costs
+        step, row = max(self.step, 1e-9), max(self.row, 0.0)
+        rates, expect, gain = [], 1.0, 1.0
+        for d in range(1, cap + 1):
+            gain *= p
+            expect += gain
+            rates.append(expect / (step + d * row))
+        if max(rates) > self.MARGIN / step:
+            return cap
+        self._refused += 1
+        return 1 if self._refused % self.PROBE == 0 else 0
+
+    def record_turn(self, rows: int, seconds: float) -> None:
+        """A measured turn of one request: `rows` = 1 + the draft's length."""
+        a = self.smoothing
+        if rows <= 1:
+            if self.step is not None:  # a turn the OS interrupted says little
+                seconds = min(seconds, 2 * self.step)
+            self.step = seconds if self.step is None else (1 - a) * self.step + a * seconds
+        elif self.step is not None:
+            per_row = max(0.0, (seconds - self.step) / (rows - 1))
+            if self.row is not None:
+                per_row = min(per_row, 2 * self.row + 0.1 * self.step)
+            self.row = per_row if self.row is None else (1 - a) * self.row + a * per_row
+
+    def judged(self, hits: int, trials: int, drafted: int, accepted: int
+               ) -> tuple[int, int]:
+        """A request's record (draft tokens right, and judged: the right ones and each
+        first wrong one) after a verified draft whose first `accepted` tokens were
+        right; the engine's running average moves too."""
+        judged = accepted + (accepted < drafted)
+        if judged:
+            a = self.smoothing / 4  # slowly: it speaks for many requests
+            self.prior = (1 - a) * self.prior + a * accepted / judged
+        return hits + accepted, trials + judged
+
+    def acceptance(self, hits: int, trials: int) -> float:
+        """A request's acceptance: its record, pulled towards the engine's average."""
+        return (hits + 2 * self.prior) / (trials + 2)
