@@ -75,8 +75,6 @@ class _Active:
     draft_len: int = 4
     drafted: int = 0
     accepted: int = 0
-    hits: int = 0  # draft tokens right ...
-    trials: int = 0  # ... of those judged (DraftPolicy.judged)
     guide: _Guide | None = None
     bias: tuple[torch.Tensor, torch.Tensor] | None = None  # logit_bias as (ids, values)
 
@@ -500,8 +498,7 @@ class Engine:
                 or st.guide is not None or p.logit_bias):
             return []  # drafts are verified against the unrestricted argmax
         cap = min(st.draft_len, p.max_new_tokens - len(st.generated) - 1)
-        # as long as pays on this machine at this request's acceptance
-        limit = self._policy.limit(cap, self._policy.acceptance(st.hits, st.trials))
+        limit = self._policy.limit(cap)  # none where drafts do not pay here
         if limit <= 0:
             return []
         if st.lookup is None:  # built when first wanted: the prompt, then the output
@@ -522,7 +519,7 @@ class Engine:
         st.pos = keep
         st.drafted += len(draft)
         st.accepted += n
-        st.hits, st.trials = self._policy.judged(st.hits, st.trials, len(draft), n)
+        self._policy.judged(len(draft), n)
         self._drafted += len(draft)
         self._accepted += n
         # cheap drafts when they keep hitting, short ones when they miss

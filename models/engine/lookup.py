@@ -62,22 +62,23 @@ class NgramIndex:
 
 
 class DraftPolicy:
-    """Whether a draft pays, from what verification costs on this machine and how often
-    this request's drafts were right.
+    """Whether drafts pay on this machine, for this model, at all.
 
     A turn that verifies d draft tokens costs about `step + d * row` seconds and yields
     1 + p + p^2 + ... + p^d tokens on average, when each draft token is right with
-    probability p once the ones before it were. When some d up to the cap it is given
-    promises more tokens per second than plain steps by a margin, the policy lets the
-    draft run to the cap (the caller's, which grows while drafts are right: they come
-    right in runs, a copied line, more than a constant p says, so a long draft is worth
-    more than the formula gives it); otherwise it drafts nothing. Where a step is bound
-    by memory (the default float32 model, a big model) a verified row costs a few per
-    cent of a step and drafts pay at a low acceptance; where it is bound by arithmetic
-    (the embedded model's int8 steps at a long context: a row costs half a step) they
-    pay only when they are nearly always right. Costs are running averages of measured
-    turns; the acceptance is the request's record, pulled towards the engine's running
-    average. The output is the same whatever is chosen: drafts are verified."""
+    probability p once the ones before it were. Where a step is bound by memory (the
+    default float32 model, a big model) a verified row costs a few per cent of a step
+    and drafts pay even at a low p; where it is bound by arithmetic (the embedded model's
+    int8 steps at a long context, where each row's attention costs half a step) they pay
+    only when they are nearly always right, and drafting makes decoding slower. So when
+    no d up to the caller's cap promises more tokens per second than plain steps by a
+    margin, at the acceptance measured over recent drafts, the policy drafts nothing;
+    otherwise the draft runs to the cap (the caller's, which grows while drafts are
+    right). The acceptance is the engine's, not a request's: within a request drafts come
+    right in runs (a copied line), which a request's record so far does not foresee
+    (measured: judging by it cut the float32 model's gain from 1.55x to 1.4x). Costs are
+    running averages of measured turns. The output is the same whatever is chosen:
+    drafts are verified."""
 
     # a draft must promise this much more speed than a plain step (the costs are noisy
     # averages); and one refusal in `PROBE` drafts a single token anyway, so that the
@@ -86,26 +87,25 @@ class DraftPolicy:
     PROBE = 32
 
     def __init__(self, prior: float = 0.5, smoothing: float = 0.2) -> None:
-        self.prior = prior  # acceptance of a draft token, over recent requests
+        self.acceptance = prior  # of draft tokens, over recent drafts
         self.smoothing = smoothing
         self.step: float | None = None  # seconds for a turn of one row
         self.row: float | None = None  # extra seconds for each verified draft row
         self._refused = 0
 
-    def limit(self, cap: int, p: float) -> int:
-        """The draft length for a request whose recent acceptance is p."""
+    def limit(self, cap: int) -> int:
+        """How many tokens to draft, given that the caller would draft `cap`."""
         if cap <= 0:
             return 0
         if self.step is None or self.row is None:
-            return cap  # nothing measured yet: the first drafts measure the costs
-        step, row = max(self.step, 1e-9), max(self.row, 0.0)
-        rates, expect, gain = [], 1.0, 1.0
+            return min(cap, 2)  # nothing measured yet: a short draft measures the costs
+        p, step, row = self.acceptance, max(self.step, 1e-9), max(self.row, 0.0)
+        expect = gain = 1.0
         for d in range(1, cap + 1):
             gain *= p
             expect += gain
-            rates.append(expect / (step + d * row))
-        if max(rates) > self.MARGIN / step:
-            return cap
+            if expect / (step + d * row) > self.MARGIN / step:
+                return cap
         self._refused += 1
         return 1 if self._refused % self.PROBE == 0 else 0
 
@@ -122,17 +122,10 @@ class DraftPolicy:
                 per_row = min(per_row, 2 * self.row + 0.1 * self.step)
             self.row = per_row if self.row is None else (1 - a) * self.row + a * per_row
 
-    def judged(self, hits: int, trials: int, drafted: int, accepted: int
-               ) -> tuple[int, int]:
-        """A request's record (draft tokens right, and judged: the right ones and each
-        first wrong one) after a verified draft whose first `accepted` tokens were
-        right; the engine's running average moves too."""
-        judged = accepted + (accepted < drafted)
-        if judged:
+    def judged(self, drafted: int, accepted: int) -> None:
+        """A verified draft whose first `accepted` tokens were right: each right token
+        and the first wrong one are trials of p."""
+        trials = accepted + (accepted < drafted)
+        if trials:
             a = self.smoothing / 4  # slowly: it speaks for many requests
-            self.prior = (1 - a) * self.prior + a * accepted / judged
-        return hits + accepted, trials + judged
-
-    def acceptance(self, hits: int, trials: int) -> float:
-        """A request's acceptance: its record, pulled towards the engine's average."""
-        return (hits + 2 * self.prior) / (trials + 2)
+            self.acceptance = (1 - a) * self.acceptance + a * accepted / trials
