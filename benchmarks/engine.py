@@ -207,9 +207,11 @@ def lookup_speed_at(engine, new_tokens: int, rounds: int = 2, at_end: bool = Fal
     alternating order, `rounds` times) so that both see the same machine load; the
     outputs must be identical."""
     from codevista.models.engine import SamplingParams
+    from codevista.server.prompts import model_prompt_tokens, prompt_budget
     from codevista.server.settings import Settings
 
-    budget = min(Settings().context_tokens, engine.model.max_positions - new_tokens)
+    budget = prompt_budget(Settings().context_tokens, engine.model.max_positions, new_tokens,
+                           model_prompt_tokens(engine.loaded.path))
     prompts = lookup_prompts(engine.tokenizer, budget, at_end=at_end)
     stops = completion_stops(engine.tokenizer)
     params = SamplingParams(max_new_tokens=new_tokens, stop_token_ids=tuple(stops),

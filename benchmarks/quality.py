@@ -27,7 +27,8 @@ line       Single-line completion, CodeXGLUE line-level style. Per language --sa
            points: a line with >= 8 non-space characters is drawn (uniformly over all such
            lines of the language's held-out files) and cut at a random column between the
            end of its indentation and 3 characters before its (right-stripped) end. Prompt:
-           the token ids of `plain(lang, text_before_cut)` left-truncated to --context tokens,
+           the token ids of `plain(lang, text_before_cut)` left-truncated to --context tokens
+           (default: the model's `codevista_prompt_tokens`, else 768),
            keeping the language tag ids at the front. Greedy, stop at "\\n", at most 48 new
            tokens. Target: the rest of the line, right-stripped. Exact match: the stripped
            strings are equal; edit similarity: 100 * (1 - Levenshtein / max length) of the
@@ -42,7 +43,12 @@ fim        Single-line infilling at the same cut points: prefix = up to --fim-pr
            fits the context). Greedy until EOT or "\\n", at most 48 tokens. Target: the rest
            of the line. Exact match and edit similarity as for `line`. Also "end":
            `fim_spm` with an empty suffix, the prompt the server sends when nothing
-           follows the cursor (the user writing at the end of a file).
+           follows the cursor (the user writing at the end of a file). Also "server": the
+           cut asked exactly as the language server asks it while the line is being typed
+           (the rest of the cut line removed from the document, the cursor at the cut;
+           `build_prompt` with its budget, file path and token healing; the family's stop
+           tokens, no stop string: the healed text may hold a newline), the prediction
+           being the first line of what follows the healed text.
 translate  Java -> C# and C# -> Java on CodeXGLUE valid (all 499 pairs unless
            --translation-limit). Prompt `translation(src, source, tgt)`, greedy until EOT,
            max_new_tokens = 2 * source tokens + 16 (clamped to the context; a prompt that does
@@ -62,6 +68,7 @@ A few real completions (some right, some wrong) are kept under "examples" in --o
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import random
@@ -373,9 +380,12 @@ class Harness:
                 es += edit_similarity(pred.strip(), cp.target.strip())
                 # as the server asks: the cut token healed (regenerated, constrained)
                 heal = healing_text(self.tok, cp.before)
+                # a healed token holding a newline (indentation after one) would meet the
+                # stop string before the prediction starts: then stop nowhere, cut after
                 out = self.generate(self.line_prompt(cp, cp.before[:len(cp.before) - len(heal)]),
-                                    LINE_MAX_NEW, ("\n",), required_prefix=heal)
-                healed = out[len(heal):] if out.startswith(heal) else out
+                                    LINE_MAX_NEW, () if "\n" in heal else ("\n",),
+                                    required_prefix=heal)
+                healed = (out[len(heal):] if out.startswith(heal) else out).split("\n", 1)[0]
                 hem += exact_match(healed, cp.target)
                 hes += edit_similarity(healed.strip(), cp.target.strip())
                 bem += exact_match(cp.baseline, cp.target)
@@ -411,7 +421,7 @@ class Harness:
 
     def fim(self, points: dict[str, list[CutPoint]]) -> dict[str, Any]:
         per_lang: dict[str, Any] = {}
-        progress = Progress("fim", 3 * sum(len(v) for v in points.values()))
+        progress = Progress("fim", 4 * sum(len(v) for v in points.values()))
 
         def at_end(lang: str, prefix: str, suffix: str) -> str:
             return formats.fim_spm(lang, prefix, "")  # nothing after the cursor
@@ -419,10 +429,13 @@ class Harness:
         for lang, cps in points.items():
             row: dict[str, Any] = {"n": len(cps)}
             for mode, make in (("psm", formats.fim_psm), ("spm", formats.fim_spm),
-                               ("end", at_end)):
+                               ("end", at_end), ("server", None)):
                 em = es = 0.0
                 for cp in cps:
-                    pred = self.generate(self.fim_prompt(cp, make), LINE_MAX_NEW, ("\n",))
+                    if make is None:
+                        pred = self.as_server(cp)
+                    else:
+                        pred = self.generate(self.fim_prompt(cp, make), LINE_MAX_NEW, ("\n",))
                     em += exact_match(pred, cp.target)
                     es += edit_similarity(pred.strip(), cp.target.strip())
                     progress.tick()
@@ -432,7 +445,34 @@ class Harness:
         return {"metric": "fim", "prefix_chars": self.args.fim_prefix_chars,
                 "suffix_chars": self.args.fim_suffix_chars, "per_lang": per_lang,
                 **macro(per_lang, ("psm_exact_match", "psm_edit_sim", "spm_exact_match",
-                                   "spm_edit_sim", "end_exact_match", "end_edit_sim"))}
+                                   "spm_edit_sim", "end_exact_match", "end_edit_sim",
+                                   "server_exact_match", "server_edit_sim"))}
+
+    def as_server(self, cp: CutPoint) -> str:
+        """The rest of the cut line as the language server suggests it while the line is
+        being typed: its prompt (`build_prompt`, budget and healing included) for the
+        document without the rest of that line, the first line after the healed text."""
+        from codevista.server.documents import Snapshot
+        from codevista.server.prompts import (
+            build_prompt,
+            detect_family,
+            model_prompt_tokens,
+            prompt_budget,
+        )
+        from codevista.server.settings import Settings
+
+        text = cp.text[:cp.cut] + cp.text[cp.line_end:]
+        uri = f"file:///held-out/{Path(cp.path).name}"
+        snap = Snapshot(uri, 1, text, cp.lang, cp.cut)
+        budget = prompt_budget(Settings().context_tokens, self.max_positions, LINE_MAX_NEW,
+                               self.args.server_budget or model_prompt_tokens(self.loaded.path))
+        family = detect_family(self.tok)
+        if self.args.server_fim:  # the family's FIM prompt even at a line's end
+            family = dataclasses.replace(family, prefix_only_at_line_end=False)
+        prompt = build_prompt(family, self.tok, snap, budget, path=uri)
+        out = self.generate(prompt.ids, LINE_MAX_NEW, (), required_prefix=prompt.heal)
+        raw = out[len(prompt.heal):] if out.startswith(prompt.heal) else ""
+        return raw.split("\n", 1)[0]
 
     # -- translation ------------------------------------------------------------------------
     def translate(self, pairs: list[tuple[str, str]]) -> dict[str, Any]:
@@ -553,17 +593,22 @@ def markdown(results: dict[str, Any]) -> str:
     if "fim" in results:
         r = results["fim"]
         md += ["## Single-line fill-in-the-middle (same cut points)", "",
-               "| lang | n | PSM EM % | PSM ES % | SPM EM % | SPM ES % | end EM % | end ES % |",
-               "|---|---|---|---|---|---|---|---|"]
+               "| lang | n | PSM EM % | PSM ES % | SPM EM % | SPM ES % | end EM % | end ES % "
+               "| server EM % | server ES % |",
+               "|---|---|---|---|---|---|---|---|---|---|"]
         for lang, v in r["per_lang"].items():
             md.append(f"| {lang} | {v['n']} | {v['psm_exact_match']} | {v['psm_edit_sim']} | "
                       f"{v['spm_exact_match']} | {v['spm_edit_sim']} | "
-                      f"{v['end_exact_match']} | {v['end_edit_sim']} |")
+                      f"{v['end_exact_match']} | {v['end_edit_sim']} | "
+                      f"{v['server_exact_match']} | {v['server_edit_sim']} |")
         md += [f"| **macro** | | {r['macro_psm_exact_match']} | {r['macro_psm_edit_sim']} | "
                f"{r['macro_spm_exact_match']} | {r['macro_spm_edit_sim']} | "
-               f"{r['macro_end_exact_match']} | {r['macro_end_edit_sim']} |", "",
+               f"{r['macro_end_exact_match']} | {r['macro_end_edit_sim']} | "
+               f"{r['macro_server_exact_match']} | {r['macro_server_edit_sim']} |", "",
                "End: suffix-first with an empty suffix, as the server asks when nothing "
-               "follows the cursor (writing at the end of a file).", ""]
+               "follows the cursor (writing at the end of a file). Server: the cut asked "
+               "exactly as the language server asks while the line is typed (its prompt, "
+               "budget and token healing; the rest of the line removed).", ""]
     if "translate" in results:
         r = results["translate"]
         a, b = r["java->csharp"], r["csharp->java"]
@@ -604,7 +649,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--langs", default=",".join(DEFAULT_LANGS))
     p.add_argument("--skip", default="", help=f"comma list of {','.join(GROUPS)}")
     p.add_argument("--samples", type=int, default=100, help="cut points per language")
-    p.add_argument("--context", type=int, default=768, help="prompt tokens, line completion")
+    p.add_argument("--context", type=int, default=None,
+                   help="prompt tokens, line completion (default: the model's "
+                        "codevista_prompt_tokens, else 768)")
+    p.add_argument("--server-budget", type=int, default=None,
+                   help="fim group, server mode: this prompt budget instead of the model's")
+    p.add_argument("--server-fim", action="store_true",
+                   help="fim group, server mode: the FIM prompt even at the end of a line")
     p.add_argument("--fim-prefix-chars", type=int, default=2048)
     p.add_argument("--fim-suffix-chars", type=int, default=1024)
     p.add_argument("--bpb-bytes", type=int, default=150_000, help="bytes per language")
@@ -631,6 +682,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     loaded = load_model(args.model)
+    if args.context is None:  # the context the model was trained to use, where it says
+        from codevista.server.prompts import model_prompt_tokens
+
+        args.context = model_prompt_tokens(args.model) or 768
     harness = Harness(loaded, args)
     results: dict[str, Any] = {
         "model": loaded.name, "model_info": model_info(loaded),

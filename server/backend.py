@@ -19,7 +19,7 @@ from codevista.models.errors import ModelError
 from codevista.models.loader import DEFAULT_MODEL_DIR, LoadedModel, load_model
 from codevista.models.tokenizer import Tokenizer
 
-from .prompts import Family, detect_family
+from .prompts import Family, detect_family, model_prompt_tokens
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ class LocalBackend:
         self.engine: Engine | None = None
         self.loaded: LoadedModel | None = None
         self.cache_bytes = cache_bytes
+        self.prompt_tokens: int | None = None  # the model's own prompt limit, if it sets one
         self._lock = asyncio.Lock()
 
     async def load(self, model_path: str | None, dtype: str,
@@ -88,6 +89,7 @@ class LocalBackend:
             self.tokenizer = loaded.tokenizer
             self.chat_template = template
             self.family = detect_family(loaded.tokenizer)
+            self.prompt_tokens = model_prompt_tokens(path)
             self.state = "ready"
             log.info("model %s ready (family %s)", self.model_name, self.family.name)
 

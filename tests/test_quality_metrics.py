@@ -169,7 +169,8 @@ def test_quality_harness_end_to_end(tmp_path):
         assert results["line"]["per_lang"][lang]["n"] == 3
         assert 0 <= results["line"]["per_lang"][lang]["edit_sim"] <= 100
         for key in ("psm_exact_match", "spm_exact_match", "psm_edit_sim", "spm_edit_sim",
-                    "end_exact_match", "end_edit_sim"):
+                    "end_exact_match", "end_edit_sim", "server_exact_match",
+                    "server_edit_sim"):
             assert 0 <= results["fim"]["per_lang"][lang][key] <= 100
     assert "rust" not in results["line"]["per_lang"]
     tr = results["translate"]

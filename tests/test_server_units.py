@@ -163,3 +163,46 @@ def test_remote_api_key_comes_from_the_environment_only(monkeypatch):
     assert b.headers() == {"Authorization": "Bearer s3cret"}
     err = b.http_error(401, "bad key")
     assert "s3cret" not in str(err) and "$CV_K" in str(err)
+
+
+def test_embedded_model_is_asked_with_the_prefix_alone_at_a_line_end():
+    """The codevista family: at the end of a line the prompt is the plain left-to-right
+    format (tag + text before the cursor) with the whole budget; with text after the
+    cursor on its line, the suffix-first FIM prompt; an unknown language keeps FIM."""
+    from codevista.models import formats
+    from codevista.models.loader import DEFAULT_MODEL_DIR
+
+    tok = Tokenizer.from_dir(DEFAULT_MODEL_DIR)
+    family = detect_family(tok)
+    assert family.name == "codevista" and family.prefix_only_at_line_end
+    text = "def area(r):\n    return 3.14 * r\n\nprint(area(2))\n"
+    at_end = Snapshot("file:///a.py", 1, text, "python", text.index("3.14"))
+    cut = at_end.text[:at_end.offset] + at_end.text[text.index("\n\nprint"):]
+    line_end = Snapshot("file:///a.py", 1, cut, "python", at_end.offset)
+    prefix = "def area(r):\n    return "
+    p = build_prompt(family, tok, line_end, 256)
+    assert p.heal and prefix.endswith(p.heal)  # token healing as everywhere
+    assert tok.decode(p.ids, skip_special_tokens=False) == formats.plain(
+        "python", prefix[:len(prefix) - len(p.heal)])
+    assert p.suffix_chars == 0 and p.fim_suffix == ""
+    mid = build_prompt(family, tok, at_end, 256)  # "3.14 * r" follows the cursor
+    assert tok.decode(mid.ids, skip_special_tokens=False) == formats.fim_spm(
+        "python", prefix[:len(prefix) - len(mid.heal)], "3.14 * r\n\nprint(area(2))\n")
+    unknown = build_prompt(family, tok, Snapshot("file:///a.x", 1, cut, "zig", at_end.offset),
+                           256)
+    assert formats.FIM_MIDDLE in tok.decode(unknown.ids, skip_special_tokens=False)
+
+
+def test_a_model_can_cap_its_prompt_budget(tmp_path):
+    from codevista.models.loader import DEFAULT_MODEL_DIR
+    from codevista.server.prompts import model_prompt_tokens, prompt_budget
+
+    assert model_prompt_tokens(DEFAULT_MODEL_DIR) == 512  # the embedded model's card says why
+    assert prompt_budget(1024, 1024, 48, 512) == 512
+    assert prompt_budget(1024, 1024, 48, None) == 976  # room left for the answer
+    assert prompt_budget(300, 1024, 48, 512) == 300  # the setting, when smaller
+    for bad in ('{"codevista_prompt_tokens": "512"}', '{"codevista_prompt_tokens": 3}',
+                '{"codevista_prompt_tokens": true}', "not json", "[]"):
+        (tmp_path / "config.json").write_text(bad)
+        assert model_prompt_tokens(tmp_path) is None
+    assert model_prompt_tokens(tmp_path / "missing") is None and model_prompt_tokens(None) is None

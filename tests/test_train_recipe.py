@@ -351,3 +351,21 @@ def test_prepare_weights_one_language(prepared: Path, tmp_path: Path):
         recipe.main(["prepare", "--corpus", str(root / "corpus"), "--pairs",
                      str(root / "pairs"), "--run", str(tmp_path / "bad"), "--tokenizer",
                      str(prepared / "tokenizer"), "--weight", "klingon=2"])
+
+
+def test_chunk_chars_sets_how_much_of_a_file_a_sample_holds(tmp_path: Path):
+    """Longer chunks: fewer, longer plain samples from the same files (the context the
+    model learns to use); the option is recorded in prepare.json."""
+    from codevista.models.train.data import build_samples, chunks
+
+    text = "".join(f"value_{i} = compute({i})\n" for i in range(400))  # ~9 600 chars
+    assert max(len(c) for c in chunks(text, 1500)) <= 1500 + 40
+    assert len(chunks(text, 3300)) < len(chunks(text, 1500))
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "train.jsonl").write_text(json.dumps({"lang": "python", "text": text}) + "\n")
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    short = build_samples(corpus, pairs, "train", {"python": 10**6}, 0, 0, (), 1500)
+    long = build_samples(corpus, pairs, "train", {"python": 10**6}, 0, 0, (), 3300)
+    assert len(long) < len(short)

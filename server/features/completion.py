@@ -18,7 +18,7 @@ from codevista.models.engine import SamplingParams
 from ..backend import Generation, LocalBackend
 from ..documents import Snapshot
 from ..postprocess import Policy, finish
-from ..prompts import build_prompt
+from ..prompts import build_prompt, prompt_budget
 from ..settings import Settings
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,8 @@ class CompletionService:
         max_new = min(settings.max_tokens, 48) if policy.single_line else settings.max_tokens
         max_new = min(max_new, backend.max_positions // 2)
         # The prompt budget never exceeds what the model was built for.
-        budget = min(settings.context_tokens, backend.max_positions - max_new)
+        budget = prompt_budget(settings.context_tokens, backend.max_positions, max_new,
+                               getattr(backend, "prompt_tokens", None))
         prompt = build_prompt(family, backend.tokenizer, snap, budget, path=snap.uri,
                               heal_tokens=getattr(backend, "supports_healing", True),
                               others=others)

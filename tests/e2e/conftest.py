@@ -127,14 +127,20 @@ def expected_completion(engine, text: str, offset: int, language: str = "python"
     from codevista.models.engine import SamplingParams
     from codevista.server.documents import Snapshot
     from codevista.server.postprocess import Policy, finish
-    from codevista.server.prompts import build_prompt, detect_family
+    from codevista.server.prompts import (
+        build_prompt,
+        detect_family,
+        model_prompt_tokens,
+        prompt_budget,
+    )
 
     tok = engine.tokenizer
     family = detect_family(tok)
     snap = Snapshot(uri=uri, version=1, text=text, language_id=language, offset=offset)
     policy = Policy.for_snapshot(snap)
     max_new = min(max_tokens, 48) if policy.single_line else max_tokens
-    budget = min(1024, engine.model.max_positions - max_new)
+    budget = prompt_budget(1024, engine.model.max_positions, max_new,
+                           model_prompt_tokens(engine.loaded.path))
     prompt = build_prompt(family, tok, snap, budget, path=uri, others=others)
     stops = set(engine.loaded.stop_token_ids)
     stops.update(i for t in family.stop_tokens if (i := tok.token_to_id(t)) is not None)
