@@ -4,9 +4,10 @@ At --points random line starts of held-out files (the corpus's test split; only 
 past a file's first 200 characters and before its last line), the prompt is the file up to
 that start as `plain` (the language tag, then the code) and, separately, as the
 suffix-first FIM prompt with an empty suffix (the server's prompt when nothing follows the
-cursor), each keeping the last 700 code tokens. Printed per prompt kind: the share of
-points where end-of-text is the greedy choice, and its mean probability. A model that knows
-code rarely ends a file in mid-function; the earlier releases did at every third line start.
+cursor), each keeping the last --tokens code tokens (700 unless asked). Printed per prompt
+kind: the share of points where end-of-text is the greedy choice, and its mean probability.
+A model that knows code rarely ends a file in mid-function; the earlier releases did at
+every third line start.
 
     python benchmarks/eot_line_starts.py --model models/default/code [--model OTHER ...]
 """
@@ -35,7 +36,7 @@ def points(corpus: Path, n: int, seed: int) -> list[tuple[str, str]]:
     return out[:n]
 
 
-def measure(model_dir: Path, pts: list[tuple[str, str]]) -> dict:
+def measure(model_dir: Path, pts: list[tuple[str, str]], keep: int = 700) -> dict:
     from codevista.models.train.model import CodeLM, shape_of
     from codevista.models.train.train import init_from_hf
     from tokenizers import Tokenizer
@@ -54,7 +55,7 @@ def measure(model_dir: Path, pts: list[tuple[str, str]]) -> dict:
             else:
                 text, first = formats.fim_spm(lang, before, ""), 3  # tag, suffix, prefix
             ids = tok.encode(text, add_special_tokens=False).ids
-            ids = ids[:first] + ids[first:][-700:]
+            ids = ids[:first] + ids[first:][-keep:]
             with torch.no_grad():
                 p = torch.softmax(model(torch.tensor([ids]))[0][0, -1].float(), -1)
             greedy += int(p.argmax() == eot)
@@ -71,11 +72,13 @@ def main() -> None:
     ap.add_argument("--corpus", type=Path, default=Path("/work/corpus"))
     ap.add_argument("--points", type=int, default=150)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tokens", type=int, default=700, help="code tokens kept before a point")
     args = ap.parse_args()
     torch.set_num_threads(1)
     pts = points(args.corpus, args.points, args.seed)
     for m in args.model:
-        print(json.dumps({"model": str(m), "points": len(pts), **measure(m, pts)}), flush=True)
+        print(json.dumps({"model": str(m), "points": len(pts), "tokens": args.tokens,
+                          **measure(m, pts, args.tokens)}), flush=True)
 
 
 if __name__ == "__main__":

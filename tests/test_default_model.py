@@ -78,3 +78,26 @@ def test_eot_line_starts_benchmark_runs_on_the_shipped_model(tmp_path):
     for kind in ("plain", "end of file"):
         assert result[kind]["eot_greedy_pct"] in {0.0, 20.0, 40.0, 60.0, 80.0, 100.0}
         assert 0 <= result[kind]["eot_mean_prob_pct"] <= 100
+
+
+def test_position_loss_benchmark_scores_only_files_long_enough(tmp_path):
+    """benchmarks/position_loss.py: a block mean per --block positions, over the files of
+    at least --length tokens (a short one is skipped); a repeated body is learnt in
+    context, so its later blocks cost less than the first."""
+    import json
+    from pathlib import Path
+
+    body = "".join(f"def f{i}(x):\n    y = x + {i}\n    return y\n\n" for i in range(40))
+    rows = [{"lang": "python", "path": "long.py", "text": body * 2},
+            {"lang": "python", "path": "short.py", "text": "x = 1\n"}]
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "position_loss.py"
+    proc = subprocess.run([sys.executable, str(script), "--model", str(DEFAULT_MODEL_DIR),
+                           "--corpus", str(tmp_path), "--length", "256", "--block", "64"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["files"] == 1 and result["length"] == 256
+    blocks = result["mean_loss_by_block"]
+    assert len(blocks) == 4 and all(v > 0 for v in blocks)
+    assert blocks[-1] < blocks[0]
