@@ -149,7 +149,7 @@ class Engine:
         self.lookup = lookup
         self.max_batch = max_batch  # decoding requests batched into one forward pass
         self._drafted = self._accepted = 0
-        self._policy = DraftPolicy()  # how long a draft pays to be (measured costs)
+        self._policy = DraftPolicy()  # whether drafts pay here (measured costs)
         self._turns = self._batched = 0
         self.num_threads = num_threads or auto_threads(self.model)
         self.prefill_threads = num_threads or torch.get_num_threads()
