@@ -419,8 +419,22 @@ class Harness:
                 return ids
             pre_chars, suf_chars = pre_chars // 2, suf_chars // 2
 
+    def server_prompting(self) -> tuple[Any, int]:
+        """The family and prompt budget the server uses for this model (or those asked
+        for with --server-fim / --server-budget)."""
+        from codevista.server.prompts import detect_family, model_prompt_tokens, prompt_budget
+        from codevista.server.settings import Settings
+
+        budget = prompt_budget(Settings().context_tokens, self.max_positions, LINE_MAX_NEW,
+                               self.args.server_budget or model_prompt_tokens(self.loaded.path))
+        family = detect_family(self.tok)
+        if self.args.server_fim:  # the family's FIM prompt even at a line's end
+            family = dataclasses.replace(family, prefix_only_at_line_end=False)
+        return family, budget
+
     def fim(self, points: dict[str, list[CutPoint]]) -> dict[str, Any]:
         per_lang: dict[str, Any] = {}
+        family, budget = self.server_prompting()
         progress = Progress("fim", 4 * sum(len(v) for v in points.values()))
 
         def at_end(lang: str, prefix: str, suffix: str) -> str:
@@ -433,7 +447,7 @@ class Harness:
                 em = es = 0.0
                 for cp in cps:
                     if make is None:
-                        pred = self.as_server(cp)
+                        pred = self.as_server(cp, family, budget)
                     else:
                         pred = self.generate(self.fim_prompt(cp, make), LINE_MAX_NEW, ("\n",))
                     em += exact_match(pred, cp.target)
@@ -448,27 +462,17 @@ class Harness:
                                    "spm_edit_sim", "end_exact_match", "end_edit_sim",
                                    "server_exact_match", "server_edit_sim"))}
 
-    def as_server(self, cp: CutPoint) -> str:
+    def as_server(self, cp: CutPoint, family: Any, budget: int) -> str:
         """The rest of the cut line as the language server suggests it while the line is
-        being typed: its prompt (`build_prompt`, budget and healing included) for the
-        document without the rest of that line, the first line after the healed text."""
+        being typed: its prompt (`build_prompt` for `family` within `budget`, healing
+        included; see `server_prompting`) for the document without the rest of that
+        line, the first line after the healed text."""
         from codevista.server.documents import Snapshot
-        from codevista.server.prompts import (
-            build_prompt,
-            detect_family,
-            model_prompt_tokens,
-            prompt_budget,
-        )
-        from codevista.server.settings import Settings
+        from codevista.server.prompts import build_prompt
 
         text = cp.text[:cp.cut] + cp.text[cp.line_end:]
         uri = f"file:///held-out/{Path(cp.path).name}"
         snap = Snapshot(uri, 1, text, cp.lang, cp.cut)
-        budget = prompt_budget(Settings().context_tokens, self.max_positions, LINE_MAX_NEW,
-                               self.args.server_budget or model_prompt_tokens(self.loaded.path))
-        family = detect_family(self.tok)
-        if self.args.server_fim:  # the family's FIM prompt even at a line's end
-            family = dataclasses.replace(family, prefix_only_at_line_end=False)
         prompt = build_prompt(family, self.tok, snap, budget, path=uri)
         out = self.generate(prompt.ids, LINE_MAX_NEW, (), required_prefix=prompt.heal)
         raw = out[len(prompt.heal):] if out.startswith(prompt.heal) else ""

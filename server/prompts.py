@@ -8,11 +8,12 @@ the engine's prefix cache serves nearly all of it.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from codevista.models import formats
+from codevista.models.config import read_config
+from codevista.models.errors import ConfigError
 from codevista.models.tokenizer import Tokenizer
 
 from .documents import Snapshot
@@ -173,9 +174,8 @@ def model_prompt_tokens(model_dir: Path | None) -> int | None:
     if model_dir is None:
         return None
     try:
-        value = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8")
-                           ).get("codevista_prompt_tokens")
-    except (OSError, ValueError, AttributeError):
+        value = read_config(Path(model_dir) / "config.json").get("codevista_prompt_tokens")
+    except ConfigError:
         return None
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 64 \
         else None
