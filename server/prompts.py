@@ -168,9 +168,8 @@ def prompt_budget(context_tokens: int, max_positions: int, max_new: int,
 
 def model_prompt_tokens(model_dir: Path | None) -> int | None:
     """`codevista_prompt_tokens` of a checkpoint's config.json: the longest prompt it
-    completes well, where that is less than its position limit (the embedded model was
-    trained on samples of about 450 tokens, and its loss rises past them: measured, see
-    its model card); None when absent or unreadable."""
+    completes well, or completes as well as with a longer one at less cost (the embedded
+    model: 512; measured, see its model card); None when absent or unreadable."""
     if model_dir is None:
         return None
     try:
