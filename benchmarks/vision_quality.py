@@ -1,7 +1,7 @@
 """Quality of a vision model on the held-out generated split (models/train/vlm_data.py).
 
     python benchmarks/vision_quality.py [--model models/default/vlm] [--per-kind 60]
-        [--out results.json] [--markdown results.md]
+        [--kinds count,locate,...] [--out results.json] [--markdown results.md]
 
 Held-out means other seeds than training and, for diagrams, charts, code and error
 dialogs, label words never drawn in training. Each sample is asked exactly as the server
@@ -62,7 +62,7 @@ def f1(pred: set, gold: set) -> float:
     return 2 * p * r / (p + r)
 
 
-def evaluate(model_dir: Path, per_kind: int) -> dict[str, Any]:
+def evaluate(model_dir: Path, per_kind: int, kinds: tuple[str, ...] = KINDS) -> dict[str, Any]:
     from codevista.models import formats
     from codevista.models.engine import Engine, SamplingParams
     from codevista.models.loader import load_model
@@ -81,10 +81,10 @@ def evaluate(model_dir: Path, per_kind: int) -> dict[str, Any]:
     t0 = time.time()
     seed = 1_000_000
     with Engine(loaded) as engine:
-        while any(seen[k] < per_kind for k in KINDS) and seed < 1_000_000 + 200 * per_kind:
+        while any(seen[k] < per_kind for k in kinds) and seed < 1_000_000 + 200 * per_kind:
             s = sample("test", seed)
             seed += 1
-            if seen[s.kind] >= per_kind:
+            if s.kind not in kinds or seen[s.kind] >= per_kind:
                 continue
             seen[s.kind] += 1
             prompt = formats.vision_prompt(formats.vision_question(s.task, s.question),
@@ -142,10 +142,16 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, default=ROOT / "models" / "default" / "vlm")
     p.add_argument("--per-kind", type=int, default=60)
+    p.add_argument("--kinds", default=",".join(KINDS),
+                   help="the kinds to evaluate, comma-separated (each on the same held-out "
+                        "pictures as in a full run)")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--markdown", type=Path, default=None)
     args = p.parse_args()
-    r = evaluate(args.model, args.per_kind)
+    kinds = tuple(k for k in args.kinds.split(",") if k)
+    if not kinds or set(kinds) - set(KINDS):
+        p.error(f"--kinds: choose among {', '.join(KINDS)}")
+    r = evaluate(args.model, args.per_kind, kinds)
     print(json.dumps({k: v for k, v in r.items() if k != "examples"}))
     md = markdown(r)
     print(md, file=sys.stderr)

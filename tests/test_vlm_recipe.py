@@ -102,6 +102,51 @@ def test_novel_word_diagrams_force_copying_and_leave_the_default_draw_alone():
     assert scenes.draw("test", 7).answer == sample("test", 7).answer
 
 
+def test_scene_weights_stress_some_questions_and_short_batches_lose_nothing():
+    import argparse
+    from collections import Counter
+
+    from codevista.models.tokenizer import Tokenizer
+    from codevista.models.train.vlm import SCENE_KINDS, Batcher, TrainVLM, parser
+    from codevista.models.train.vlm import scene_weights as parse_weights
+
+    tok = Tokenizer.from_dir(ROOT / "models" / "default" / "code")
+    w = {"locate": 4.0, "count": 1.0}
+    b = Batcher(tok, 4, scene_share=0.6, scene_weights=w)
+    kinds = Counter(b.draw("train", sd).kind for sd in range(400))
+    plain = Counter(sample("train", sd).kind for sd in range(400))
+    # only locate and count questions (count also stands in where no object is unique),
+    # most of them locate; far more of them than in the plain mix
+    assert set(kinds) & SCENE_KINDS == {"locate", "count"}
+    assert kinds["locate"] > 1.5 * kinds["count"] and kinds["locate"] > 3 * plain["locate"]
+    assert b.draw("train", 9).answer == b.draw("train", 9).answer
+    for sd in range(60):  # the held-out split is drawn as always
+        assert b.draw("test", sd).answer == sample("test", sd).answer
+    # The command line's form, and its errors.
+    assert parse_weights("locate=4,count=1") == w
+    for bad in ("locate", "where=1", "count=x", "count=-1", "count=0"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_weights(bad)
+    args = parser().parse_args(["train", "--run", "r", "--scene-weights", "count=2",
+                                "--pad", "longest"])
+    assert args.scene_weights == {"count": 2.0} and args.pad == "longest"
+    # Padding a batch to its longest sample, not to the fixed length, changes no loss.
+    fixed, short = Batcher(tok, 100), Batcher(tok, 100, pad_to_longest=True)
+    seeds = [sd for sd in range(100) if sample("train", sd).kind in SCENE_KINDS][:4]
+    a, c = fixed.batch("train", seeds), short.batch("train", seeds)
+    assert c[1].shape[1] < a[1].shape[1] and torch.equal(a[0], c[0])
+    assert torch.equal(a[1][:, :c[1].shape[1]], c[1])
+    from codevista.models.train.model import shape_of
+    from codevista.models.train.vlm import VISION
+    from codevista.models.vision.tower import VisionConfig
+
+    torch.manual_seed(0)
+    model = TrainVLM(VisionConfig.from_hf(VISION), shape_of(ROOT / "models" / "default"
+                                                               / "code")).eval()
+    with torch.no_grad():
+        assert float(model(*a)) == pytest.approx(float(model(*c)), abs=1e-5)
+
+
 def test_count_answers_match_the_drawn_objects():
     checked = 0
     for seed in range(400):

@@ -66,7 +66,16 @@ from ..vision.tower import Projector, VisionConfig, VisionTower
 from .model import CodeLM, ModelShape, shape_of
 from .plot import plot_losses
 from .train import amp_context, checked_restart, load_checkpoint, lr_at, save_checkpoint
-from .vlm_data import FONT_DIRS, FONTS, IMAGE_SIZE, MONO_FONTS, sample, shapes, simulated_ocr
+from .vlm_data import (
+    FONT_DIRS,
+    FONTS,
+    IMAGE_SIZE,
+    MONO_FONTS,
+    SCENE_QUESTIONS,
+    sample,
+    shapes,
+    simulated_ocr,
+)
 
 # the kinds a scene of shapes answers
 SCENE_KINDS = frozenset({"count", "color", "shape", "locate", "describe"})
@@ -114,7 +123,8 @@ class Batcher:
     def __init__(self, tok: Tokenizer, tokens_per_image: int, ocr_rate: float = 0.0,
                  ocr_tasks: tuple[str, ...] = ("describe-diagram",),
                  novel_words: float = 0.0, diagram_share: float = 0.0,
-                 scene_share: float = 0.0) -> None:
+                 scene_share: float = 0.0, scene_weights: dict[str, float] | None = None,
+                 pad_to_longest: bool = False) -> None:
         self.tok = tok
         self.novel_words = novel_words  # share of train diagrams with made-up labels
         # at least this share of each train batch is flowcharts (0: the generators' mix)
@@ -122,6 +132,11 @@ class Batcher:
         # that share of the other train samples becomes a scene of shapes (a continuation
         # for counting, colour, shape and grounding); drawn before diagram_share
         self.scene_share = scene_share
+        # the train scenes' question kinds by these weights (None: uniform, as held out)
+        self.scene_weights = scene_weights
+        # pad each batch to its longest sequence rather than to seq_len (eager CPU runs of
+        # short scene samples; a compiled model wants the one fixed shape)
+        self.pad_to_longest = pad_to_longest
         # share of samples (of the tasks named) whose prompt carries OCR lines, simulated
         # from the drawn text; their sequences are longer
         self.ocr_rate = ocr_rate
@@ -149,10 +164,12 @@ class Batcher:
         if split != "train":
             return sample(split, seed)
         s = sample(split, seed, self.novel_words)
+        if self.scene_weights is not None and s.kind in SCENE_KINDS:
+            return shapes(random.Random(f"train-scene-w:{seed}"), split, self.scene_weights)
         if (self.scene_share > 0 and s.kind not in SCENE_KINDS
                 and random.Random(seed * 37 + 11).random() < self.scene_share):
             # a scene from its own namespace of seeds, never a held-out one
-            return shapes(random.Random(f"train-scene:{seed}"), split)
+            return shapes(random.Random(f"train-scene:{seed}"), split, self.scene_weights)
         if s.kind != "diagram" and random.Random(seed * 31 + 5).random() < self.diagram_share:
             # the first flowchart among this seed's own block of seeds (disjoint per seed)
             for k in range(1, 200):
@@ -173,11 +190,12 @@ class Batcher:
             ids, n = self.encode(s.task, s.question, s.answer, ocr)
             ids = ids[:self.seq_len + 1]
             x, y = ids[:-1], ids[1:]
-            y = [-1] * (n - 1) + y[n - 1:]
-            pad = self.seq_len - len(x)
-            inputs.append(x + [self.eot] * pad)
-            targets.append(y + [-1] * pad)
+            inputs.append(x)
+            targets.append([-1] * (n - 1) + y[n - 1:])
             pixels.append(self.proc(s.image))
+        width = max(map(len, inputs)) if self.pad_to_longest else self.seq_len
+        inputs = [x + [self.eot] * (width - len(x)) for x in inputs]
+        targets = [y + [-1] * (width - len(y)) for y in targets]
         return (torch.stack(pixels), torch.tensor(inputs), torch.tensor(targets))
 
 
@@ -477,7 +495,9 @@ def train(args: argparse.Namespace) -> None:
         "args": {k: str(v) for k, v in vars(args).items()}, "device": device}
     batcher_kw = dict(tokens_per_image=model.vision_tower.cfg.num_patches,
                       ocr_rate=args.ocr_rate, novel_words=args.novel_words,
-                      diagram_share=args.diagram_share, scene_share=args.scene_share)
+                      diagram_share=args.diagram_share, scene_share=args.scene_share,
+                      scene_weights=getattr(args, "scene_weights", None),
+                      pad_to_longest=getattr(args, "pad", "fixed") == "longest")
     batcher = Batcher(tok, **batcher_kw)
     # --steps 0: only initialise, evaluate and save (e.g. --init-vlm, then export)
     restart = checked_restart(args) if args.steps > 0 or args.restart else 0
@@ -698,6 +718,26 @@ def export(run: Path, out: Path, ocr_copy_bias: float = 0.0) -> None:
         indent=1))
 
 
+def scene_weights(text: str) -> dict[str, float]:
+    """`--scene-weights`: "kind=weight,..." over SCENE_QUESTIONS' kinds."""
+    out: dict[str, float] = {}
+    for part in text.split(","):
+        kind, eq, w = part.strip().partition("=")
+        if not eq or kind not in SCENE_QUESTIONS:
+            raise argparse.ArgumentTypeError(
+                f"{part!r}: expected kind=weight with kind one of "
+                f"{', '.join(sorted(set(SCENE_QUESTIONS)))}")
+        try:
+            out[kind] = float(w)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r}: the weight is not a number") from None
+        if not out[kind] >= 0:
+            raise argparse.ArgumentTypeError(f"{part!r}: the weight must be >= 0")
+    if sum(out.values()) <= 0:
+        raise argparse.ArgumentTypeError("at least one weight must be > 0")
+    return out
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -744,6 +784,14 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--scene-share", type=float, default=0.0,
                    help="turn that share of the other samples into scenes of shapes (a "
                         "counting and grounding continuation)")
+    kinds = ", ".join(sorted(set(SCENE_QUESTIONS)))
+    t.add_argument("--scene-weights", type=scene_weights, default=None,
+                   help="draw the train scenes' questions by these weights, e.g. "
+                        f"count=3,locate=3,color=1 (kinds: {kinds}; default: uniform)")
+    t.add_argument("--pad", choices=("fixed", "longest"), default="fixed",
+                   help="pad batches to the fixed sequence length (default; what a compiled "
+                        "model wants) or to each batch's longest sample (faster eager runs "
+                        "of short samples)")
     t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     e = sub.add_parser("export")
     e.add_argument("--run", type=Path, required=True)

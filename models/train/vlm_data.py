@@ -157,7 +157,15 @@ def _place(rng: random.Random, n: int) -> list[tuple[int, int, int]]:
     return out
 
 
-def shapes(rng: random.Random, split: str) -> Sample:
+SCENE_QUESTIONS = ("count", "count", "count_shape", "color", "shape", "locate", "locate",
+                   "describe")
+
+
+def shapes(rng: random.Random, split: str, weights: dict[str, float] | None = None
+           ) -> Sample:
+    """A scene of 1-9 shapes and one question about it, drawn from SCENE_QUESTIONS
+    uniformly or, given `weights` (question kind -> weight; a training continuation that
+    stresses some of them), by those weights. The held-out split always draws uniformly."""
     from PIL import ImageDraw
 
     img = _canvas(rng)
@@ -176,8 +184,10 @@ def shapes(rng: random.Random, split: str) -> Sample:
         objs.append({"color": color, "shape": shape, "box": (x, y, x + s, y + s)})
     n = len(objs)
     objs.sort(key=lambda o: (o["box"][1] // 20, o["box"][0]))
-    kind = rng.choice(["count", "count", "count_shape", "color", "shape", "locate",
-                       "locate", "describe"])
+    if weights is None:
+        kind = rng.choice(SCENE_QUESTIONS)
+    else:
+        kind = rng.choices(list(weights), weights=list(weights.values()))[0]
     by_shape = {s: [o for o in objs if o["shape"] == s] for s in SHAPES}
     by_color = {c: [o for o in objs if o["color"] == c] for c in COLORS}
     unique = [o for o in objs if sum(p["color"] == o["color"] and p["shape"] == o["shape"]
