@@ -147,6 +147,37 @@ def test_scene_weights_stress_some_questions_and_short_batches_lose_nothing():
         assert float(model(*a)) == pytest.approx(float(model(*c)), abs=1e-5)
 
 
+def test_regular_box_tokens_spell_the_same_answer():
+    from codevista.models.tokenizer import Tokenizer
+    from codevista.models.train.vlm import Batcher, box_ids
+
+    tok = Tokenizer.from_dir(ROOT / "models" / "default" / "vlm")
+    names = lambda ids: [tok.tok.id_to_token(i) for i in ids]  # noqa: E731
+    # every three-digit coordinate is its hundreds digit, then two digits
+    assert names(box_ids(tok, "[375, 812, 512, 950]")) == [
+        "[", "3", "75", ",", "Ġ8", "12", ",", "Ġ5", "12", ",", "Ġ9", "50", "]"]
+    # where the tokenizer's own split differs (the first coordinate: "37" "5")
+    assert names(tok.encode("[375, 812, 512, 950]", add_special_tokens=False))[1:3] == [
+        "37", "5"]
+    for answer in ("[38, 7, 71, 1000]", "[0, 0, 171, 99]", "[375, 812, 512, 950]"):
+        assert tok.decode(box_ids(tok, answer)) == answer
+    assert box_ids(tok, "3 shapes") is None and box_ids(tok, "[1, 2, 3]") is None
+    # The batcher trains locate answers so, and nothing else, when asked to.
+    seeds = [sd for sd in range(200) if sample("train", sd).kind == "locate"][:2]
+    seeds += [sd for sd in range(200) if sample("train", sd).kind == "count"][:1]
+    plain, regular = Batcher(tok, 4), Batcher(tok, 4, regular_boxes=True)
+    _, xp, yp = plain.batch("train", seeds)
+    _, xr, yr = regular.batch("train", seeds)
+    for i, sd in enumerate(seeds):
+        s = sample("train", sd)
+        got = [t for t in yr[i].tolist() if t >= 0][:-1]  # the answer, less end-of-text
+        assert tok.decode(got) == s.answer
+        if s.kind == "locate":
+            assert got == box_ids(tok, s.answer)
+        else:
+            assert torch.equal(xp[i], xr[i]) and torch.equal(yp[i], yr[i])
+
+
 def test_count_answers_match_the_drawn_objects():
     checked = 0
     for seed in range(400):

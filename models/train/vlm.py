@@ -47,6 +47,7 @@ import math
 import os
 import queue
 import random
+import re
 import shutil
 import signal
 import sys
@@ -119,13 +120,49 @@ class TrainVLM(nn.Module):
         return self.language_model(ids.clamp(min=0), targets, embeds=x)[1]
 
 
+_BOX = re.compile(r"\[(\d{1,4}), (\d{1,4}), (\d{1,4}), (\d{1,4})\]")
+
+
+def box_ids(tok: Tokenizer, answer: str) -> list[int] | None:
+    """A box answer "[x1, y1, x2, y2]" as the same text in regular number tokens: each
+    coordinate of three digits as its hundreds digit and then its last two digits (the
+    first one bare, the others with the space before them: "3" "75", " 8" "12").
+
+    The tokenizer's own split of a number depends on its neighbours: the first coordinate
+    comes as "37" "5" about as often as "3" "75", the others mostly as " 8" "12". Trained on
+    that, the shipped model placed objects' tops well and their left edges hardly at all
+    (it answered x1 = 712-725 for half of the held-out objects). One split for every
+    coordinate turns position into the same two choices for each of them (a piece the
+    vocabulary lacks, "71", comes in the tokenizer's tokens). None when the answer is not
+    a box (the caller encodes it as usual); the decoded text is the answer, unchanged."""
+    m = _BOX.fullmatch(answer)
+    if m is None:
+        return None
+    pieces = ["["]
+    for i, g in enumerate(m.groups()):
+        sp = " " if i else ""
+        if i:
+            pieces.append(",")
+        if len(g) == 3:
+            pieces += [sp + g[0], g[1:]]
+        elif len(g) == 2 and sp:
+            pieces += [sp, g]
+        else:
+            pieces.append(sp + g)
+    pieces.append("]")
+    ids = [i for piece in pieces for i in tok.encode(piece, add_special_tokens=False)]
+    return ids if tok.decode(ids) == answer else None
+
+
 class Batcher:
     def __init__(self, tok: Tokenizer, tokens_per_image: int, ocr_rate: float = 0.0,
                  ocr_tasks: tuple[str, ...] = ("describe-diagram",),
                  novel_words: float = 0.0, diagram_share: float = 0.0,
                  scene_share: float = 0.0, scene_weights: dict[str, float] | None = None,
-                 pad_to_longest: bool = False) -> None:
+                 pad_to_longest: bool = False, regular_boxes: bool = False) -> None:
         self.tok = tok
+        # locate answers as regular number tokens (box_ids) rather than the tokenizer's
+        self.regular_boxes = regular_boxes
         self.novel_words = novel_words  # share of train diagrams with made-up labels
         # at least this share of each train batch is flowcharts (0: the generators' mix)
         self.diagram_share = diagram_share
@@ -157,7 +194,8 @@ class Batcher:
             ids.extend([PLACEHOLDER] * self.p if t == self.image_id else [t])
         n = len(ids)
         if answer is not None:
-            ids += self.tok.encode(answer, add_special_tokens=False) + [self.eot]
+            boxed = box_ids(self.tok, answer) if task == "locate" and self.regular_boxes else None
+            ids += (boxed or self.tok.encode(answer, add_special_tokens=False)) + [self.eot]
         return ids, n
 
     def draw(self, split: str, seed: int):
@@ -497,7 +535,8 @@ def train(args: argparse.Namespace) -> None:
                       ocr_rate=args.ocr_rate, novel_words=args.novel_words,
                       diagram_share=args.diagram_share, scene_share=args.scene_share,
                       scene_weights=getattr(args, "scene_weights", None),
-                      pad_to_longest=getattr(args, "pad", "fixed") == "longest")
+                      pad_to_longest=getattr(args, "pad", "fixed") == "longest",
+                      regular_boxes=getattr(args, "box_tokens", "tokenizer") == "regular")
     batcher = Batcher(tok, **batcher_kw)
     # --steps 0: only initialise, evaluate and save (e.g. --init-vlm, then export)
     restart = checked_restart(args) if args.steps > 0 or args.restart else 0
@@ -792,6 +831,9 @@ def parser() -> argparse.ArgumentParser:
                    help="pad batches to the fixed sequence length (default; what a compiled "
                         "model wants) or to each batch's longest sample (faster eager runs "
                         "of short samples)")
+    t.add_argument("--box-tokens", choices=("tokenizer", "regular"), default="tokenizer",
+                   help="train locate answers in the tokenizer's own tokens, or in regular "
+                        "number tokens (hundreds digit, then two digits; see box_ids)")
     t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     e = sub.add_parser("export")
     e.add_argument("--run", type=Path, required=True)
