@@ -122,8 +122,27 @@ def test_scene_weights_stress_some_questions_and_short_batches_lose_nothing():
     assert b.draw("train", 9).answer == b.draw("train", 9).answer
     for sd in range(60):  # the held-out split is drawn as always
         assert b.draw("test", sd).answer == sample("test", sd).answer
+    # Locating by one attribute is a training-only question: the object it names is the
+    # only one of that colour (or shape) in the scene, and its box covers it.
+    one = Batcher(tok, 4, scene_share=0.6, scene_weights={"locate_one": 1.0})
+    single = [s for s in (one.draw("train", sd) for sd in range(200)) if s.kind == "locate"]
+    assert len(single) > 100
+    colours = [s for s in single if s.question.endswith(" shape")]
+    assert colours and len(colours) < len(single)
+    for s in colours:
+        x1, y1, x2, y2 = (round(v * vlm_data.IMAGE_SIZE / 1000) for v in s.meta["box"])
+        want = np.array(vlm_data.COLORS[s.question.split()[1]])
+        patch = np.asarray(s.image)[y1:y2, x1:x2].reshape(-1, 3).astype(int)
+        assert (np.abs(patch - want).sum(-1) < 30).mean() > 0.3
+        # no other object of that colour: (almost) all its pixels lie in the box
+        near = np.asarray(s.image)[max(0, y1 - 2):y2 + 2, max(0, x1 - 2):x2 + 2]
+        inside = (np.abs(near.reshape(-1, 3).astype(int) - want).sum(-1) < 30).sum()
+        whole = np.abs(np.asarray(s.image).reshape(-1, 3).astype(int) - want).sum(-1) < 30
+        assert whole.sum() <= inside + 10
+    assert "locate_one" not in vlm_data.SCENE_QUESTIONS  # never held out
     # The command line's form, and its errors.
     assert parse_weights("locate=4,count=1") == w
+    assert parse_weights("locate_one=2") == {"locate_one": 2.0}
     for bad in ("locate", "where=1", "count=x", "count=-1", "count=0"):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_weights(bad)

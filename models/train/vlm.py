@@ -73,6 +73,7 @@ from .vlm_data import (
     IMAGE_SIZE,
     MONO_FONTS,
     SCENE_QUESTIONS,
+    TRAIN_SCENE_QUESTIONS,
     sample,
     shapes,
     simulated_ocr,
@@ -758,14 +759,15 @@ def export(run: Path, out: Path, ocr_copy_bias: float = 0.0) -> None:
 
 
 def scene_weights(text: str) -> dict[str, float]:
-    """`--scene-weights`: "kind=weight,..." over SCENE_QUESTIONS' kinds."""
+    """`--scene-weights`: "kind=weight,..." over the scene question kinds (vlm_data's
+    SCENE_QUESTIONS and TRAIN_SCENE_QUESTIONS)."""
     out: dict[str, float] = {}
+    kinds = set(SCENE_QUESTIONS) | set(TRAIN_SCENE_QUESTIONS)
     for part in text.split(","):
         kind, eq, w = part.strip().partition("=")
-        if not eq or kind not in SCENE_QUESTIONS:
+        if not eq or kind not in kinds:
             raise argparse.ArgumentTypeError(
-                f"{part!r}: expected kind=weight with kind one of "
-                f"{', '.join(sorted(set(SCENE_QUESTIONS)))}")
+                f"{part!r}: expected kind=weight with kind one of {', '.join(sorted(kinds))}")
         try:
             out[kind] = float(w)
         except ValueError:
@@ -823,7 +825,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--scene-share", type=float, default=0.0,
                    help="turn that share of the other samples into scenes of shapes (a "
                         "counting and grounding continuation)")
-    kinds = ", ".join(sorted(set(SCENE_QUESTIONS)))
+    kinds = ", ".join(sorted(set(SCENE_QUESTIONS) | set(TRAIN_SCENE_QUESTIONS)))
     t.add_argument("--scene-weights", type=scene_weights, default=None,
                    help="draw the train scenes' questions by these weights, e.g. "
                         f"count=3,locate=3,color=1 (kinds: {kinds}; default: uniform)")

@@ -159,6 +159,10 @@ def _place(rng: random.Random, n: int) -> list[tuple[int, int, int]]:
 
 SCENE_QUESTIONS = ("count", "count", "count_shape", "color", "shape", "locate", "locate",
                    "describe")
+# drawn only by a training continuation's weights, never held out: locate by one attribute
+# ("the triangle", "the red shape") where it alone picks the object out, an easier lookup
+# than the held-out colour-and-shape one
+TRAIN_SCENE_QUESTIONS = ("locate_one",)
 
 
 def shapes(rng: random.Random, split: str, weights: dict[str, float] | None = None
@@ -208,6 +212,15 @@ def shapes(rng: random.Random, split: str, weights: dict[str, float] | None = No
             o = rng.choice(cands)
             return Sample(img, "explain", f"What shape is the {o['color']} object?",
                           o["shape"], "shape")
+    if kind == "locate_one":
+        cands = [(o, f"the {o['shape']}") for o in objs if len(by_shape[o["shape"]]) == 1]
+        cands += [(o, f"the {o['color']} shape") for o in objs
+                  if len(by_color[o["color"]]) == 1]
+        if cands:
+            o, target = rng.choice(cands)
+            b = box_1000(*o["box"])
+            return Sample(img, "locate", target, f"[{b[0]}, {b[1]}, {b[2]}, {b[3]}]",
+                          "locate", {"box": b})
     if kind == "locate" and unique:
         o = rng.choice(unique)
         b = box_1000(*o["box"])
