@@ -498,3 +498,35 @@ def test_failing_batch_workers_leave_the_run_to_draw_in_process(tmp_path, monkey
     losses = [json.loads((tmp_path / r / "ckpt" / "state.json").read_text())["train_loss"]
               for r in ("plain", "run")]
     assert losses[0] == losses[1] and len(losses[0]) == 2
+
+
+def test_locate_probe_measures_what_it_says(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import locate_probe
+
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(200, 8))
+    assert locate_probe.cv_r2(feats, feats @ np.arange(1.0, 9.0) * 30 + 500) > 0.99
+    assert locate_probe.cv_r2(feats, rng.normal(size=200) * 100) < 0.1
+    r = locate_probe.box_errors([([0, 0, 100, 100], [0, 0, 100, 100]),
+                                 ([500, 10, 600, 110], [0, 0, 100, 100]), (None, [1, 2, 3, 4])])
+    assert r["n"] == 3 and r["answered_with_a_box"] == 2 and r["iou_0.5"] == 33.3
+    assert r["x1"] == {"median_abs_error": 250.0, "within_40": 50.0}
+    assert r["most_common_x1"]["share"] == 50.0
+    s = locate_probe.held_out_locates(1)[0]
+    img, box = locate_probe.transposed(s)
+    b = s.meta["box"]
+    assert box == [b[1], b[0], b[3], b[2]]
+    assert np.array_equal(np.asarray(img), np.asarray(s.image).transpose(1, 0, 2))
+    # the whole benchmark on the shipped model, small
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "locate_probe.py"),
+                          "--samples", "3", "--probe", "10", "--out", str(tmp_path / "r.json")],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    import json
+
+    got = json.loads((tmp_path / "r.json").read_text())
+    assert got["boxes"]["n"] == got["transposed"]["n"] == 3
+    assert set(got["probe"]) == {"before_x1", "after_gold_x1", "after_wrong_x1"}
+    # the gold first coordinate is in the text the probe reads after it
+    assert max(v["x1_r2"] for v in got["probe"]["after_gold_x1"].values()) > 0.5

@@ -1,0 +1,179 @@
+"""Why a vision model misses in `locate`: where its boxes go wrong, and where in the decoder
+the named object's position is (or is not) known. On the held-out scenes of
+models/train/vlm_data (the `locate` questions `vision_quality.py` scores).
+
+    python benchmarks/locate_probe.py [--model models/default/vlm] [--samples 100]
+        [--probe 400] [--out results.json]
+
+Three groups, each one JSON line on stdout:
+
+boxes       greedy answers as the server asks: IoU >= 0.5 (the vision_quality metric),
+            per coordinate the median absolute error (0-1000 units) and the share within
+            40, and how many answers share the most common first coordinate (a model that
+            does not know where the object is falls back on a favourite value)
+transposed  the same pictures and questions with the image transposed (x and y swapped)
+            and the gold box with them: if the model reads the second coordinate well in
+            both, the tower encodes both axes and the weakness is in the first coordinate
+            (or the first number written), not in one axis of the picture
+probe       ridge regressions (5-fold cross-validated R^2) from the decoder's hidden state,
+            layer by layer, to the target's x1 and y1, at three places: the position that
+            writes the first number (after "["); after the gold first coordinate
+            ("[x1,"); after a wrong one ("[x1 + 500 mod 1000,"). High R^2 for y1 after the
+            gold x1 and low after the wrong one means the model finds "the object at the x
+            it has written", not "the object it was asked for". Hidden states come from
+            `transformers`' LlavaForConditionalGeneration on the same checkpoint (the
+            reference the parity tests compare codevista with).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from vision_quality import iou  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+FIRST_SEED = 1_000_000  # the held-out seeds vision_quality.py starts at
+
+
+def held_out_locates(n: int) -> list[Any]:
+    from codevista.models.train.vlm_data import sample
+
+    out, seed = [], FIRST_SEED
+    while len(out) < n and seed < FIRST_SEED + 100 * n:
+        s = sample("test", seed)
+        seed += 1
+        if s.kind == "locate":
+            out.append(s)
+    return out
+
+
+def transposed(s: Any) -> tuple[Any, list[int]]:
+    from PIL import Image
+
+    b = s.meta["box"]
+    return s.image.transpose(Image.Transpose.TRANSPOSE), [b[1], b[0], b[3], b[2]]
+
+
+def box_errors(pairs: list[tuple[list[int] | None, list[int]]]) -> dict[str, Any]:
+    got = [(p, g) for p, g in pairs if p is not None]
+    out: dict[str, Any] = {
+        "n": len(pairs), "answered_with_a_box": len(got),
+        "iou_0.5": round(100 * sum(iou(p, g) >= 0.5 for p, g in got) / max(1, len(pairs)), 1)}
+    if got:
+        pred, gold = np.array([p for p, _ in got]), np.array([g for _, g in got])
+        for i, name in enumerate(("x1", "y1", "x2", "y2")):
+            err = np.abs(pred[:, i] - gold[:, i])
+            out[name] = {"median_abs_error": float(np.median(err)),
+                         "within_40": round(100 * float((err <= 40).mean()), 1)}
+        value, count = Counter(pred[:, 0].tolist()).most_common(1)[0]
+        out["most_common_x1"] = {"value": int(value), "share": round(100 * count / len(got), 1)}
+    return out
+
+
+def answers(model_dir: Path, samples: list[Any]) -> dict[str, Any]:
+    from codevista.models import formats
+    from codevista.models.engine import Engine, SamplingParams
+    from codevista.models.loader import load_model
+    from codevista.server.vision import parse_boxes
+
+    loaded = load_model(model_dir)
+    vision = loaded.vision
+    if vision is None:
+        raise SystemExit(f"{model_dir} is not a vision model")
+    image_tok = loaded.tokenizer.tok.id_to_token(vision.image_token_id)
+    plain, flipped = [], []
+    with Engine(loaded) as engine:
+        for s in samples:
+            prompt = formats.vision_prompt(formats.vision_question(s.task, s.question),
+                                           image_tok)
+            ids = loaded.tokenizer.encode(prompt, add_special_tokens=False)
+            for image, gold, into in ((s.image, s.meta["box"], plain),
+                                      (*transposed(s), flipped)):
+                out = engine.generate(ids, SamplingParams(max_new_tokens=32),
+                                      images=[vision.preprocess(image)]).text
+                boxes = parse_boxes(out)
+                into.append((boxes[0] if boxes else None, gold))
+    return {"boxes": box_errors(plain), "transposed": box_errors(flipped)}
+
+
+def cv_r2(features: np.ndarray, target: np.ndarray, folds: int = 5, lam: float = 10.0
+          ) -> float:
+    pred = np.zeros_like(target)
+    idx = np.arange(len(target))
+    for f in range(folds):
+        test = idx % folds == f
+        a, t = features[~test], target[~test]
+        mu, tm = a.mean(0), t.mean()
+        a = a - mu
+        w = np.linalg.solve(a.T @ a + lam * np.eye(a.shape[1]), a.T @ (t - tm))
+        pred[test] = (features[test] - mu) @ w + tm
+    return round(float(1 - ((pred - target) ** 2).mean() / target.var()), 3)
+
+
+def probe(model_dir: Path, samples: list[Any]) -> dict[str, Any]:
+    from codevista.models import formats
+    from codevista.models.loader import load_model
+    from transformers import LlavaForConditionalGeneration
+
+    loaded = load_model(model_dir)
+    vision = loaded.vision
+    image_id = vision.image_token_id
+    image_tok = loaded.tokenizer.tok.id_to_token(image_id)
+    hf = LlavaForConditionalGeneration.from_pretrained(model_dir).eval()
+    patches = vision.tokens_per_image
+    places = {"before_x1": lambda b: "[", "after_gold_x1": lambda b: f"[{b[0]},",
+              "after_wrong_x1": lambda b: f"[{(b[0] + 500) % 1000},"}
+    hidden: dict[str, dict[int, list[np.ndarray]]] = {k: {} for k in places}
+    for s in samples:
+        question = formats.vision_question(s.task, s.question)
+        pixels = torch.tensor(np.asarray(vision.preprocess(s.image)))[None]
+        for place, suffix in places.items():
+            text = formats.vision_prompt(question, image_tok) + suffix(s.meta["box"])
+            ids = [i for t in loaded.tokenizer.encode(text, add_special_tokens=False)
+                   for i in ([t] * patches if t == image_id else [t])]
+            with torch.no_grad():
+                out = hf(input_ids=torch.tensor([ids]), pixel_values=pixels,
+                         output_hidden_states=True)
+            for layer, h in enumerate(out.hidden_states):
+                hidden[place].setdefault(layer, []).append(h[0, -1].float().numpy())
+    gold = np.array([s.meta["box"] for s in samples], dtype=float)
+    return {place: {f"layer_{layer}": {"x1_r2": cv_r2(np.array(h), gold[:, 0]),
+                                       "y1_r2": cv_r2(np.array(h), gold[:, 1])}
+                    for layer, h in layers.items()}
+            for place, layers in hidden.items()}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path, default=ROOT / "models" / "default" / "vlm")
+    p.add_argument("--samples", type=int, default=100, help="pictures answered (greedy)")
+    p.add_argument("--probe", type=int, default=400,
+                   help="pictures whose hidden states are probed (0: no probe)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    result: dict[str, Any] = {"model": str(args.model)}
+    result.update(answers(args.model, held_out_locates(args.samples)))
+    print(json.dumps({"boxes": result["boxes"]}))
+    print(json.dumps({"transposed": result["transposed"]}))
+    if args.probe > 0:
+        result["probe"] = probe(args.model, held_out_locates(args.probe))
+        print(json.dumps({"probe": result["probe"]}))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
