@@ -130,12 +130,13 @@ def box_ids(tok: Tokenizer, answer: str) -> list[int] | None:
     first one bare, the others with the space before them: "3" "75", " 8" "12").
 
     The tokenizer's own split of a number depends on its neighbours: the first coordinate
-    comes as "37" "5" about as often as "3" "75", the others mostly as " 8" "12". Trained on
-    that, the shipped model placed objects' tops well and their left edges hardly at all
-    (it answered x1 = 712-725 for half of the held-out objects). One split for every
-    coordinate turns position into the same two choices for each of them (a piece the
-    vocabulary lacks, "71", comes in the tokenizer's tokens). None when the answer is not
-    a box (the caller encodes it as usual); the decoded text is the answer, unchanged."""
+    comes as "37" "5" about as often as "3" "75", the others mostly as " 8" "12". One split
+    for every coordinate makes position the same two choices in each of them (a piece the
+    vocabulary lacks, "71", comes in the tokenizer's tokens). Tried on CPU against the
+    shipped model's weak first coordinate, it did not fix it: the weakness is the decoder's
+    lookup of the named object (benchmarks/locate_probe.py; the VLM's model card). None
+    when the answer is not a box (the caller encodes it as usual); the decoded text is the
+    answer, unchanged."""
     m = _BOX.fullmatch(answer)
     if m is None:
         return None
