@@ -39,22 +39,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from vision_quality import iou  # noqa: E402
+from vision_quality import held_out, iou  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-FIRST_SEED = 1_000_000  # the held-out seeds vision_quality.py starts at
 
 
 def held_out_locates(n: int) -> list[Any]:
-    from codevista.models.train.vlm_data import sample
-
-    out, seed = [], FIRST_SEED
-    while len(out) < n and seed < FIRST_SEED + 100 * n:
-        s = sample("test", seed)
-        seed += 1
-        if s.kind == "locate":
-            out.append(s)
-    return out
+    return list(held_out(n, ("locate",)))
 
 
 def transposed(s: Any) -> tuple[Any, list[int]]:
@@ -80,16 +71,12 @@ def box_errors(pairs: list[tuple[list[int] | None, list[int]]]) -> dict[str, Any
     return out
 
 
-def answers(model_dir: Path, samples: list[Any]) -> dict[str, Any]:
+def answers(loaded: Any, samples: list[Any]) -> dict[str, Any]:
     from codevista.models import formats
     from codevista.models.engine import Engine, SamplingParams
-    from codevista.models.loader import load_model
     from codevista.server.vision import parse_boxes
 
-    loaded = load_model(model_dir)
     vision = loaded.vision
-    if vision is None:
-        raise SystemExit(f"{model_dir} is not a vision model")
     image_tok = loaded.tokenizer.tok.id_to_token(vision.image_token_id)
     plain, flipped = [], []
     with Engine(loaded) as engine:
@@ -120,12 +107,10 @@ def cv_r2(features: np.ndarray, target: np.ndarray, folds: int = 5, lam: float =
     return round(float(1 - ((pred - target) ** 2).mean() / target.var()), 3)
 
 
-def probe(model_dir: Path, samples: list[Any]) -> dict[str, Any]:
+def probe(model_dir: Path, loaded: Any, samples: list[Any]) -> dict[str, Any]:
     from codevista.models import formats
-    from codevista.models.loader import load_model
     from transformers import LlavaForConditionalGeneration
 
-    loaded = load_model(model_dir)
     vision = loaded.vision
     image_id = vision.image_token_id
     image_tok = loaded.tokenizer.tok.id_to_token(image_id)
@@ -163,12 +148,17 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    from codevista.models.loader import load_model
+
+    loaded = load_model(args.model)
+    if loaded.vision is None:
+        raise SystemExit(f"{args.model} is not a vision model")
     result: dict[str, Any] = {"model": str(args.model)}
-    result.update(answers(args.model, held_out_locates(args.samples)))
+    result.update(answers(loaded, held_out_locates(args.samples)))
     print(json.dumps({"boxes": result["boxes"]}))
     print(json.dumps({"transposed": result["transposed"]}))
     if args.probe > 0:
-        result["probe"] = probe(args.model, held_out_locates(args.probe))
+        result["probe"] = probe(args.model, loaded, held_out_locates(args.probe))
         print(json.dumps({"probe": result["probe"]}))
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))

@@ -25,6 +25,7 @@ import re
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from metrics import edit_similarity, levenshtein  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+FIRST_SEED = 1_000_000  # held-out seeds start here
 KINDS = ("count", "color", "shape", "locate", "diagram", "chart", "transcribe", "describe",
          "error")
 
@@ -62,11 +64,25 @@ def f1(pred: set, gold: set) -> float:
     return 2 * p * r / (p + r)
 
 
+def held_out(per_kind: int, kinds: tuple[str, ...] = KINDS) -> Iterator[Any]:
+    """The held-out samples of `kinds`, `per_kind` of each, in seed order: the same
+    pictures whichever kinds are asked for."""
+    from codevista.models.train.vlm_data import sample
+
+    seen: dict[str, int] = defaultdict(int)
+    seed = FIRST_SEED
+    while any(seen[k] < per_kind for k in kinds) and seed < FIRST_SEED + 200 * per_kind:
+        s = sample("test", seed)
+        seed += 1
+        if s.kind in kinds and seen[s.kind] < per_kind:
+            seen[s.kind] += 1
+            yield s
+
+
 def evaluate(model_dir: Path, per_kind: int, kinds: tuple[str, ...] = KINDS) -> dict[str, Any]:
     from codevista.models import formats
     from codevista.models.engine import Engine, SamplingParams
     from codevista.models.loader import load_model
-    from codevista.models.train.vlm_data import sample
     from codevista.server.vision import parse_boxes
 
     loaded = load_model(model_dir)
@@ -79,13 +95,8 @@ def evaluate(model_dir: Path, per_kind: int, kinds: tuple[str, ...] = KINDS) -> 
     examples: dict[str, list[dict[str, str]]] = defaultdict(list)
     seen: dict[str, int] = defaultdict(int)
     t0 = time.time()
-    seed = 1_000_000
     with Engine(loaded) as engine:
-        while any(seen[k] < per_kind for k in kinds) and seed < 1_000_000 + 200 * per_kind:
-            s = sample("test", seed)
-            seed += 1
-            if s.kind not in kinds or seen[s.kind] >= per_kind:
-                continue
+        for s in held_out(per_kind, kinds):
             seen[s.kind] += 1
             prompt = formats.vision_prompt(formats.vision_question(s.task, s.question),
                                            image_tok)

@@ -165,6 +165,12 @@ SCENE_QUESTIONS = ("count", "count", "count_shape", "color", "shape", "locate", 
 TRAIN_SCENE_QUESTIONS = ("locate_one",)
 
 
+def _locate(img, obj: dict, target: str) -> Sample:
+    b = box_1000(*obj["box"])
+    return Sample(img, "locate", target, f"[{b[0]}, {b[1]}, {b[2]}, {b[3]}]", "locate",
+                  {"box": b})
+
+
 def shapes(rng: random.Random, split: str, weights: dict[str, float] | None = None
            ) -> Sample:
     """A scene of 1-9 shapes and one question about it, drawn from SCENE_QUESTIONS
@@ -218,14 +224,10 @@ def shapes(rng: random.Random, split: str, weights: dict[str, float] | None = No
                   if len(by_color[o["color"]]) == 1]
         if cands:
             o, target = rng.choice(cands)
-            b = box_1000(*o["box"])
-            return Sample(img, "locate", target, f"[{b[0]}, {b[1]}, {b[2]}, {b[3]}]",
-                          "locate", {"box": b})
+            return _locate(img, o, target)
     if kind == "locate" and unique:
         o = rng.choice(unique)
-        b = box_1000(*o["box"])
-        return Sample(img, "locate", f"the {o['color']} {o['shape']}",
-                      f"[{b[0]}, {b[1]}, {b[2]}, {b[3]}]", "locate", {"box": b})
+        return _locate(img, o, f"the {o['color']} {o['shape']}")
     if kind == "describe":
         parts = ", ".join(f"a {o['color']} {o['shape']}" for o in objs)
         return Sample(img, "explain", None, f"{n} shape{'s' * (n != 1)}: {parts}.", "describe")
