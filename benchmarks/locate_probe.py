@@ -3,9 +3,9 @@ the named object's position is (or is not) known. On the held-out scenes of
 models/train/vlm_data (the `locate` questions `vision_quality.py` scores).
 
     python benchmarks/locate_probe.py [--model models/default/vlm] [--samples 100]
-        [--probe 400] [--out results.json]
+        [--probe 400] [--attention 60] [--out results.json]
 
-Three groups, each one JSON line on stdout:
+Four groups, each one JSON line on stdout:
 
 boxes       greedy answers as the server asks: IoU >= 0.5 (the vision_quality metric),
             per coordinate the median absolute error (0-1000 units) and the share within
@@ -23,6 +23,12 @@ probe       ridge regressions (5-fold cross-validated R^2) from the decoder's hi
             it has written", not "the object it was asked for". Hidden states come from
             `transformers`' LlavaForConditionalGeneration on the same checkpoint (the
             reference the parity tests compare codevista with).
+attention   per decoder layer, the head that attends most to the named object's patches,
+            relative to the other objects' patches (the median over pictures of the ratio
+            per patch; 1: no preference), at the position that writes x1, the one that
+            writes y1 after the gold x1, and, for contrast, the answer of "What colour is
+            the square?". A model that finds the named object before its first number
+            has a head well above 1 at the first place.
 """
 
 from __future__ import annotations
@@ -138,12 +144,81 @@ def probe(model_dir: Path, loaded: Any, samples: list[Any]) -> dict[str, Any]:
             for place, layers in hidden.items()}
 
 
+def object_patches(s: Any, grid: int) -> tuple[np.ndarray, np.ndarray]:
+    """(target, other) boolean masks over the grid x grid patches: the patches where the
+    object in s.meta["box"] covers over 5 % of the pixels, and those where other objects
+    do (and the target does not). Object pixels are those unlike the background (the
+    canvas colour at a corner)."""
+    img = np.asarray(s.image.convert("RGB")).astype(int)
+    size = img.shape[0]
+    drawn = np.abs(img - img[2, 2]).sum(-1) > 40
+    x1, y1, x2, y2 = (round(v * size / 1000) for v in s.meta["box"])
+    target = np.zeros_like(drawn)
+    target[y1:y2 + 1, x1:x2 + 1] = True
+    target &= drawn
+    ps = size // grid
+
+    def share(mask: np.ndarray) -> np.ndarray:
+        return mask[:grid * ps, :grid * ps].reshape(grid, ps, grid, ps).mean((1, 3)).ravel()
+
+    t = share(target) > 0.05
+    return t, (share(drawn & ~target) > 0.05) & ~t
+
+
+def attention(model_dir: Path, loaded: Any, n: int) -> dict[str, Any]:
+    """Per layer, the decoder head that attends most to the named object: the median over
+    pictures of its attention per target patch over its attention per patch of the other
+    objects (1: no preference), at the position that writes x1, the one that writes y1
+    after the gold x1, and (for contrast) the answer of "What colour is the square?"."""
+    from codevista.models import formats
+    from transformers import LlavaForConditionalGeneration
+
+    vision = loaded.vision
+    image_id = vision.image_token_id
+    image_tok = loaded.tokenizer.tok.id_to_token(image_id)
+    patches = vision.tokens_per_image
+    grid = int(round(patches ** 0.5))
+    hf = LlavaForConditionalGeneration.from_pretrained(model_dir,
+                                                       attn_implementation="eager").eval()
+    places = (("writes_x1", "locate", lambda b: "["),
+              ("writes_y1_after_gold_x1", "locate", lambda b: f"[{b[0]},"),
+              ("colour_answer", "color", lambda b: ""))
+    out: dict[str, Any] = {}
+    for place, kind, suffix in places:
+        ratios = []  # (pictures, layers, heads)
+        for s in held_out(n, (kind,)):
+            target, other = object_patches(s, grid)
+            if not target.any() or not other.any():
+                continue  # nothing to prefer it over
+            text = formats.vision_prompt(formats.vision_question(s.task, s.question),
+                                         image_tok) + suffix(s.meta["box"])
+            ids = [i for t in loaded.tokenizer.encode(text, add_special_tokens=False)
+                   for i in ([t] * patches if t == image_id else [t])]
+            start = ids.index(image_id)
+            pixels = torch.tensor(np.asarray(vision.preprocess(s.image)))[None]
+            with torch.no_grad():
+                att = hf(input_ids=torch.tensor([ids]), pixel_values=pixels,
+                         output_attentions=True).attentions
+            per = []
+            for a in att:  # (1, heads, T, T): the last position's row over the patches
+                row = a[0, :, -1, start:start + patches].float().numpy()
+                per.append(row[:, target].mean(1) / np.maximum(row[:, other].mean(1), 1e-12))
+            ratios.append(per)
+        med = np.median(np.array(ratios), axis=0)
+        out[place] = {"pictures": len(ratios), **{
+            f"layer_{layer}": {"head": int(h.argmax()), "target_vs_other": round(float(h.max()), 2)}
+            for layer, h in enumerate(med)}}
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, default=ROOT / "models" / "default" / "vlm")
     p.add_argument("--samples", type=int, default=100, help="pictures answered (greedy)")
     p.add_argument("--probe", type=int, default=400,
                    help="pictures whose hidden states are probed (0: no probe)")
+    p.add_argument("--attention", type=int, default=60,
+                   help="pictures per place whose attention is measured (0: none)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
@@ -160,6 +235,9 @@ def main() -> int:
     if args.probe > 0:
         result["probe"] = probe(args.model, loaded, held_out_locates(args.probe))
         print(json.dumps({"probe": result["probe"]}))
+    if args.attention > 0:
+        result["attention"] = attention(args.model, loaded, args.attention)
+        print(json.dumps({"attention": result["attention"]}))
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
     return 0

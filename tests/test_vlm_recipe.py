@@ -197,6 +197,43 @@ def test_regular_box_tokens_spell_the_same_answer():
             assert torch.equal(xp[i], xr[i]) and torch.equal(yp[i], yr[i])
 
 
+def test_first_coordinate_weights_mark_only_a_box_answers_first_number():
+    from codevista.models.tokenizer import Tokenizer
+    from codevista.models.train.model import shape_of
+    from codevista.models.train.vlm import VISION, Batcher, TrainVLM, first_coord_weights
+    from codevista.models.vision.tower import VisionConfig
+
+    tok = Tokenizer.from_dir(ROOT / "models" / "default" / "vlm")
+    open_id, comma_id = tok.token_to_id("["), tok.token_to_id(",")
+    batcher = Batcher(tok, 4)
+
+    def weighted(task: str, answer: str) -> list[str]:
+        ids, n = batcher.encode(task, "the blue circle", answer)
+        x, y = torch.tensor([ids[:-1]]), torch.tensor([[-1] * (n - 1) + ids[n:]])
+        w = first_coord_weights(x, y, 5.0, open_id, comma_id)
+        assert set(w[y < 0].tolist()) <= {1.0}  # never a prompt token (it has "[x1, ...")
+        return [tok.decode([int(t)]) for t, v in zip(y[0], w[0], strict=True) if v == 5.0]
+
+    assert weighted("locate", "[725, 594, 838, 712]") == ["7", "25"]  # two tokens
+    assert weighted("locate", "[69, 481, 212, 625]") == ["69"]  # one token
+    assert weighted("locate", "[5, 12, 100, 7]") == ["5"]
+    # a "[" inside another answer is not a box
+    assert weighted("transcribe", "x = xs[0] + [1]") == []
+    assert weighted("explain", "7") == []
+    # The weighted loss: equal to the plain one at weight 1; larger where x1 is wrong.
+    torch.manual_seed(0)
+    model = TrainVLM(VisionConfig.from_hf(VISION),
+                     shape_of(ROOT / "models" / "default" / "vlm"))
+    seeds = [sd for sd in range(300) if sample("train", sd).kind == "locate"][:2]
+    px, x, y = Batcher(tok, model.vision_tower.cfg.num_patches).batch("train", seeds)
+    with torch.no_grad():
+        plain = float(model(px, x, y))
+        model.first_coord = (1.0, open_id, comma_id)
+        assert float(model(px, x, y)) == pytest.approx(plain, rel=1e-5)
+        model.first_coord = (5.0, open_id, comma_id)  # an untrained model: every token wrong
+        assert float(model(px, x, y)) > plain * 1.1
+
+
 def test_count_answers_match_the_drawn_objects():
     checked = 0
     for seed in range(400):
@@ -518,9 +555,17 @@ def test_locate_probe_measures_what_it_says(tmp_path):
     b = s.meta["box"]
     assert box == [b[1], b[0], b[3], b[2]]
     assert np.array_equal(np.asarray(img), np.asarray(s.image).transpose(1, 0, 2))
+    # the named object's patches: every patch it covers, none of another object's
+    target, other = locate_probe.object_patches(s, 10)
+    x1, y1, x2, y2 = (min(v * 10 // 1000, 9) for v in b)
+    inside = np.zeros((10, 10), bool)
+    inside[y1:y2 + 1, x1:x2 + 1] = True
+    assert target.any() and not (target & other).any()
+    assert not (target & ~inside.ravel()).any()  # all within the box's patches
     # the whole benchmark on the shipped model, small
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "locate_probe.py"),
-                          "--samples", "3", "--probe", "10", "--out", str(tmp_path / "r.json")],
+                          "--samples", "3", "--probe", "10", "--attention", "6",
+                          "--out", str(tmp_path / "r.json")],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     import json
@@ -530,3 +575,9 @@ def test_locate_probe_measures_what_it_says(tmp_path):
     assert set(got["probe"]) == {"before_x1", "after_gold_x1", "after_wrong_x1"}
     # the gold first coordinate is in the text the probe reads after it
     assert max(v["x1_r2"] for v in got["probe"]["after_gold_x1"].values()) > 0.5
+    att = got["attention"]
+    assert set(att) == {"writes_x1", "writes_y1_after_gold_x1", "colour_answer"}
+    assert all(0 < a["pictures"] <= 6 and len(a) == 7 for a in att.values())  # 6 layers
+    # the shipped model looks at the square to name its colour (ratio ~40 on 48 pictures)
+    assert max(v["target_vs_other"] for k, v in att["colour_answer"].items()
+               if k != "pictures") > 5

@@ -211,13 +211,13 @@ def shapes(rng: random.Random, split: str, weights: dict[str, float] | None = No
         if cands:
             o = rng.choice(cands)
             return Sample(img, "explain", f"What colour is the {o['shape']}?", o["color"],
-                          "color")
+                          "color", {"box": box_1000(*o["box"])})
     if kind == "shape":
         cands = [o for o in objs if len(by_color[o["color"]]) == 1]
         if cands:
             o = rng.choice(cands)
             return Sample(img, "explain", f"What shape is the {o['color']} object?",
-                          o["shape"], "shape")
+                          o["shape"], "shape", {"box": box_1000(*o["box"])})
     if kind == "locate_one":
         cands = [(o, f"the {o['shape']}") for o in objs if len(by_shape[o["shape"]]) == 1]
         cands += [(o, f"the {o['color']} shape") for o in objs
