@@ -113,6 +113,14 @@ def cv_r2(features: np.ndarray, target: np.ndarray, folds: int = 5, lam: float =
     return round(float(1 - ((pred - target) ** 2).mean() / target.var()), 3)
 
 
+def expanded_ids(loaded: Any, text: str) -> list[int]:
+    """The prompt's ids with the image token repeated once per patch (as transformers'
+    Llava takes them)."""
+    image_id = loaded.vision.image_token_id
+    return [i for t in loaded.tokenizer.encode(text, add_special_tokens=False)
+            for i in ([t] * loaded.vision.tokens_per_image if t == image_id else [t])]
+
+
 def probe(model_dir: Path, loaded: Any, samples: list[Any]) -> dict[str, Any]:
     from codevista.models import formats
     from transformers import LlavaForConditionalGeneration
@@ -121,7 +129,6 @@ def probe(model_dir: Path, loaded: Any, samples: list[Any]) -> dict[str, Any]:
     image_id = vision.image_token_id
     image_tok = loaded.tokenizer.tok.id_to_token(image_id)
     hf = LlavaForConditionalGeneration.from_pretrained(model_dir).eval()
-    patches = vision.tokens_per_image
     places = {"before_x1": lambda b: "[", "after_gold_x1": lambda b: f"[{b[0]},",
               "after_wrong_x1": lambda b: f"[{(b[0] + 500) % 1000},"}
     hidden: dict[str, dict[int, list[np.ndarray]]] = {k: {} for k in places}
@@ -130,8 +137,7 @@ def probe(model_dir: Path, loaded: Any, samples: list[Any]) -> dict[str, Any]:
         pixels = torch.tensor(np.asarray(vision.preprocess(s.image)))[None]
         for place, suffix in places.items():
             text = formats.vision_prompt(question, image_tok) + suffix(s.meta["box"])
-            ids = [i for t in loaded.tokenizer.encode(text, add_special_tokens=False)
-                   for i in ([t] * patches if t == image_id else [t])]
+            ids = expanded_ids(loaded, text)
             with torch.no_grad():
                 out = hf(input_ids=torch.tensor([ids]), pixel_values=pixels,
                          output_hidden_states=True)
@@ -192,8 +198,7 @@ def attention(model_dir: Path, loaded: Any, n: int) -> dict[str, Any]:
                 continue  # nothing to prefer it over
             text = formats.vision_prompt(formats.vision_question(s.task, s.question),
                                          image_tok) + suffix(s.meta["box"])
-            ids = [i for t in loaded.tokenizer.encode(text, add_special_tokens=False)
-                   for i in ([t] * patches if t == image_id else [t])]
+            ids = expanded_ids(loaded, text)
             start = ids.index(image_id)
             pixels = torch.tensor(np.asarray(vision.preprocess(s.image)))[None]
             with torch.no_grad():
