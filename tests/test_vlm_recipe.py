@@ -5,6 +5,7 @@ transformers."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +53,41 @@ def test_samples_are_reproducible_and_splits_disjoint():
         t = sample("test", seed)
         if t.kind == "diagram":
             assert set(t.meta["nodes"]) <= set(HELDOUT_WORDS)
+
+
+def test_novel_text_changes_only_train_code_and_error_words():
+    from codevista.models.tokenizer import Tokenizer
+    from codevista.models.train.vlm import Batcher
+
+    changed = {"error": 0, "transcribe": 0}
+    for seed in range(400):
+        plain, mixed = sample("train", seed), sample("train", seed, novel_text=0.9)
+        assert mixed.kind == plain.kind and mixed.task == plain.task
+        # the held-out split never changes
+        assert sample("test", seed, novel_text=0.9).answer == sample("test", seed).answer
+        if plain.kind not in changed:
+            assert mixed.answer == plain.answer  # scenes, diagrams, charts: as before
+            continue
+        words = set(re.findall(r"[a-z]+", mixed.answer))
+        assert not words & set(HELDOUT_WORDS)
+        if mixed.answer != plain.answer:
+            changed[plain.kind] += 1
+            # the made-up words are drawn: the answer can be read off the picture
+            drawn = set(re.findall(r"[a-z]+", " ".join(t for t, _ in mixed.meta["text_boxes"])))
+            plain_words = set(re.findall(r"[a-z]+", plain.answer))
+            assert words - plain_words - set(TRAIN_WORDS) <= drawn
+    assert changed["error"] > 10 and changed["transcribe"] > 10
+    # the batcher passes the share on, for the train split only
+    tok = Tokenizer.from_dir(ROOT / "models" / "default" / "code")
+    b = Batcher(tok, 4, novel_text=0.9)
+    seeds = [sd for sd in range(400) if sample("train", sd).kind == "error"][:20]
+    assert sum(b.draw("train", sd).answer != sample("train", sd).answer for sd in seeds) > 10
+    assert all(b.draw("test", sd).answer == sample("test", sd).answer for sd in seeds)
+    # a continuation can start past an earlier run's pictures (train only)
+    shifted = Batcher(tok, 4, novel_text=0.9, sample_offset=1000)
+    assert [shifted.draw("train", sd).answer for sd in seeds] == \
+        [b.draw("train", sd + 1000).answer for sd in seeds]
+    assert shifted.draw("test", 3).answer == sample("test", 3).answer
 
 
 def test_novel_word_diagrams_force_copying_and_leave_the_default_draw_alone():

@@ -188,13 +188,19 @@ def box_ids(tok: Tokenizer, answer: str) -> list[int] | None:
 class Batcher:
     def __init__(self, tok: Tokenizer, tokens_per_image: int, ocr_rate: float = 0.0,
                  ocr_tasks: tuple[str, ...] = ("describe-diagram",),
-                 novel_words: float = 0.0, diagram_share: float = 0.0,
+                 novel_words: float = 0.0, novel_text: float = 0.0,
+                 diagram_share: float = 0.0,
                  scene_share: float = 0.0, scene_weights: dict[str, float] | None = None,
-                 pad_to_longest: bool = False, regular_boxes: bool = False) -> None:
+                 pad_to_longest: bool = False, regular_boxes: bool = False,
+                 sample_offset: int = 0) -> None:
         self.tok = tok
+        # train sample k is drawn from seed k + sample_offset: a continuation past the
+        # pictures an earlier run of the same mix trained on
+        self.sample_offset = sample_offset
         # locate answers as regular number tokens (box_ids) rather than the tokenizer's
         self.regular_boxes = regular_boxes
         self.novel_words = novel_words  # share of train diagrams with made-up labels
+        self.novel_text = novel_text  # share of train code and error pictures with such words
         # at least this share of each train batch is flowcharts (0: the generators' mix)
         self.diagram_share = diagram_share
         # that share of the other train samples becomes a scene of shapes (a continuation
@@ -232,7 +238,8 @@ class Batcher:
     def draw(self, split: str, seed: int):
         if split != "train":
             return sample(split, seed)
-        s = sample(split, seed, self.novel_words)
+        seed += self.sample_offset
+        s = sample(split, seed, self.novel_words, self.novel_text)
         if self.scene_weights is not None and s.kind in SCENE_KINDS:
             return shapes(random.Random(f"train-scene-w:{seed}"), split, self.scene_weights)
         if (self.scene_share > 0 and s.kind not in SCENE_KINDS
@@ -567,10 +574,12 @@ def train(args: argparse.Namespace) -> None:
         "args": {k: str(v) for k, v in vars(args).items()}, "device": device}
     batcher_kw = dict(tokens_per_image=model.vision_tower.cfg.num_patches,
                       ocr_rate=args.ocr_rate, novel_words=args.novel_words,
+                      novel_text=getattr(args, "novel_text", 0.0),
                       diagram_share=args.diagram_share, scene_share=args.scene_share,
                       scene_weights=getattr(args, "scene_weights", None),
                       pad_to_longest=getattr(args, "pad", "fixed") == "longest",
-                      regular_boxes=getattr(args, "box_tokens", "tokenizer") == "regular")
+                      regular_boxes=getattr(args, "box_tokens", "tokenizer") == "regular",
+                      sample_offset=getattr(args, "sample_offset", 0))
     batcher = Batcher(tok, **batcher_kw)
     # --steps 0: only initialise, evaluate and save (e.g. --init-vlm, then export)
     restart = checked_restart(args) if args.steps > 0 or args.restart else 0
@@ -849,6 +858,13 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--novel-words", type=float, default=0.0,
                    help="share of train diagrams labelled with made-up words, so that the "
                         "labels must be copied from the OCR lines rather than memorised")
+    t.add_argument("--novel-text", type=float, default=0.0,
+                   help="the same for train code screenshots and error dialogs: their "
+                        "words are read, not memorised (a long run learns the training "
+                        "words' answers by heart otherwise)")
+    t.add_argument("--sample-offset", type=int, default=0,
+                   help="draw train sample k from seed k + this (a continuation that should "
+                        "not see the pictures of an earlier run again)")
     t.add_argument("--restart", type=int, default=None,
                    help="start a new warm-up and cosine schedule at this step (a "
                         "continued run)")

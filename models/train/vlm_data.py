@@ -352,7 +352,30 @@ CODE_LINES = ["def {a}({b}):", "    return {b} + {n}", "{a} = {b}({n})", "for i 
               "fn {a}() {{", "}}", "# {a} {b}", "// {a} {b}"]
 
 
-def code(rng: random.Random, split: str) -> Sample:
+def _renamer(novel_rng: random.Random | None, split: str, novel: float):
+    """The word substitution a code screenshot or an error dialog applies: in the train
+    split, with probability `novel`, each word becomes a made-up one (`novel_word`; the
+    same word, the same substitute), so that a long run cannot learn the answers of the 55
+    training words by heart instead of reading them (held-out pictures carry words never
+    trained on). `novel_rng` is the sample's own, so the rest of the picture is drawn as
+    without it."""
+    if novel_rng is None or split == "test" or novel_rng.random() >= novel:
+        return lambda w: w
+    table: dict[str, str] = {}
+
+    def rename(w: str) -> str:
+        if w not in table:
+            t = novel_word(novel_rng)
+            while t in table.values():
+                t = novel_word(novel_rng)
+            table[w] = t
+        return table[w]
+    return rename
+
+
+def code(rng: random.Random, split: str, novel: float = 0.0,
+         novel_rng: random.Random | None = None) -> Sample:
+    """`novel`, `novel_rng`: see `_renamer` (0 draws exactly as before)."""
     from PIL import ImageDraw
 
     dark = rng.random() < 0.5
@@ -362,10 +385,12 @@ def code(rng: random.Random, split: str) -> Sample:
     size = rng.choice([11, 12, 13])
     f = font(rng.choice(FONTS), size)
     pool = words(split)
+    rename = _renamer(novel_rng, split, novel)
     lines = []
     for _ in range(rng.randint(2, 4)):
         t = rng.choice(CODE_LINES)
-        line = t.format(a=rng.choice(pool), b=rng.choice(pool), n=rng.randint(0, 99))
+        line = t.format(a=rename(rng.choice(pool)), b=rename(rng.choice(pool)),
+                        n=rng.randint(0, 99))
         lines.append(line[:18])
     y = rng.randint(6, 20)
     texts = []
@@ -378,13 +403,15 @@ def code(rng: random.Random, split: str) -> Sample:
                   {"text": text, "text_boxes": texts})
 
 
-def error_dialog(rng: random.Random, split: str) -> Sample:
+def error_dialog(rng: random.Random, split: str, novel: float = 0.0,
+                 novel_rng: random.Random | None = None) -> Sample:
+    """`novel`, `novel_rng`: see `_renamer` (0 draws exactly as before)."""
     from PIL import ImageDraw
 
     img = _canvas(rng)
     d = ImageDraw.Draw(img)
     message, explanation = rng.choice(ERRORS)
-    w = rng.choice(words(split))
+    w = _renamer(novel_rng, split, novel)(rng.choice(words(split)))
     message, explanation = message.format(w=w), explanation.format(w=w)
     d.rectangle((8, 30, 152, 120), fill=(250, 250, 250), outline=(120, 120, 120))
     d.rectangle((8, 30, 152, 46), fill=(200, 40, 40))
@@ -414,8 +441,9 @@ GENERATORS = ((shapes, 0.45), (flowchart, 0.2), (bar_chart, 0.12), (code, 0.13),
               (error_dialog, 0.1))
 
 
-def sample(split: str, seed: int, novel_words: float = 0.0) -> Sample:
-    """Sample number `seed` of `split` ("train" or "test"); `novel_words`: see flowchart."""
+def sample(split: str, seed: int, novel_words: float = 0.0, novel_text: float = 0.0) -> Sample:
+    """Sample number `seed` of `split` ("train" or "test"); `novel_words`: see flowchart;
+    `novel_text`: the same for code screenshots and error dialogs (see `_renamer`)."""
     rng = random.Random(f"{split}:{seed}")
     r, acc = rng.random(), 0.0
     gen = GENERATORS[-1][0]
@@ -426,6 +454,8 @@ def sample(split: str, seed: int, novel_words: float = 0.0) -> Sample:
             break
     if gen is flowchart and novel_words > 0:
         return flowchart(rng, split, novel_words)
+    if gen in (code, error_dialog) and novel_text > 0:
+        return gen(rng, split, novel_text, random.Random(f"{split}:novel-text:{seed}"))
     return gen(rng, split)
 
 
