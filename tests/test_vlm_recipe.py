@@ -88,6 +88,16 @@ def test_novel_text_changes_only_train_code_and_error_words():
     assert [shifted.draw("train", sd).answer for sd in seeds] == \
         [b.draw("train", sd + 1000).answer for sd in seeds]
     assert shifted.draw("test", 3).answer == sample("test", 3).answer
+    # an error-reading continuation turns a share of the rest into error dialogs
+    errors = Batcher(tok, 4, novel_text=0.9, scene_share=0.5, error_share=0.5)
+    drawn = [errors.draw("train", sd) for sd in range(300)]
+    base = [sample("train", sd).kind for sd in range(300)]
+    dialogs = [d for d in drawn if d.meta.get("text_boxes") and
+               d.meta["text_boxes"][0][0] == "Error"]
+    assert len(dialogs) / 300 > base.count("error") / 300 + 0.1
+    assert {d.kind for d in dialogs} == {"error", "transcribe"}
+    assert errors.draw("train", 7).answer == errors.draw("train", 7).answer
+    assert errors.draw("test", 7).answer == sample("test", 7).answer
 
 
 def test_novel_word_diagrams_force_copying_and_leave_the_default_draw_alone():

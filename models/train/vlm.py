@@ -75,6 +75,7 @@ from .vlm_data import (
     MONO_FONTS,
     SCENE_QUESTIONS,
     TRAIN_SCENE_QUESTIONS,
+    error_dialog,
     sample,
     shapes,
     simulated_ocr,
@@ -192,8 +193,11 @@ class Batcher:
                  diagram_share: float = 0.0,
                  scene_share: float = 0.0, scene_weights: dict[str, float] | None = None,
                  pad_to_longest: bool = False, regular_boxes: bool = False,
-                 sample_offset: int = 0) -> None:
+                 sample_offset: int = 0, error_share: float = 0.0) -> None:
         self.tok = tok
+        # that share of the train samples that stay neither scenes nor error dialogs becomes
+        # an error dialog (half explained, half transcribed); drawn after scene_share
+        self.error_share = error_share
         # train sample k is drawn from seed k + sample_offset: a continuation past the
         # pictures an earlier run of the same mix trained on
         self.sample_offset = sample_offset
@@ -246,6 +250,10 @@ class Batcher:
                 and random.Random(seed * 37 + 11).random() < self.scene_share):
             # a scene from its own namespace of seeds, never a held-out one
             return shapes(random.Random(f"train-scene:{seed}"), split, self.scene_weights)
+        if (self.error_share > 0 and s.kind not in SCENE_KINDS | {"error"}
+                and random.Random(seed * 41 + 7).random() < self.error_share):
+            return error_dialog(random.Random(f"train-error:{seed}"), split, self.novel_text,
+                                random.Random(f"train-error-novel:{seed}"))
         if s.kind != "diagram" and random.Random(seed * 31 + 5).random() < self.diagram_share:
             # the first flowchart among this seed's own block of seeds (disjoint per seed)
             for k in range(1, 200):
@@ -579,7 +587,8 @@ def train(args: argparse.Namespace) -> None:
                       scene_weights=getattr(args, "scene_weights", None),
                       pad_to_longest=getattr(args, "pad", "fixed") == "longest",
                       regular_boxes=getattr(args, "box_tokens", "tokenizer") == "regular",
-                      sample_offset=getattr(args, "sample_offset", 0))
+                      sample_offset=getattr(args, "sample_offset", 0),
+                      error_share=getattr(args, "error_share", 0.0))
     batcher = Batcher(tok, **batcher_kw)
     # --steps 0: only initialise, evaluate and save (e.g. --init-vlm, then export)
     restart = checked_restart(args) if args.steps > 0 or args.restart else 0
@@ -862,6 +871,9 @@ def parser() -> argparse.ArgumentParser:
                    help="the same for train code screenshots and error dialogs: their "
                         "words are read, not memorised (a long run learns the training "
                         "words' answers by heart otherwise)")
+    t.add_argument("--error-share", type=float, default=0.0,
+                   help="turn that share of the other samples into error dialogs (an "
+                        "error-reading continuation); drawn after --scene-share")
     t.add_argument("--sample-offset", type=int, default=0,
                    help="draw train sample k from seed k + this (a continuation that should "
                         "not see the pictures of an earlier run again)")
