@@ -193,8 +193,10 @@ class Batcher:
                  diagram_share: float = 0.0,
                  scene_share: float = 0.0, scene_weights: dict[str, float] | None = None,
                  pad_to_longest: bool = False, regular_boxes: bool = False,
-                 sample_offset: int = 0, error_share: float = 0.0) -> None:
+                 sample_offset: int = 0, error_share: float = 0.0,
+                 novel_vocab: float = 0.4) -> None:
         self.tok = tok
+        self.novel_vocab = novel_vocab  # share of vocabulary words among made-up labels
         # that share of the train samples that stay neither scenes nor error dialogs becomes
         # an error dialog (half explained, half transcribed); drawn after scene_share
         self.error_share = error_share
@@ -243,7 +245,7 @@ class Batcher:
         if split != "train":
             return sample(split, seed)
         seed += self.sample_offset
-        s = sample(split, seed, self.novel_words, self.novel_text)
+        s = sample(split, seed, self.novel_words, self.novel_text, self.novel_vocab)
         if self.scene_weights is not None and s.kind in SCENE_KINDS:
             return shapes(random.Random(f"train-scene-w:{seed}"), split, self.scene_weights)
         if (self.scene_share > 0 and s.kind not in SCENE_KINDS
@@ -257,7 +259,8 @@ class Batcher:
         if s.kind != "diagram" and random.Random(seed * 31 + 5).random() < self.diagram_share:
             # the first flowchart among this seed's own block of seeds (disjoint per seed)
             for k in range(1, 200):
-                t = sample(split, 10_000_000 + seed * 200 + k, self.novel_words)
+                t = sample(split, 10_000_000 + seed * 200 + k, self.novel_words,
+                           novel_vocab=self.novel_vocab)
                 if t.kind == "diagram":
                     return t
         return s
@@ -588,7 +591,8 @@ def train(args: argparse.Namespace) -> None:
                       pad_to_longest=getattr(args, "pad", "fixed") == "longest",
                       regular_boxes=getattr(args, "box_tokens", "tokenizer") == "regular",
                       sample_offset=getattr(args, "sample_offset", 0),
-                      error_share=getattr(args, "error_share", 0.0))
+                      error_share=getattr(args, "error_share", 0.0),
+                      novel_vocab=getattr(args, "novel_vocab", 0.4))
     batcher = Batcher(tok, **batcher_kw)
     # --steps 0: only initialise, evaluate and save (e.g. --init-vlm, then export)
     restart = checked_restart(args) if args.steps > 0 or args.restart else 0
@@ -867,6 +871,10 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--novel-words", type=float, default=0.0,
                    help="share of train diagrams labelled with made-up words, so that the "
                         "labels must be copied from the OCR lines rather than memorised")
+    t.add_argument("--novel-vocab", type=float, default=0.4,
+                   help="share of code-vocabulary words among the made-up diagram labels "
+                        "(the rest random letters and made-up syllables, which a long run "
+                        "cannot learn by heart from the pixels)")
     t.add_argument("--novel-text", type=float, default=0.0,
                    help="the same for train code screenshots and error dialogs: their "
                         "words are read, not memorised (a long run learns the training "

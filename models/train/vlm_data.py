@@ -102,16 +102,18 @@ def vocabulary_words() -> tuple[str, ...]:
     return tuple(sorted(found - set(HELDOUT_WORDS)))
 
 
-def novel_word(rng: random.Random) -> str:
+def novel_word(rng: random.Random, vocab: float = 0.4) -> str:
     """A label outside the 55 training words, never one of the held-out words: 40 % a
     word of the code vocabulary (`vocabulary_words`), 30 % a pronounceable made-up one
     ("brelk", "tousim"), 30 % 3-7 random letters ("qjxwe": every letter pair, so copying
     is learned for any token, not only for syllables seen in labels). A model trained on
-    such labels cannot memorise them: it must copy them from what it reads."""
+    such labels cannot memorise them: it must copy them from what it reads. `vocab`: the
+    share of vocabulary words (the rest half random letters, half made-up); a long run
+    can learn the ~1 200 vocabulary words' pictures by heart, the others not."""
     r = rng.random()
-    if r < 0.4:
+    if r < vocab:
         return rng.choice(vocabulary_words())
-    if r < 0.7:
+    if r < vocab + (1 - vocab) / 2:
         while True:
             w = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz")
                         for _ in range(rng.randint(3, 7)))
@@ -259,9 +261,11 @@ def _border_point(box, toward):
     return cx + dx * t, cy + dy * t
 
 
-def flowchart(rng: random.Random, split: str, novel: float = 0.0) -> Sample:
+def flowchart(rng: random.Random, split: str, novel: float = 0.0, vocab: float = 0.4
+              ) -> Sample:
     """`novel`: in the train split, the share of diagrams labelled with made-up words
-    (`novel_word`) instead of the 55 training words (0 draws exactly as before)."""
+    (`novel_word`, with `vocab`) instead of the 55 training words (0 draws exactly as
+    before)."""
     from PIL import ImageDraw
 
     dark = rng.random() < 0.25
@@ -272,7 +276,7 @@ def flowchart(rng: random.Random, split: str, novel: float = 0.0) -> Sample:
     if novel > 0 and split != "test" and rng.random() < novel:
         labels: list[str] = []
         while len(labels) < k:
-            w = novel_word(rng)
+            w = novel_word(rng, vocab)
             labels += [w] if w not in labels else []
     else:
         labels = rng.sample(words(split), k)
@@ -441,9 +445,11 @@ GENERATORS = ((shapes, 0.45), (flowchart, 0.2), (bar_chart, 0.12), (code, 0.13),
               (error_dialog, 0.1))
 
 
-def sample(split: str, seed: int, novel_words: float = 0.0, novel_text: float = 0.0) -> Sample:
+def sample(split: str, seed: int, novel_words: float = 0.0, novel_text: float = 0.0,
+           novel_vocab: float = 0.4) -> Sample:
     """Sample number `seed` of `split` ("train" or "test"); `novel_words`: see flowchart;
-    `novel_text`: the same for code screenshots and error dialogs (see `_renamer`)."""
+    `novel_text`: the same for code screenshots and error dialogs (see `_renamer`);
+    `novel_vocab`: the share of vocabulary words among a diagram's made-up labels."""
     rng = random.Random(f"{split}:{seed}")
     r, acc = rng.random(), 0.0
     gen = GENERATORS[-1][0]
@@ -453,7 +459,7 @@ def sample(split: str, seed: int, novel_words: float = 0.0, novel_text: float = 
             gen = g
             break
     if gen is flowchart and novel_words > 0:
-        return flowchart(rng, split, novel_words)
+        return flowchart(rng, split, novel_words, novel_vocab)
     if gen in (code, error_dialog) and novel_text > 0:
         return gen(rng, split, novel_text, random.Random(f"{split}:novel-text:{seed}"))
     return gen(rng, split)
