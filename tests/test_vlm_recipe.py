@@ -100,6 +100,21 @@ def test_novel_text_changes_only_train_code_and_error_words():
     assert errors.draw("test", 7).answer == sample("test", 7).answer
 
 
+def test_novel_vocab_sets_the_share_of_vocabulary_labels():
+    vocab = set(vlm_data.vocabulary_words())
+
+    def vocab_share(v: float) -> float:
+        labels = [n for sd in range(400)
+                  for n in sample("train", sd, 1.0, novel_vocab=v).meta.get("nodes", [])]
+        return sum(n in vocab for n in labels) / len(labels)
+
+    # the default draws exactly as before
+    assert all(sample("train", sd, 0.8).answer == sample("train", sd, 0.8, novel_vocab=0.4)
+               .answer for sd in range(200))
+    assert vocab_share(0.0) < 0.05 < 0.3 < vocab_share(0.4) < 0.5 < 0.9 < vocab_share(1.0)
+    assert sample("test", 11, 1.0, novel_vocab=0.0).answer == sample("test", 11).answer
+
+
 def test_novel_word_diagrams_force_copying_and_leave_the_default_draw_alone():
     from codevista.models.tokenizer import Tokenizer
     from codevista.models.train.vlm import SCENE_KINDS, Batcher
