@@ -30,25 +30,13 @@ SMOKE=${SMOKE:-0}
 WORK=${WORK:-/tmp/gpu-work}
 PY=${PY:-python3}
 SITE=${SITE:-$($PY -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')}
-ROOT=$PWD
 rm -rf "$WORK"
 mkdir -p "$WORK/corpus" "$WORK/pairs" "$WORK/meta" "$OUT"
 elapsed() { echo $(( $(date +%s) - T0 )); }
 say() { echo "[$(elapsed) s] $*" | tee -a "$WORK/meta/run.log" >&2; }
 
-# the VLM's pictures must be drawn in the fonts the evaluation uses
-for f in "$INPUT"/fonts/*.ttf; do
-    case "$(basename "$f")" in Liberation*) d=/usr/share/fonts/truetype/liberation ;;
-                               *) d=/usr/share/fonts/truetype/dejavu ;; esac
-    [ -f "$d/$(basename "$f")" ] || { mkdir -p "$d" && cp "$f" "$d/"; } || true
-done
-
-# codevista as a package without installing it (the machine has torch, tokenizers,
-# safetensors, pillow and numpy; the training code needs nothing else)
-mkdir -p "$WORK/pkg/codevista"
-ln -sfn "$ROOT/models" "$WORK/pkg/codevista/models"
-ln -sfn "$ROOT/server" "$WORK/pkg/codevista/server"
-export PYTHONPATH="$WORK/pkg${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# the VLM's pictures must be drawn in the fonts the evaluation uses; codevista importable
+source models/train/gpu_env.sh
 (nvidia-smi || true) > "$WORK/meta/nvidia-smi.txt" 2>&1
 $PY -c 'import torch, sys; print(sys.version, torch.__version__, torch.cuda.is_available())' \
     > "$WORK/meta/versions.txt" 2>&1

@@ -26,24 +26,13 @@ DEVICE=${DEVICE:-cuda}
 SMOKE=${SMOKE:-0}
 WORK=${WORK:-/tmp/gpu-vlm}
 PY=${PY:-python3}
-ROOT=$PWD
 rm -rf "$WORK"
 mkdir -p "$WORK/meta" "$OUT"
 elapsed() { echo $(( $(date +%s) - T0 )); }
 say() { echo "[$(elapsed) s] $*" | tee -a "$WORK/meta/run.log" >&2; }
 
-for f in "$INPUT"/fonts/*.ttf; do
-    case "$(basename "$f")" in Liberation*) d=/usr/share/fonts/truetype/liberation ;;
-                               *) d=/usr/share/fonts/truetype/dejavu ;; esac
-    [ -f "$d/$(basename "$f")" ] || { mkdir -p "$d" && cp "$f" "$d/"; } || true
-done
-
-# codevista as a package without installing it (training needs torch, tokenizers,
-# safetensors, pillow and numpy only)
-mkdir -p "$WORK/pkg/codevista"
-ln -sfn "$ROOT/models" "$WORK/pkg/codevista/models"
-ln -sfn "$ROOT/server" "$WORK/pkg/codevista/server"
-export PYTHONPATH="$WORK/pkg${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# the pictures must be drawn in the fonts the evaluation uses; codevista importable
+source models/train/gpu_env.sh
 (nvidia-smi || true) > "$WORK/meta/nvidia-smi.txt" 2>&1
 say "start: $($PY -c 'import torch, sys; print(sys.version.split()[0], torch.__version__, torch.cuda.is_available(), torch.get_num_threads())' 2>&1)"
 
