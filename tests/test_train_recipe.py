@@ -226,17 +226,25 @@ def test_time_budget_measures_again_and_stops_a_slowed_run(monkeypatch: pytest.M
     assert slow.total == step and step < 184
 
 
-def test_gpu_run_script_parses_and_names_its_inputs():
-    """The one-shot GPU script (run on a borrowed machine, smoke-tested on CPU with SMOKE=1)
-    is valid bash and reads the inputs its header lists."""
+def test_gpu_scripts_parse_and_name_their_inputs():
+    """The one-shot GPU scripts (run on a borrowed machine, smoke-tested on CPU with
+    SMOKE=1) are valid bash and read the inputs their headers list; both source the common
+    set-up, which installs the fonts."""
     import subprocess
 
-    script = Path(__file__).resolve().parents[1] / "models" / "train" / "gpu_run.sh"
-    subprocess.run(["bash", "-n", str(script)], check=True)
-    text = script.read_text()
-    for needed in ("corpus/$s.jsonl.xz", '"$INPUT"/pairs/*.xz', '"$INPUT"/fonts/*.ttf',
-                   "--extra-python", "--init-vlm", "--time-budget"):
-        assert needed in text, needed
+    train = Path(__file__).resolve().parents[1] / "models" / "train"
+    needs = {
+        "gpu_run.sh": ("corpus/$s.jsonl.xz", '"$INPUT"/pairs/*.xz', "--extra-python",
+                       "--init-vlm", "--time-budget", "source models/train/gpu_env.sh"),
+        "gpu_vlm.sh": ("$INPUT/init}", "--init-vlm", "--time-budget", "INIT_A", "INIT_B",
+                       "source models/train/gpu_env.sh"),
+        "gpu_env.sh": ('"$INPUT"/fonts/*.ttf', "PYTHONPATH"),
+    }
+    for name, needed in needs.items():
+        subprocess.run(["bash", "-n", str(train / name)], check=True)
+        text = (train / name).read_text()
+        for n in needed:
+            assert n in text, (name, n)
 
 
 def test_plain_chunks_end_with_eot_only_at_the_end_of_their_file():
