@@ -32,10 +32,9 @@ PY=${PY:-python3}
 SITE=${SITE:-$($PY -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')}
 rm -rf "$WORK"
 mkdir -p "$WORK/corpus" "$WORK/pairs" "$WORK/meta" "$OUT"
-elapsed() { echo $(( $(date +%s) - T0 )); }
-say() { echo "[$(elapsed) s] $*" | tee -a "$WORK/meta/run.log" >&2; }
 
-# the VLM's pictures must be drawn in the fonts the evaluation uses; codevista importable
+# say / elapsed; the VLM's pictures drawn in the fonts the evaluation uses; codevista
+# importable
 source models/train/gpu_env.sh
 (nvidia-smi || true) > "$WORK/meta/nvidia-smi.txt" 2>&1
 $PY -c 'import torch, sys; print(sys.version, torch.__version__, torch.cuda.is_available())' \

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Two VLM continuations side by side on one GPU, within a time budget: the same data mix,
-# two learning rates, from one exported VLM (or one each: INIT_A, INIT_B). The small model leaves the GPU mostly
-# idle, so the runs share it and split the CPU cores that draw the pictures. Run from the
-# repository root. Inputs (they travel to the machine, so only what is needed):
+# two learning rates, from one exported VLM (or one each: INIT_A, INIT_B). The small model
+# leaves the GPU mostly idle, so the runs share it and split the CPU cores that draw the
+# pictures. Run from the repository root. Inputs (they travel to the machine, so only
+# what is needed):
 #   $INPUT/init/   an exported VLM (config.json, model.safetensors, tokenizer files, ...);
 #                  INIT_A / INIT_B name other folders per run
 #   $INPUT/fonts/  the fonts vlm_data draws with (DejaVu, Liberation Mono), installed if
@@ -28,10 +29,8 @@ WORK=${WORK:-/tmp/gpu-vlm}
 PY=${PY:-python3}
 rm -rf "$WORK"
 mkdir -p "$WORK/meta" "$OUT"
-elapsed() { echo $(( $(date +%s) - T0 )); }
-say() { echo "[$(elapsed) s] $*" | tee -a "$WORK/meta/run.log" >&2; }
 
-# the pictures must be drawn in the fonts the evaluation uses; codevista importable
+# say / elapsed; the pictures drawn in the fonts the evaluation uses; codevista importable
 source models/train/gpu_env.sh
 (nvidia-smi || true) > "$WORK/meta/nvidia-smi.txt" 2>&1
 say "start: $($PY -c 'import torch, sys; print(sys.version.split()[0], torch.__version__, torch.cuda.is_available(), torch.get_num_threads())' 2>&1)"

@@ -196,17 +196,17 @@ class Batcher:
                  sample_offset: int = 0, error_share: float = 0.0,
                  novel_vocab: float = 0.4) -> None:
         self.tok = tok
-        self.novel_vocab = novel_vocab  # share of vocabulary words among made-up labels
-        # that share of the train samples that stay neither scenes nor error dialogs becomes
-        # an error dialog (half explained, half transcribed); drawn after scene_share
-        self.error_share = error_share
         # train sample k is drawn from seed k + sample_offset: a continuation past the
         # pictures an earlier run of the same mix trained on
         self.sample_offset = sample_offset
         # locate answers as regular number tokens (box_ids) rather than the tokenizer's
         self.regular_boxes = regular_boxes
         self.novel_words = novel_words  # share of train diagrams with made-up labels
+        self.novel_vocab = novel_vocab  # share of vocabulary words among made-up labels
         self.novel_text = novel_text  # share of train code and error pictures with such words
+        # that share of the train samples that stay neither scenes nor error dialogs becomes
+        # an error dialog (half explained, half transcribed); drawn after scene_share
+        self.error_share = error_share
         # at least this share of each train batch is flowcharts (0: the generators' mix)
         self.diagram_share = diagram_share
         # that share of the other train samples becomes a scene of shapes (a continuation
