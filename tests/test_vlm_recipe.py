@@ -115,6 +115,41 @@ def test_novel_vocab_sets_the_share_of_vocabulary_labels():
     assert sample("test", 11, 1.0, novel_vocab=0.0).answer == sample("test", 11).answer
 
 
+def test_novel_pieces_make_any_vocabulary_token_a_label_but_never_a_held_out_word():
+    import json
+
+    pieces = set(vlm_data.vocabulary_pieces())
+    vocab = json.loads((ROOT / "models/default/code/tokenizer.json").read_text())["model"]
+    assert len(pieces) > 3000 and {"Value", "atch"} <= pieces  # any case, word pieces too
+    assert all(2 <= len(w) <= 8 and w.isalpha() for w in pieces)
+    assert all(w in vocab["vocab"] or "\u0120" + w in vocab["vocab"] for w in pieces)
+    held = set(vlm_data.HELDOUT_WORDS)
+    assert not {w.lower() for w in pieces} & held
+    labels = [n for sd in range(600)
+              for n in sample("train", sd, 1.0, novel_pieces=1.0).meta.get("nodes", [])]
+    assert len(labels) > 150 and not {w.lower() for w in labels} & held
+    # one or two pieces each: labels outside the ~1 200 words and capitalised ones appear
+    assert sum(n not in vlm_data.vocabulary_words() for n in labels) / len(labels) > 0.5
+    assert any(n[0].isupper() for n in labels)
+    # 0 (the default) draws exactly as before, and held-out pictures never change
+    assert all(sample("train", sd, 0.8).answer == sample("train", sd, 0.8, novel_pieces=0.0)
+               .answer for sd in range(200))
+    assert sample("test", 11, 1.0, novel_pieces=1.0).answer == sample("test", 11).answer
+    # the batcher passes the share on, to the diagrams it adds as well
+    from codevista.models.tokenizer import Tokenizer
+    from codevista.models.train.vlm import Batcher
+
+    tok = Tokenizer.from_dir(ROOT / "models" / "default" / "code")
+
+    def capitalised(pieces: float) -> int:  # only pieces give capitalised labels
+        b = Batcher(tok, 4, novel_words=1.0, novel_pieces=pieces, diagram_share=1.0)
+        drawn = [n for sd in range(60) for n in b.draw("train", sd).meta.get("nodes", [])]
+        assert len(drawn) > 60
+        return sum(n[0].isupper() for n in drawn)
+
+    assert capitalised(0.0) == 0 < 5 < capitalised(1.0)
+
+
 def test_novel_word_diagrams_force_copying_and_leave_the_default_draw_alone():
     from codevista.models.tokenizer import Tokenizer
     from codevista.models.train.vlm import SCENE_KINDS, Batcher

@@ -194,7 +194,7 @@ class Batcher:
                  scene_share: float = 0.0, scene_weights: dict[str, float] | None = None,
                  pad_to_longest: bool = False, regular_boxes: bool = False,
                  sample_offset: int = 0, error_share: float = 0.0,
-                 novel_vocab: float = 0.4) -> None:
+                 novel_vocab: float = 0.4, novel_pieces: float = 0.0) -> None:
         self.tok = tok
         # train sample k is drawn from seed k + sample_offset: a continuation past the
         # pictures an earlier run of the same mix trained on
@@ -203,6 +203,7 @@ class Batcher:
         self.regular_boxes = regular_boxes
         self.novel_words = novel_words  # share of train diagrams with made-up labels
         self.novel_vocab = novel_vocab  # share of vocabulary words among made-up labels
+        self.novel_pieces = novel_pieces  # share of labels made of any vocabulary tokens
         self.novel_text = novel_text  # share of train code and error pictures with such words
         # that share of the train samples that stay neither scenes nor error dialogs becomes
         # an error dialog (half explained, half transcribed); drawn after scene_share
@@ -245,7 +246,8 @@ class Batcher:
         if split != "train":
             return sample(split, seed)
         seed += self.sample_offset
-        s = sample(split, seed, self.novel_words, self.novel_text, self.novel_vocab)
+        s = sample(split, seed, self.novel_words, self.novel_text, self.novel_vocab,
+                   self.novel_pieces)
         if self.scene_weights is not None and s.kind in SCENE_KINDS:
             return shapes(random.Random(f"train-scene-w:{seed}"), split, self.scene_weights)
         if (self.scene_share > 0 and s.kind not in SCENE_KINDS
@@ -260,7 +262,7 @@ class Batcher:
             # the first flowchart among this seed's own block of seeds (disjoint per seed)
             for k in range(1, 200):
                 t = sample(split, 10_000_000 + seed * 200 + k, self.novel_words,
-                           novel_vocab=self.novel_vocab)
+                           novel_vocab=self.novel_vocab, novel_pieces=self.novel_pieces)
                 if t.kind == "diagram":
                     return t
         return s
@@ -592,7 +594,8 @@ def train(args: argparse.Namespace) -> None:
                       regular_boxes=getattr(args, "box_tokens", "tokenizer") == "regular",
                       sample_offset=getattr(args, "sample_offset", 0),
                       error_share=getattr(args, "error_share", 0.0),
-                      novel_vocab=getattr(args, "novel_vocab", 0.4))
+                      novel_vocab=getattr(args, "novel_vocab", 0.4),
+                      novel_pieces=getattr(args, "novel_pieces", 0.0))
     batcher = Batcher(tok, **batcher_kw)
     # --steps 0: only initialise, evaluate and save (e.g. --init-vlm, then export)
     restart = checked_restart(args) if args.steps > 0 or args.restart else 0
@@ -875,6 +878,10 @@ def parser() -> argparse.ArgumentParser:
                    help="share of code-vocabulary words among the made-up diagram labels "
                         "(the rest random letters and made-up syllables, which a long run "
                         "cannot learn by heart from the pixels)")
+    t.add_argument("--novel-pieces", type=float, default=0.0,
+                   help="share of the made-up diagram labels made of one or two tokens of "
+                        "the whole vocabulary (any case), drawn before --novel-vocab: every "
+                        "token stays one the model can copy from the OCR lines")
     t.add_argument("--novel-text", type=float, default=0.0,
                    help="the same for train code screenshots and error dialogs: their "
                         "words are read, not memorised (a long run learns the training "

@@ -102,14 +102,43 @@ def vocabulary_words() -> tuple[str, ...]:
     return tuple(sorted(found - set(HELDOUT_WORDS)))
 
 
-def novel_word(rng: random.Random, vocab: float = 0.4) -> str:
+@lru_cache(maxsize=1)
+def vocabulary_pieces() -> tuple[str, ...]:
+    """Every alphabetic token of the code tokenizer of 2-8 letters, as written without its
+    leading space, in any case ("atch", "ict", "Value", "um": about 4 000), without the
+    held-out words in any case. Labels made of them make every such token an answer the
+    model copies, not only the ~1 200 words of `vocabulary_words` (a token never an
+    answer in training is one a long run learns never to write, however clearly the OCR
+    lines show it)."""
+    import json
+    import re
+
+    path = Path(__file__).resolve().parents[1] / "default" / "code" / "tokenizer.json"
+    vocab = json.loads(path.read_text(encoding="utf-8"))["model"]["vocab"]
+    held = {w.lower() for w in HELDOUT_WORDS}
+    found = {m.group(1) for t in vocab if (m := re.fullmatch(r"\u0120?([A-Za-z]{2,8})", t))}
+    return tuple(sorted(w for w in found if w.lower() not in held))
+
+
+def piece_word(rng: random.Random) -> str:
+    """A label of one or two `vocabulary_pieces` (3-8 letters), never a held-out word."""
+    while True:
+        w = "".join(rng.choice(vocabulary_pieces()) for _ in range(rng.choice((1, 2))))
+        if 3 <= len(w) <= 8 and w.lower() not in HELDOUT_WORDS:
+            return w
+
+
+def novel_word(rng: random.Random, vocab: float = 0.4, pieces: float = 0.0) -> str:
     """A label outside the 55 training words, never one of the held-out words: 40 % a
     word of the code vocabulary (`vocabulary_words`), 30 % a pronounceable made-up one
     ("brelk", "tousim"), 30 % 3-7 random letters ("qjxwe": every letter pair, so copying
     is learned for any token, not only for syllables seen in labels). A model trained on
     such labels cannot memorise them: it must copy them from what it reads. `vocab`: the
     share of vocabulary words (the rest half random letters, half made-up); a long run
-    can learn the ~1 200 vocabulary words' pictures by heart, the others not."""
+    can learn the ~1 200 vocabulary words' pictures by heart, the others not. `pieces`:
+    the share drawn by `piece_word` first (0 draws exactly as before)."""
+    if pieces > 0 and rng.random() < pieces:
+        return piece_word(rng)
     r = rng.random()
     if r < vocab:
         return rng.choice(vocabulary_words())
@@ -261,11 +290,11 @@ def _border_point(box, toward):
     return cx + dx * t, cy + dy * t
 
 
-def flowchart(rng: random.Random, split: str, novel: float = 0.0, vocab: float = 0.4
-              ) -> Sample:
+def flowchart(rng: random.Random, split: str, novel: float = 0.0, vocab: float = 0.4,
+              pieces: float = 0.0) -> Sample:
     """`novel`: in the train split, the share of diagrams labelled with made-up words
-    (`novel_word`, with `vocab`) instead of the 55 training words (0 draws exactly as
-    before)."""
+    (`novel_word`, with `vocab` and `pieces`) instead of the 55 training words (0 draws
+    exactly as before)."""
     from PIL import ImageDraw
 
     dark = rng.random() < 0.25
@@ -276,7 +305,7 @@ def flowchart(rng: random.Random, split: str, novel: float = 0.0, vocab: float =
     if novel > 0 and split != "test" and rng.random() < novel:
         labels: list[str] = []
         while len(labels) < k:
-            w = novel_word(rng, vocab)
+            w = novel_word(rng, vocab, pieces)
             labels += [w] if w not in labels else []
     else:
         labels = rng.sample(words(split), k)
@@ -446,10 +475,11 @@ GENERATORS = ((shapes, 0.45), (flowchart, 0.2), (bar_chart, 0.12), (code, 0.13),
 
 
 def sample(split: str, seed: int, novel_words: float = 0.0, novel_text: float = 0.0,
-           novel_vocab: float = 0.4) -> Sample:
+           novel_vocab: float = 0.4, novel_pieces: float = 0.0) -> Sample:
     """Sample number `seed` of `split` ("train" or "test"); `novel_words`: see flowchart;
     `novel_text`: the same for code screenshots and error dialogs (see `_renamer`);
-    `novel_vocab`: the share of vocabulary words among a diagram's made-up labels."""
+    `novel_vocab`: the share of vocabulary words among a diagram's made-up labels;
+    `novel_pieces`: the share of labels made of any vocabulary tokens (`piece_word`)."""
     rng = random.Random(f"{split}:{seed}")
     r, acc = rng.random(), 0.0
     gen = GENERATORS[-1][0]
@@ -459,7 +489,7 @@ def sample(split: str, seed: int, novel_words: float = 0.0, novel_text: float = 
             gen = g
             break
     if gen is flowchart and novel_words > 0:
-        return flowchart(rng, split, novel_words, novel_vocab)
+        return flowchart(rng, split, novel_words, novel_vocab, novel_pieces)
     if gen in (code, error_dialog) and novel_text > 0:
         return gen(rng, split, novel_text, random.Random(f"{split}:novel-text:{seed}"))
     return gen(rng, split)
