@@ -524,9 +524,11 @@ def test_init_vlm_continues_the_shipped_model_and_exports_it_unchanged(tmp_path)
 
     # 0 steps, then export: the same weights and files; the same held-out loss as shipped.
     run, out = tmp_path / "run", tmp_path / "out"
-    # (the OCR share of the shipped model's last stage, which its held-out loss was taken at)
+    # (the OCR share and box answers of the shipped model's last stage, which its held-out
+    # loss was taken with)
     vlm.train(_train_args(run, "--init-vlm", str(SHIPPED_VLM), "--steps", "0",
-                          "--ocr-rate", "0.5", "--export-to", str(out)))
+                          "--ocr-rate", "0.6", "--box-tokens", "regular",
+                          "--first-coord-weight", "3.0", "--export-to", str(out)))
     again = load_file(str(out / "model.safetensors"))
     assert set(again) == set(shipped)
     assert all(torch.equal(again[k], shipped[k]) for k in shipped)
