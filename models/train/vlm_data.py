@@ -90,15 +90,21 @@ _CODAS = ("", "", "", "n", "r", "s", "t", "k", "m", "x", "ld", "nd", "st")
 
 
 @lru_cache(maxsize=1)
+def _code_vocabulary() -> tuple[str, ...]:
+    """The code tokenizer's tokens as stored (a leading space is written \u0120)."""
+    import json
+
+    path = Path(__file__).resolve().parents[1] / "default" / "code" / "tokenizer.json"
+    return tuple(json.loads(path.read_text(encoding="utf-8"))["model"]["vocab"])
+
+
+@lru_cache(maxsize=1)
 def vocabulary_words() -> tuple[str, ...]:
     """Lower-case words of 3-7 letters that the code tokenizer holds as one token (about
     1 200: "access", "merge", "yield", ...), without the held-out words."""
-    import json
     import re
 
-    path = Path(__file__).resolve().parents[1] / "default" / "code" / "tokenizer.json"
-    vocab = json.loads(path.read_text(encoding="utf-8"))["model"]["vocab"]
-    found = {t[1:] for t in vocab if re.fullmatch(r"\u0120[a-z]{3,7}", t)}
+    found = {t[1:] for t in _code_vocabulary() if re.fullmatch(r"\u0120[a-z]{3,7}", t)}
     return tuple(sorted(found - set(HELDOUT_WORDS)))
 
 
@@ -110,13 +116,11 @@ def vocabulary_pieces() -> tuple[str, ...]:
     model copies, not only the ~1 200 words of `vocabulary_words` (a token never an
     answer in training is one a long run learns never to write, however clearly the OCR
     lines show it)."""
-    import json
     import re
 
-    path = Path(__file__).resolve().parents[1] / "default" / "code" / "tokenizer.json"
-    vocab = json.loads(path.read_text(encoding="utf-8"))["model"]["vocab"]
     held = {w.lower() for w in HELDOUT_WORDS}
-    found = {m.group(1) for t in vocab if (m := re.fullmatch(r"\u0120?([A-Za-z]{2,8})", t))}
+    found = {m.group(1) for t in _code_vocabulary()
+             if (m := re.fullmatch(r"\u0120?([A-Za-z]{2,8})", t))}
     return tuple(sorted(w for w in found if w.lower() not in held))
 
 
