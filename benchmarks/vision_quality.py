@@ -1,12 +1,15 @@
 """Quality of a vision model on the held-out generated split (models/train/vlm_data.py).
 
     python benchmarks/vision_quality.py [--model models/default/vlm] [--per-kind 60]
-        [--kinds count,locate,...] [--out results.json] [--markdown results.md]
+        [--kinds count,locate,...] [--server] [--out results.json] [--markdown results.md]
 
 Held-out means other seeds than training and, for diagrams, charts, code and error
-dialogs, label words never drawn in training. Each sample is asked exactly as the server
-asks (`formats.vision_prompt(formats.vision_question(task, question))`), greedy, at most
-96 new tokens. Metrics:
+dialogs, label words never drawn in training. Each sample is asked with the server's
+prompt for the image alone (`formats.vision_prompt(formats.vision_question(task,
+question))`), greedy, at most 96 new tokens. `--server` asks through the editor command's
+own path instead (`VisionService.explain` on the PNG bytes): the OCR lines in the prompt
+when the `ocr` extra is installed, the copy bias for diagrams, `transcribe` by the OCR.
+Metrics:
 
 count        exact match of the number (scenes of 1-9 objects; per-shape questions may be 0)
 color/shape  exact match of the colour / shape word
@@ -79,30 +82,82 @@ def held_out(per_kind: int, kinds: tuple[str, ...] = KINDS) -> Iterator[Any]:
             yield s
 
 
-def evaluate(model_dir: Path, per_kind: int, kinds: tuple[str, ...] = KINDS) -> dict[str, Any]:
-    from codevista.models import formats
-    from codevista.models.engine import Engine, SamplingParams
-    from codevista.models.loader import load_model
+class _ImageOnly:
+    """Asks with the image-only prompt on the engine directly."""
+
+    def __init__(self, model_dir: Path) -> None:
+        from codevista.models.engine import Engine
+        from codevista.models.loader import load_model
+
+        self.loaded = load_model(model_dir)
+        if self.loaded.vision is None:
+            raise SystemExit(f"{model_dir} is not a vision model")
+        self.engine = Engine(self.loaded)
+
+    def __enter__(self) -> _ImageOnly:
+        self.engine.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.engine.__exit__(*exc)
+
+    def ask(self, s: Any) -> str:
+        from codevista.models import formats
+        from codevista.models.engine import SamplingParams
+
+        vision, tok = self.loaded.vision, self.loaded.tokenizer
+        prompt = formats.vision_prompt(formats.vision_question(s.task, s.question),
+                                       tok.tok.id_to_token(vision.image_token_id))
+        ids = tok.encode(prompt, add_special_tokens=False)
+        return self.engine.generate(ids, SamplingParams(max_new_tokens=96),
+                                    images=[vision.preprocess(s.image)]).text.strip()
+
+
+class _ServerPath:
+    """Asks as `codevista.explainImage` does, on the picture's PNG bytes."""
+
+    def __init__(self, model_dir: Path) -> None:
+        import asyncio
+
+        from codevista.server.features.vision import VisionService
+
+        self.loop = asyncio.new_event_loop()
+        self.service = VisionService()
+        self.backend = self.loop.run_until_complete(
+            self.service.ensure(str(model_dir), lambda message: None))
+
+    def __enter__(self) -> _ServerPath:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.service.close()
+        self.loop.close()
+
+    def ask(self, s: Any) -> str:
+        import io
+
+        from codevista.models.vision.image import open_image
+
+        buf = io.BytesIO()
+        s.image.save(buf, "PNG")
+        r = self.loop.run_until_complete(self.service.explain(
+            self.backend, open_image(buf.getvalue()), s.task, s.question, max_tokens=96))
+        return r.text.strip()
+
+
+def evaluate(model_dir: Path, per_kind: int, kinds: tuple[str, ...] = KINDS,
+             server: bool = False) -> dict[str, Any]:
     from codevista.server.vision import parse_boxes
 
-    loaded = load_model(model_dir)
-    vision = loaded.vision
-    if vision is None:
-        raise SystemExit(f"{model_dir} is not a vision model")
-    image_tok = loaded.tokenizer.tok.id_to_token(vision.image_token_id)
     scores: dict[str, list[float]] = defaultdict(list)
     extra: dict[str, list[float]] = defaultdict(list)
     examples: dict[str, list[dict[str, str]]] = defaultdict(list)
     seen: dict[str, int] = defaultdict(int)
     t0 = time.time()
-    with Engine(loaded) as engine:
+    with (_ServerPath if server else _ImageOnly)(model_dir) as asker:
         for s in held_out(per_kind, kinds):
             seen[s.kind] += 1
-            prompt = formats.vision_prompt(formats.vision_question(s.task, s.question),
-                                           image_tok)
-            ids = loaded.tokenizer.encode(prompt, add_special_tokens=False)
-            out = engine.generate(ids, SamplingParams(max_new_tokens=96),
-                                  images=[vision.preprocess(s.image)]).text.strip()
+            out = asker.ask(s)
             gold = s.answer
             if s.kind == "locate":
                 boxes = parse_boxes(out)
@@ -126,7 +181,8 @@ def evaluate(model_dir: Path, per_kind: int, kinds: tuple[str, ...] = KINDS) -> 
     results["diagram_edge_f1"] = results.pop("diagram", None)
     results.update({k: round((1 if k.endswith("similarity") else 100) * sum(v) / len(v), 1)
                     for k, v in extra.items() if v})
-    return {"model": str(model_dir), "per_kind": dict(seen), "metrics": results,
+    return {"model": str(model_dir), "path": "server" if server else "image only",
+            "per_kind": dict(seen), "metrics": results,
             "seconds": round(time.time() - t0, 1), "examples": examples}
 
 
@@ -156,13 +212,15 @@ def main() -> int:
     p.add_argument("--kinds", default=",".join(KINDS),
                    help="the kinds to evaluate, comma-separated (each on the same held-out "
                         "pictures as in a full run)")
+    p.add_argument("--server", action="store_true",
+                   help="ask through the editor command's path (OCR lines, copy bias)")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--markdown", type=Path, default=None)
     args = p.parse_args()
     kinds = tuple(k for k in args.kinds.split(",") if k)
     if not kinds or set(kinds) - set(KINDS):
         p.error(f"--kinds: choose among {', '.join(KINDS)}")
-    r = evaluate(args.model, args.per_kind, kinds)
+    r = evaluate(args.model, args.per_kind, kinds, args.server)
     print(json.dumps({k: v for k, v in r.items() if k != "examples"}))
     md = markdown(r)
     print(md, file=sys.stderr)

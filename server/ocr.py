@@ -77,6 +77,18 @@ class OcrLine:
         return (self.box[1] + self.box[3]) / 2
 
 
+def text_shaped(line: OcrLine, image_height: int) -> bool:
+    """False for a "line" that is a picture, not text: less than 1.5 times as wide as tall
+    and at least 60 % of the image's height (25 % when it holds no letter or digit). The
+    detector sometimes takes a picture of shapes for one text region, and the recogniser
+    reads a "." or an "A" in it (28 % of generated shape scenes did); such a line in a
+    prompt misleads the vision model. A real line of text, even a tight crop of one line,
+    is much wider than tall; a crop of only one or two big characters is dropped too."""
+    w, h = line.box[2] - line.box[0], line.height
+    tall = 0.6 if any(c.isalnum() for c in line.text) else 0.25
+    return not (w < 1.5 * h and h >= tall * image_height)
+
+
 @dataclass
 class OcrResult:
     width: int
@@ -166,7 +178,8 @@ class OcrEngine:
             for i in range(0, len(quads), REC_BATCH):
                 lines += self._recognise(ocr, bgr, quads[i:i + REC_BATCH])
                 check()
-        lines = [ln for ln in lines if ln.text.strip() and ln.score >= self.min_score]
+        lines = [ln for ln in lines if ln.text.strip() and ln.score >= self.min_score
+                 and text_shaped(ln, h)]
         ordered = [ln for row in rows(lines) for ln in row]
         return OcrResult(w, h, ordered, time.perf_counter() - t0)
 
