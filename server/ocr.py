@@ -79,13 +79,13 @@ class OcrLine:
 
 def text_shaped(line: OcrLine, image_height: int) -> bool:
     """False for a "line" that is a picture, not text: less than 1.5 times as wide as tall
-    and at least 60 % of the image's height (25 % when it holds no letter or digit). The
+    and at least 60 % of the image's height (50 % when it holds no letter or digit). The
     detector sometimes takes a picture of shapes for one text region, and the recogniser
     reads a "." or an "A" in it (28 % of generated shape scenes did); such a line in a
     prompt misleads the vision model. A real line of text, even a tight crop of one line,
     is much wider than tall; a crop of only one or two big characters is dropped too."""
     w, h = line.box[2] - line.box[0], line.height
-    tall = 0.6 if any(c.isalnum() for c in line.text) else 0.25
+    tall = 0.6 if any(c.isalnum() for c in line.text) else 0.5
     return not (w < 1.5 * h and h >= tall * image_height)
 
 

@@ -166,6 +166,7 @@ def test_a_picture_read_as_one_huge_character_is_not_a_line_of_text():
     # text: a code line, a lone brace of a code line, a tight crop of one word, a digit
     assert ocr.text_shaped(line("def walk(root):", 4, 10, 150, 24), 160)
     assert ocr.text_shaped(line("}", 4, 30, 12, 44), 160)
+    assert ocr.text_shaped(line("}", 2, 66, 14, 96), 100)  # the last of a 3-line crop
     assert ocr.text_shaped(line("Error", 0, 0, 300, 60), 60)
     assert ocr.text_shaped(line("404", 10, 0, 110, 60), 60)
     # the price: a crop of only one or two big characters is taken for a picture too
