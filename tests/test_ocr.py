@@ -129,6 +129,24 @@ def test_require_names_the_extra(monkeypatch):
 
 # -- the prompt and the training input ------------------------------------------------------
 
+def test_ocr_prompt_tasks_come_from_the_checkpoint_config(tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    from codevista.server.features.vision import ocr_prompt_tasks
+
+    loaded = SimpleNamespace(path=tmp_path)
+    assert ocr_prompt_tasks(loaded) is None  # no config: every task gets the lines
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    assert ocr_prompt_tasks(loaded) is None
+    (tmp_path / "config.json").write_text(json.dumps({"ocr_prompt_tasks": ["describe-diagram"]}))
+    assert ocr_prompt_tasks(loaded) == {"describe-diagram"}
+    (tmp_path / "config.json").write_text(json.dumps({"ocr_prompt_tasks": "all"}))
+    assert ocr_prompt_tasks(loaded) is None  # malformed: as absent
+    shipped = json.loads((ROOT / "models/default/vlm/config.json").read_text())
+    assert shipped["ocr_prompt_tasks"] == ["describe-diagram"]
+
+
 def test_ocr_block_in_the_prompt():
     q = formats.vision_question("explain", None)
     assert formats.vision_prompt(q, ocr=formats.ocr_context([])) == formats.vision_prompt(q)
@@ -211,15 +229,17 @@ def test_shape_scenes_give_the_vision_model_no_ocr_lines(engine):
 @needs_ocr
 @pytest.mark.skipif(not (ROOT / "models/default/vlm/model.safetensors").is_file(),
                     reason="the default VLM is not shipped in this checkout")
-def test_the_server_path_answers_scenes_as_the_image_alone_does():
+def test_the_server_path_answers_scenes_and_errors_as_the_image_alone_does():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import vision_quality
 
-    kinds = ("count", "locate")
+    # scenes (no text: no OCR line may reach the prompt) and error dialogs (the default VLM
+    # was trained with OCR lines for diagrams only: config.json's ocr_prompt_tasks)
+    kinds = ("count", "locate", "error")
     alone = vision_quality.evaluate(ROOT / "models/default/vlm", 8, kinds)
     served = vision_quality.evaluate(ROOT / "models/default/vlm", 8, kinds, server=True)
     assert served["path"] == "server" and alone["path"] == "image only"
-    assert served["per_kind"] == alone["per_kind"] == {"count": 8, "locate": 8}
+    assert served["per_kind"] == alone["per_kind"] == {"count": 8, "locate": 8, "error": 8}
     assert served["examples"] == alone["examples"]
     assert served["metrics"] == alone["metrics"]
 

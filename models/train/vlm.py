@@ -186,9 +186,13 @@ def box_ids(tok: Tokenizer, answer: str) -> list[int] | None:
     return ids if tok.decode(ids) == answer else None
 
 
+# the tasks trained with OCR lines in the prompt (at --ocr-rate)
+OCR_TASKS = ("describe-diagram",)
+
+
 class Batcher:
     def __init__(self, tok: Tokenizer, tokens_per_image: int, ocr_rate: float = 0.0,
-                 ocr_tasks: tuple[str, ...] = ("describe-diagram",),
+                 ocr_tasks: tuple[str, ...] = OCR_TASKS,
                  novel_words: float = 0.0, novel_text: float = 0.0,
                  diagram_share: float = 0.0,
                  scene_share: float = 0.0, scene_weights: dict[str, float] | None = None,
@@ -775,7 +779,8 @@ def _write_state(run: Path, state: dict) -> None:
 def export(run: Path, out: Path, ocr_copy_bias: float = 0.0) -> None:
     """The last checkpoint as a Hugging Face Llava checkpoint directory. `ocr_copy_bias`
     (for a model trained to copy labels from OCR lines) goes into config.json, where the
-    server reads it for `describe-diagram` (server/features/vision.py)."""
+    server reads it for `describe-diagram` (server/features/vision.py), with
+    `ocr_prompt_tasks`, the tasks it was trained to read OCR lines in."""
     from safetensors.torch import load_file, save_file
 
     tok_dir = run / "tokenizer"
@@ -801,6 +806,9 @@ def export(run: Path, out: Path, ocr_copy_bias: float = 0.0) -> None:
     }
     if ocr_copy_bias > 0:
         config["ocr_copy_bias"] = ocr_copy_bias
+        # the tasks whose prompts carried OCR lines in training: the server puts the lines
+        # only into those (an explanation asked with lines it never saw goes astray)
+        config["ocr_prompt_tasks"] = list(OCR_TASKS)
     (out / "config.json").write_text(json.dumps(config, indent=1))
     (out / "generation_config.json").write_text(json.dumps(
         {"eos_token_id": eos, "pad_token_id": eos, "do_sample": False}, indent=1))

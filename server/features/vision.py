@@ -55,6 +55,23 @@ class Explanation:
                 "lines": [{"text": t, "box": b} for t, b in self.ocr_lines]}
 
 
+def ocr_prompt_tasks(loaded: Any) -> frozenset[str] | None:
+    """The tasks whose prompts get the OCR lines (`ocr_prompt_tasks` in config.json); None,
+    all of them, when absent. The embedded VLM was trained with lines only for
+    `describe-diagram`: with lines in an `explain` prompt its explanations of error
+    dialogs fell from 94 to 18 edit similarity. Other checkpoints read them as context."""
+    import json
+
+    try:
+        cfg = json.loads((loaded.path / "config.json").read_text(encoding="utf-8"))
+        tasks = cfg.get("ocr_prompt_tasks")
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+    if not isinstance(tasks, list):
+        return None
+    return frozenset(t for t in tasks if isinstance(t, str))
+
+
 def ocr_copy_bias(loaded: Any) -> float:
     """The logit bias a checkpoint asks for on the tokens of its OCR lines when it
     describes a diagram (`ocr_copy_bias` in its config.json; 0 when absent). The embedded
@@ -201,6 +218,9 @@ class VisionService:
             raise ImageRequestError("the prompt does not hold the image token exactly once")
         fixed = len(ids) + loaded.vision.tokens_per_image - 1
         lines = read.boxes_1000() if read is not None else []
+        tasks = ocr_prompt_tasks(loaded)
+        if tasks is not None and task not in tasks:
+            lines = []  # read for the result's transcription, not put in the prompt
         held = 0
         if lines:  # as many OCR lines, in reading order, as leave room for the answer
             budget = backend.max_positions - fixed - min(max_tokens, ANSWER_ROOM)
