@@ -55,18 +55,24 @@ class Explanation:
                 "lines": [{"text": t, "box": b} for t, b in self.ocr_lines]}
 
 
+def _ocr_setting(loaded: Any, key: str) -> Any:
+    """`key` of the checkpoint's config.json (None when absent or unreadable): how a
+    checkpoint trained with OCR lines asks for them."""
+    import json
+
+    try:
+        cfg = json.loads((loaded.path / "config.json").read_text(encoding="utf-8"))
+        return cfg.get(key) if isinstance(cfg, dict) else None
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+
+
 def ocr_prompt_tasks(loaded: Any) -> frozenset[str] | None:
     """The tasks whose prompts get the OCR lines (`ocr_prompt_tasks` in config.json); None,
     all of them, when absent. The embedded VLM was trained with lines only for
     `describe-diagram`: with lines in an `explain` prompt its explanations of error
     dialogs fell from 94 to 18 edit similarity. Other checkpoints read them as context."""
-    import json
-
-    try:
-        cfg = json.loads((loaded.path / "config.json").read_text(encoding="utf-8"))
-        tasks = cfg.get("ocr_prompt_tasks")
-    except (OSError, ValueError, TypeError, AttributeError):
-        return None
+    tasks = _ocr_setting(loaded, "ocr_prompt_tasks")
     if not isinstance(tasks, list):
         return None
     return frozenset(t for t in tasks if isinstance(t, str))
@@ -77,12 +83,9 @@ def ocr_copy_bias(loaded: Any) -> float:
     describes a diagram (`ocr_copy_bias` in its config.json; 0 when absent). The embedded
     VLM was trained to copy labels from OCR lines and sets it; other checkpoints read the
     lines as plain context."""
-    import json
-
     try:
-        cfg = json.loads((loaded.path / "config.json").read_text(encoding="utf-8"))
-        bias = float(cfg.get("ocr_copy_bias", 0.0))
-    except (OSError, ValueError, TypeError, AttributeError):
+        bias = float(_ocr_setting(loaded, "ocr_copy_bias") or 0.0)
+    except (ValueError, TypeError):
         return 0.0
     return bias if 0 < bias <= 20 else 0.0
 
