@@ -27,7 +27,9 @@ diagrams  Held-out flowcharts of models/train/vlm_data (label words never seen i
           the vision model's edge / node F1 with the image only, with the OCR lines in the
           prompt, and with the OCR lines plus the logit bias on their tokens that the
           server adds for `describe-diagram` (the model's `ocr_copy_bias`, or --copy-bias),
-          and the share of node labels the OCR reads exactly.
+          then also with the labels kept to the OCR's words (models/constrain.py) when the
+          model asks for it (`ocr_label_constraint`): the server's way. And the share of
+          node labels the OCR reads exactly.
 
 Everything runs on `--threads` threads (default 1): OCR (onnxruntime) and the VLM (torch).
 """
@@ -321,10 +323,11 @@ def eval_errors(engine, which: set[str]) -> dict[str, Any]:
 def eval_diagrams(engine, model_dir: Path, n: int, copy_bias: float | None = None
                   ) -> dict[str, Any]:
     from codevista.models import formats
+    from codevista.models.constrain import DiagramLabels
     from codevista.models.engine import Engine, SamplingParams
     from codevista.models.loader import load_model
     from codevista.models.train.vlm_data import sample
-    from codevista.server.features.vision import ocr_copy_bias, ocr_logit_bias
+    from codevista.server.features.vision import ocr_copy_bias, ocr_label_constraint, ocr_logit_bias
     from vision_quality import f1, parse_diagram
 
     loaded = load_model(model_dir)
@@ -333,6 +336,7 @@ def eval_diagrams(engine, model_dir: Path, n: int, copy_bias: float | None = Non
         raise SystemExit(f"{model_dir} is not a vision model")
     image_tok = loaded.tokenizer.tok.id_to_token(vision.image_token_id)
     bias = ocr_copy_bias(loaded) if copy_bias is None else copy_bias
+    constrained = ocr_label_constraint(loaded)
     scores: dict[str, list[float]] = defaultdict(list)
     label_read: list[float] = []
     seed = 1_000_000
@@ -348,14 +352,19 @@ def eval_diagrams(engine, model_dir: Path, n: int, copy_bias: float | None = Non
             q = formats.vision_question(s.task, s.question)
             lines = res.boxes_1000()
             ctx = formats.ocr_context(lines)
-            modes = [("image", "", ()), ("ocr", ctx, ())]
-            if bias > 0:  # as the server asks: OCR lines and the copy bias on their tokens
-                modes.append(("ocr_copy", ctx, ocr_logit_bias(loaded.tokenizer, lines, bias)))
-            for mode, ctx, logit_bias in modes:
+            copy = ocr_logit_bias(loaded.tokenizer, lines, bias)
+            modes = [("image", "", (), None), ("ocr", ctx, (), None)]
+            if bias > 0:  # OCR lines and the copy bias on their tokens
+                modes.append(("ocr_copy", ctx, copy, None))
+            if constrained:  # as the server asks: and the labels kept to them
+                modes.append(("ocr_labels", ctx, copy, DiagramLabels(
+                    loaded.tokenizer, [t for t, _ in lines]) if lines else None))
+            for mode, ctx, logit_bias, constraint in modes:
                 ids = loaded.tokenizer.encode(formats.vision_prompt(q, image_tok, ctx),
                                               add_special_tokens=False)
                 out = eng.generate(ids, SamplingParams(max_new_tokens=96,
-                                                       logit_bias=logit_bias),
+                                                       logit_bias=logit_bias,
+                                                       constraint=constraint),
                                    images=[vision.preprocess(s.image)]).text.strip()
                 nodes, edges = parse_diagram(out)
                 scores[f"edges_{mode}"].append(f1(edges, set(map(tuple, s.meta["edges"]))))
@@ -364,6 +373,7 @@ def eval_diagrams(engine, model_dir: Path, n: int, copy_bias: float | None = Non
     r["labels_read_by_ocr"] = round(100 * sum(label_read) / max(1, len(label_read)), 1)
     r["diagrams"] = len(label_read)
     r["copy_bias"] = bias
+    r["label_constraint"] = constrained
     return r
 
 
@@ -396,8 +406,11 @@ def markdown(code: dict[str, Any] | None, errors: dict[str, Any] | None,
                 f"with OCR {d.get('edges_ocr')}; node F1 {d.get('nodes_image')} / "
                 f"{d.get('nodes_ocr')}; labels read by OCR {d['labels_read_by_ocr']} %"]
         if "edges_ocr_copy" in d:
-            out += [f"with OCR and the copy bias {d['copy_bias']} (as the server asks): edge F1 "
+            out += [f"with OCR and the copy bias {d['copy_bias']}: edge F1 "
                     f"{d['edges_ocr_copy']}, node F1 {d['nodes_ocr_copy']}"]
+        if "edges_ocr_labels" in d:
+            out += [f"and the labels kept to the OCR's words (as the server asks): edge F1 "
+                    f"{d['edges_ocr_labels']}, node F1 {d['nodes_ocr_labels']}"]
     return "\n".join(out) + "\n"
 
 

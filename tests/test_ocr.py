@@ -244,6 +244,46 @@ def test_the_server_path_answers_scenes_and_errors_as_the_image_alone_does():
     assert served["metrics"] == alone["metrics"]
 
 
+def test_the_label_constraint_comes_from_the_checkpoint_config(tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    from codevista.server.features.vision import ocr_label_constraint
+
+    loaded = SimpleNamespace(path=tmp_path)
+    assert not ocr_label_constraint(loaded)  # no config
+    for value, on in ((True, True), (False, False), ("yes", False), (1, False)):
+        (tmp_path / "config.json").write_text(json.dumps({"ocr_label_constraint": value}))
+        assert ocr_label_constraint(loaded) is on
+    assert ocr_label_constraint(SimpleNamespace(path=ROOT / "models/default/vlm"))
+
+
+@needs_ocr
+@pytest.mark.skipif(not (ROOT / "models/default/vlm/model.safetensors").is_file(),
+                    reason="the default VLM is not shipped in this checkout")
+def test_served_diagram_descriptions_name_only_words_the_ocr_read():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from codevista.server.features.vision import VisionService
+    from vision_quality import parse_diagram
+
+    diagrams = [s for s in (vlm_data.sample("test", 1_000_000 + i) for i in range(120))
+                if s.kind == "diagram"][:6]
+    service = VisionService()
+    loop = asyncio.new_event_loop()
+    try:
+        backend = loop.run_until_complete(service.ensure(None, lambda m: None))
+        for s in diagrams:
+            r = loop.run_until_complete(service.explain(backend, s.image, "describe-diagram",
+                                                        None, max_tokens=96))
+            read = {t for t, _ in r.ocr_lines}
+            nodes, edges = parse_diagram(r.text)
+            assert r.ocr_in_prompt == len(read) > 0 and nodes, r.text
+            assert nodes | {w for e in edges for w in e} <= read, (r.text, read)
+    finally:
+        service.close()
+        loop.close()
+
+
 @needs_ocr
 def test_a_cancelled_read_stops_and_the_engine_serves_the_next(engine):
     img, _ = vlm_data.render_code(SNIPPET, size=14)

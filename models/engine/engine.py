@@ -486,6 +486,15 @@ class Engine:
             row = row.index_add(0, st.bias[0], st.bias[1])
         if st.required:
             row = self._constrain(row, st.required)
+        if p.constraint is not None:
+            allowed = p.constraint.allowed(st.generated)
+            if allowed:
+                ids = torch.tensor([i for i in allowed if 0 <= i < row.shape[0]],
+                                   dtype=torch.long, device=row.device)
+                masked = torch.full_like(row, float("-inf"))
+                masked[ids] = row[ids]
+                if bool(torch.isfinite(masked).any()):  # never a dead end
+                    row = masked
         start = 0
         if p.token_range is not None:
             start = p.token_range[0]
@@ -495,7 +504,7 @@ class Engine:
     def _draft(self, st: _Active) -> list[int]:
         p = st.request.params
         if (not self.lookup or p.temperature > 0 or st.required or p.token_range is not None
-                or st.guide is not None or p.logit_bias):
+                or st.guide is not None or p.logit_bias or p.constraint is not None):
             return []  # drafts are verified against the unrestricted argmax
         cap = min(st.draft_len, p.max_new_tokens - len(st.generated) - 1)
         limit = self._policy.limit(cap)  # none where drafts do not pay here

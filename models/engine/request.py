@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..constrain import TokenConstraint
 from ..errors import ModelError, RequestError
 
 _ids = itertools.count(1)
@@ -46,6 +47,9 @@ class SamplingParams:
     # Added to these ids' logits before sampling ((id, bias), ...), as OpenAI's
     # `logit_bias`: e.g. a vision answer nudged towards the words its OCR lines read.
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # Asked before each token which ids may come next (models/constrain.py), e.g. a
+    # diagram's labels kept to the words its OCR read. None: any.
+    constraint: TokenConstraint | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -73,6 +77,9 @@ class SamplingParams:
                     and -100 <= item[1] <= 100):
                 raise RequestError(f"logit_bias holds (token id >= 0, bias in [-100, 100]) "
                                    f"pairs, got {item!r}")
+        if self.constraint is not None and not callable(getattr(self.constraint, "allowed",
+                                                                  None)):
+            raise RequestError("constraint must have an allowed(generated) method")
         if self.deadline_s is not None and not self.deadline_s > 0:
             raise RequestError(f"deadline must be positive, got {self.deadline_s!r}")
 

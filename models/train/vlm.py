@@ -780,7 +780,8 @@ def export(run: Path, out: Path, ocr_copy_bias: float = 0.0) -> None:
     """The last checkpoint as a Hugging Face Llava checkpoint directory. `ocr_copy_bias`
     (for a model trained to copy labels from OCR lines) goes into config.json, where the
     server reads it for `describe-diagram` (server/features/vision.py), with
-    `ocr_prompt_tasks`, the tasks it was trained to read OCR lines in."""
+    `ocr_prompt_tasks`, the tasks it was trained to read OCR lines in, and
+    `ocr_label_constraint`."""
     from safetensors.torch import load_file, save_file
 
     tok_dir = run / "tokenizer"
@@ -809,6 +810,9 @@ def export(run: Path, out: Path, ocr_copy_bias: float = 0.0) -> None:
         # the tasks whose prompts carried OCR lines in training: the server puts the lines
         # only into those (an explanation asked with lines it never saw goes astray)
         config["ocr_prompt_tasks"] = list(OCR_TASKS)
+        # its diagram answers ("Nodes: ... . Edges: ... .") may keep their labels to the
+        # words the OCR read (models/constrain.py)
+        config["ocr_label_constraint"] = True
     (out / "config.json").write_text(json.dumps(config, indent=1))
     (out / "generation_config.json").write_text(json.dumps(
         {"eos_token_id": eos, "pad_token_id": eos, "do_sample": False}, indent=1))
