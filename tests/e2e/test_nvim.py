@@ -1,6 +1,7 @@
 """The Neovim plugin in a real headless Neovim (0.10+), with the real server and the
 embedded model: ghost text appears, grows while streaming and is accepted with Tab;
-:CodevistaTranslate and :CodevistaExplainImage stream into new buffers; :checkhealth."""
+:CodevistaTranslate and :CodevistaExplainImage stream into new buffers; :checkhealth;
+:CodevistaDescribeDiagram and :CodevistaLocate answer with the embedded default VLM."""
 
 from __future__ import annotations
 
@@ -43,7 +44,10 @@ def wait(pred, timeout: float = 60.0, step: float = 0.05):
 
 
 @pytest.fixture
-def nvim(tmp_path, llava_dirs):
+def nvim(request, tmp_path, llava_dirs):
+    # the tiny random LLaVA, or (parametrized "default") the embedded default VLM
+    vision = "" if getattr(request, "param", None) == "default" else \
+        f"visionModelPath = {str(llava_dirs['clip_llama'])!r},"
     env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state"),
            "XDG_DATA_HOME": str(tmp_path / "data"), "XDG_CONFIG_HOME": str(tmp_path / "cfg"),
            "XDG_CACHE_HOME": str(tmp_path / "cache")}
@@ -57,8 +61,8 @@ def nvim(tmp_path, llava_dirs):
       _G.rendered = {{}}
       require("codevista").setup({{
         cmd = {{ {sys.executable!r}, "-m", "codevista.server.cli", "serve" }},
-        settings = {{ maxTokens = 32, visionModelPath = {str(llava_dirs['clip_llama'])!r},
-                      visionMaxTokens = 12 }},
+        settings = {{ maxTokens = 32, {vision}
+                      visionMaxTokens = {12 if vision else 96} }},
         on_render = function(text) table.insert(_G.rendered, text) end,
       }})
       require("codevista").setup({{ cmd = {{ "wrong" }} }})  -- a second call changes nothing
@@ -156,3 +160,39 @@ def test_explain_image_and_checkhealth(nvim):
     report = "\n".join(nvim.current.buffer[:])
     assert "server running" in report and "model ready" in report
     assert "ERROR" not in report
+
+
+VLM = Path(__file__).resolve().parents[2] / "models" / "default" / "vlm" / "model.safetensors"
+
+
+@pytest.mark.skipif(not VLM.is_file(), reason="the default VLM is not shipped in this checkout")
+@pytest.mark.parametrize("nvim", ["default"], indirect=True)
+def test_describe_diagram_and_locate_with_the_default_vlm(nvim):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from codevista.models.train.vlm_data import sample
+    from vision_quality import iou, parse_diagram
+
+    held_out = [sample("test", 1_000_000 + i) for i in range(60)]
+    diagram = next(s for s in held_out if s.kind == "diagram")
+    scene = next(s for s in held_out if s.kind == "locate")
+    diagram.image.save(nvim.work / "diagram.png")
+    scene.image.save(nvim.work / "scene.png")
+    open_file(nvim, "c.py", "x = 1\n")
+
+    nvim.command("CodevistaDescribeDiagram diagram.png")
+    wait(lambda: "describe-diagram" in nvim.current.buffer.name, 10)
+    text = wait(lambda: (t := "\n".join(nvim.current.buffer[:])).endswith(".") and
+                "Edges:" in t and t, 120)
+    nodes, edges = parse_diagram(text)
+    gold = set(diagram.meta["nodes"])
+    # the labels are kept to the words the OCR read: every one is a label of the picture
+    assert len(nodes) >= 2 and nodes <= gold and edges, text
+    assert {w for e in edges for w in e} <= gold, text
+
+    nvim.command(f"CodevistaLocate scene.png {scene.question}")
+    text = wait(lambda: (t := "\n".join(nvim.current.buffer[:])) and "box 1:" in t and t, 120)
+    box = [int(v) for v in text.split("box 1: [")[1].split("]")[0].split(",")]
+    assert iou(box, scene.meta["box"]) >= 0.5, (text, scene.meta["box"])
+    before = len(nvim.buffers)
+    nvim.command("CodevistaLocate scene.png")  # nothing to find: a warning, no request
+    assert len(nvim.buffers) == before

@@ -278,15 +278,31 @@ function M.translate(language, line1, line2)
   return buf
 end
 
-function M.explain_image(path, question)
+-- A diagram's description, a located object's boxes ("[x1, y1, x2, y2]", 0-1000) and the
+-- like are answers to the image tasks of `codevista.explainImage`; `task` is nil (explain),
+-- "describe-diagram", "transcribe" or "locate" (which needs `question`: what to find).
+function M.explain_image(path, question, task)
   local bufnr = vim.api.nvim_get_current_buf()
   local client = M.client(bufnr) or vim.lsp.get_clients({ name = "codevista" })[1]
   if not client then return log("the server is not running", vim.log.levels.WARN) end
-  local args = { image = { path = vim.fn.fnamemodify(path, ":p") } }
+  if task == "locate" and (not question or question == "") then
+    return log("say what to find: :CodevistaLocate {path} {what}", vim.log.levels.WARN)
+  end
+  local args = { image = { path = vim.fn.fnamemodify(path, ":p") }, task = task }
   if question and question ~= "" then args.question = question end
-  local buf = scratch("markdown", "codevista://explanation/" .. state.seq)
+  local buf = scratch("markdown", "codevista://" .. (task or "explanation") .. "/" .. state.seq)
   set_text(buf, "…")
-  run_command(client, bufnr, "codevista.explainImage", args, buf, nil)
+  run_command(client, bufnr, "codevista.explainImage", args, buf, function(result)
+    if task == "locate" and type(result.boxes) == "table" then
+      local lines = {}
+      for i, b in ipairs(result.boxes) do
+        lines[#lines + 1] = string.format("box %d: [%d, %d, %d, %d] (0-1000: left, top, right, bottom)",
+          i, b[1], b[2], b[3], b[4])
+      end
+      if #lines == 0 then lines[1] = "no box found in the answer" end
+      set_text(buf, (result.text or "") .. "\n\n" .. table.concat(lines, "\n"))
+    end
+  end)
   return buf
 end
 
@@ -482,6 +498,13 @@ function M.setup(opts)
     local path, question = c.fargs[1], table.concat(vim.list_slice(c.fargs, 2), " ")
     M.explain_image(path, question)
   end, { nargs = "+", complete = "file", desc = "Explain an image with the vision model" })
+  vim.api.nvim_create_user_command("CodevistaDescribeDiagram", function(c)
+    M.explain_image(c.fargs[1], table.concat(vim.list_slice(c.fargs, 2), " "), "describe-diagram")
+  end, { nargs = "+", complete = "file",
+    desc = "Describe a diagram's nodes and edges (labels as the OCR reads them)" })
+  vim.api.nvim_create_user_command("CodevistaLocate", function(c)
+    M.explain_image(c.fargs[1], table.concat(vim.list_slice(c.fargs, 2), " "), "locate")
+  end, { nargs = "+", complete = "file", desc = "Box an object in an image: {path} {what}" })
   vim.api.nvim_create_user_command("CodevistaExplainScreenshot", function(c)
     local path, question = c.fargs[1], table.concat(vim.list_slice(c.fargs, 2), " ")
     M.explain_screenshot(path, question)
