@@ -57,7 +57,7 @@ def _kill_tree(pid: int) -> None:
             pass
 
 
-def test_ghost_text_accept_and_translate_in_code_server(tmp_path):
+def test_ghost_text_accept_translate_and_locate_in_code_server(tmp_path):
     if not (EXT / "node_modules" / "vscode-languageclient").is_dir():
         assert subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=EXT,
                               timeout=600).returncode == 0
@@ -68,12 +68,18 @@ def test_ghost_text_accept_and_translate_in_code_server(tmp_path):
     for d in (data / "User", exts, ws, shots):
         d.mkdir(parents=True, exist_ok=True)
     (ws / "main.py").write_text("import math\n\n\ndef circle(r):\n    return math.pi * r * r\n")
+    from codevista.models.train.vlm_data import sample
+
+    scene = next(x for x in (sample("test", 1_000_000 + i) for i in range(60))
+                 if x.kind == "locate")  # a held-out scene for the default VLM
+    scene.image.save(ws / "scene.png")
     (data / "User" / "settings.json").write_text(json.dumps({
         "security.workspace.trust.enabled": False,
         "workbench.startupEditor": "none",
         "editor.inlineSuggest.enabled": True,
         "codevista.pythonPath": sys.executable,
         "codevista.maxTokens": 32,
+        "files.simpleDialog.enable": True,
     }))
     common = ["--user-data-dir", str(data), "--extensions-dir", str(exts)]
     inst = subprocess.run([str(CODE_SERVER), *common, "--install-extension",
@@ -93,7 +99,8 @@ def test_ghost_text_accept_and_translate_in_code_server(tmp_path):
                     break
             time.sleep(0.1)
         env = {**os.environ, "CS_URL": f"http://127.0.0.1:{port}", "WORKSPACE": str(ws),
-               "SHOTS": str(shots), "PLAYWRIGHT_CORE": str(PLAYWRIGHT), "CHROMIUM": CHROMIUM}
+               "SHOTS": str(shots), "PLAYWRIGHT_CORE": str(PLAYWRIGHT), "CHROMIUM": CHROMIUM,
+               "LOCATE": scene.question}
         run = subprocess.run(["node", str(EXT / "e2e" / "run.js")], env=env,
                              capture_output=True, text=True, timeout=400)
     finally:
@@ -106,5 +113,8 @@ def test_ghost_text_accept_and_translate_in_code_server(tmp_path):
     assert result["ghost"].strip(), "no ghost text"
     assert result["accepted"] and result["ghost"].strip().split("\n")[0] in result["after"]
     assert result["translation"].strip()
-    for step in ("1-ready", "2-ghost-text", "3-accepted", "4-translation"):
+    # the image command's Locate task: the answer in the panel, its box drawn on the image
+    located = result.get("located")
+    assert located and located["boxes"] == 1 and "[" in located["text"], located
+    for step in ("1-ready", "2-ghost-text", "3-accepted", "4-translation", "5-locate"):
         assert (shots / f"{step}.png").is_file()

@@ -1,5 +1,6 @@
 // Drives a real VS Code (code-server in headless Chromium) with the codevista extension:
-// type in a Python file, see the ghost text, accept it with Tab, translate to C#.
+// type in a Python file, see the ghost text, accept it with Tab, translate to C#, and
+// (LOCATE set) box an object in scene.png with the image command's Locate task.
 // Env: CS_URL (code-server), WORKSPACE (folder), SHOTS (screenshot folder),
 // PLAYWRIGHT_CORE (module path), CHROMIUM (browser binary). Prints one JSON line.
 const path = require("path");
@@ -87,6 +88,47 @@ async function editorText(page) {
     const editors = page.locator(".monaco-editor .view-lines");
     result.translation = (await editors.last().innerText()).replace(/\u00a0/g, " ");
     await shot(page, "4-translation");
+    if (process.env.LOCATE) { // an image: the file picker, the task picker, what to find
+      await page.keyboard.press("Escape");
+      await page.keyboard.press("F1");
+      await page.keyboard.type("codevista: Explain image…");
+      await page.waitForTimeout(800);
+      await page.keyboard.press("Enter");
+      await page.waitForTimeout(1500);
+      await page.keyboard.press("Control+A"); // the simple file dialog's path field
+      await page.keyboard.type(path.join(process.env.WORKSPACE, "scene.png"));
+      for (let attempt = 0; ; attempt++) { // the dialog checks the path before it accepts
+        await page.waitForTimeout(1500);
+        await page.keyboard.press("Enter");
+        try {
+          await page.waitForSelector(".quick-input-widget :text('Describe the diagram')",
+            { timeout: 5000 });
+          break;
+        } catch (e) {
+          if (attempt >= 3) throw e;
+        }
+      }
+      await page.keyboard.type("Locate");
+      await page.waitForTimeout(500);
+      await page.keyboard.press("Enter");
+      await page.waitForTimeout(800);
+      await page.keyboard.type(process.env.LOCATE);
+      await page.keyboard.press("Enter");
+      // the panel is a webview: a frame inside a frame; wait for its answer and boxes
+      for (let i = 0; i < 240 && result.located === undefined; i++) {
+        await page.waitForTimeout(500);
+        for (const f of page.frames()) {
+          const got = await f.evaluate(() => {
+            const out = document.getElementById("out");
+            const boxes = document.getElementById("boxes");
+            return out && boxes && document.body.dataset.done // the final answer
+              ? { text: out.textContent, boxes: boxes.children.length } : null;
+          }).catch(() => null);
+          if (got) { result.located = got; break; }
+        }
+      }
+      await shot(page, "5-locate");
+    }
     result.ok = true;
   } catch (e) {
     result.ok = false;

@@ -14,11 +14,15 @@ import {
 } from "vscode-languageclient/node";
 import {
   GhostStreams,
+  IMAGE_TASKS,
+  ImageTask,
   LANGUAGES,
   RESTART_KEYS,
   Settings,
+  boxStyles,
   escapeHtml,
   imageFromClipboard,
+  imageRequest,
   serverCommand,
   serverSettings,
   throttle,
@@ -195,22 +199,55 @@ async function translate(): Promise<void> {
 // -- images -------------------------------------------------------------------------------
 
 async function explainImage(spec: { path?: string; data?: string }, imageSrc: string,
-  label: string): Promise<void> {
+  label: string, request: { task: ImageTask; question?: string } = { task: "explain" }
+): Promise<void> {
   if (!client) return;
-  const panel = vscode.window.createWebviewPanel("codevistaImage", `Explain: ${label}`,
+  const title = (IMAGE_TASKS.find((t) => t.task === request.task)?.label ?? "Explain").replace("…", "");
+  const panel = vscode.window.createWebviewPanel("codevistaImage", `${title}: ${label}`,
     vscode.ViewColumn.Beside, { enableScripts: true,
       localResourceRoots: spec.path ? [vscode.Uri.file(require("path").dirname(spec.path))] : [] });
   const src = spec.path ? panel.webview.asWebviewUri(vscode.Uri.file(spec.path)).toString() : imageSrc;
+  // boxes (locate) are drawn over the image, positioned in percent of its size
   panel.webview.html = `<!DOCTYPE html><html><body>
-    <img src="${escapeHtml(src)}" style="max-width:100%;max-height:40vh"/>
+    <div style="position:relative;display:inline-block">
+      <img src="${escapeHtml(src)}" style="max-width:100%;max-height:40vh;display:block"/>
+      <div id="boxes"></div></div>
     <pre id="out" style="white-space:pre-wrap">…</pre>
     <script>window.addEventListener('message', e => {
-      document.getElementById('out').textContent = e.data.text; });</script></body></html>`;
-  await streamExplanation(panel, spec);
+      document.getElementById('out').textContent = e.data.text;
+      const layer = document.getElementById('boxes');
+      for (const b of e.data.boxes || []) {
+        const d = document.createElement('div');
+        d.style.cssText = 'position:absolute;border:2px solid #e5484d;box-sizing:border-box;'
+          + 'left:' + b.left + '%;top:' + b.top + '%;width:' + b.width + '%;height:' + b.height + '%';
+        layer.appendChild(d);
+      }
+      if (e.data.done) document.body.dataset.done = '1'; });</script></body></html>`;
+  await streamExplanation(panel, spec, request);
+}
+
+/** Asks for the image's task (and the words it takes); undefined when the user cancels. */
+async function pickImageTask(): Promise<{ task: ImageTask; question?: string } | undefined> {
+  const picked = await vscode.window.showQuickPick(
+    IMAGE_TASKS.map((t) => ({ label: t.label, detail: t.detail, task: t })),
+    { placeHolder: "What should codevista do with the image?" });
+  if (!picked) return undefined;
+  let words: string | undefined;
+  if (picked.task.asks !== "none") {
+    words = await vscode.window.showInputBox({ prompt: picked.task.prompt });
+    if (words === undefined) return undefined;
+  }
+  const request = imageRequest(picked.task.task, words);
+  if ("error" in request) {
+    void vscode.window.showWarningMessage(`codevista: ${request.error}`);
+    return undefined;
+  }
+  return request;
 }
 
 /** Explains the image, streaming the text so far into the panel as `{text}` messages. */
-async function streamExplanation(panel: vscode.WebviewPanel, spec: object): Promise<void> {
+async function streamExplanation(panel: vscode.WebviewPanel, spec: object,
+  request: { task: ImageTask; question?: string } = { task: "explain" }): Promise<void> {
   if (!client) return;
   const token = randomUUID();
   const sub = client.onProgress(anyProgress, token, (v: any) => {
@@ -218,10 +255,11 @@ async function streamExplanation(panel: vscode.WebviewPanel, spec: object): Prom
   });
   try {
     const result: any = await client.sendRequest("workspace/executeCommand",
-      { command: "codevista.explainImage", arguments: [{ image: spec, partialResultToken: token }] });
-    void panel.webview.postMessage({ text: result.text });
+      { command: "codevista.explainImage",
+        arguments: [{ image: spec, ...request, partialResultToken: token }] });
+    void panel.webview.postMessage({ text: result.text, boxes: boxStyles(result.boxes), done: true });
   } catch (e: any) {
-    void panel.webview.postMessage({ text: `codevista: ${e?.message ?? e}` });
+    void panel.webview.postMessage({ text: `codevista: ${e?.message ?? e}`, done: true });
   } finally {
     sub.dispose();
   }
@@ -235,7 +273,9 @@ async function explainImageCommand(uri?: vscode.Uri): Promise<void> {
     target = picked?.[0];
   }
   if (!target) return;
-  await explainImage({ path: target.fsPath }, "", require("path").basename(target.fsPath));
+  const request = await pickImageTask();
+  if (!request) return;
+  await explainImage({ path: target.fsPath }, "", require("path").basename(target.fsPath), request);
 }
 
 async function explainClipboard(): Promise<void> {
@@ -245,8 +285,10 @@ async function explainClipboard(): Promise<void> {
       "codevista: the clipboard holds no image (a data: URL, base64 image or image path)");
     return;
   }
-  if ("data" in spec) await explainImage(spec, `data:image/png;base64,${spec.data}`, "clipboard");
-  else await explainImage(spec, "", spec.path);
+  const request = await pickImageTask();
+  if (!request) return;
+  if ("data" in spec) await explainImage(spec, `data:image/png;base64,${spec.data}`, "clipboard", request);
+  else await explainImage(spec, "", spec.path, request);
 }
 
 // -- a screenshot of an error: transcription (OCR) first, then the explanation streamed ------

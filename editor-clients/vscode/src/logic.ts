@@ -139,3 +139,46 @@ export function throttle(fn: () => void, ms: number): () => void {
     }
   };
 }
+
+// -- image tasks ------------------------------------------------------------------------------
+
+export type ImageTask = "explain" | "describe-diagram" | "transcribe" | "locate";
+
+/** The tasks of `codevista.explainImage` as the image commands offer them; `asks`: whether
+ * the task takes the user's words (a question; for locate, what to find). */
+export const IMAGE_TASKS: { task: ImageTask; label: string; detail: string;
+  asks: "optional" | "required" | "none"; prompt: string }[] = [
+  { task: "explain", label: "Explain", detail: "what the image shows, or your question about it",
+    asks: "optional", prompt: "Your question about the image (empty: explain it)" },
+  { task: "describe-diagram", label: "Describe the diagram",
+    detail: "its boxes and arrows: Nodes: … Edges: a -> b", asks: "none", prompt: "" },
+  { task: "transcribe", label: "Transcribe the text", detail: "the text or code in the image (OCR)",
+    asks: "none", prompt: "" },
+  { task: "locate", label: "Locate…", detail: "box an object you name",
+    asks: "required", prompt: "What to find (e.g. the red button)" },
+];
+
+/** The command's task and question, or an error message (locate needs what to find). */
+export function imageRequest(task: ImageTask, words?: string):
+  { task: ImageTask; question?: string } | { error: string } {
+  const spec = IMAGE_TASKS.find((t) => t.task === task);
+  if (!spec) return { error: `unknown image task ${task}` };
+  const q = (words ?? "").trim();
+  if (spec.asks === "required" && !q) return { error: "say what to find in the image" };
+  return spec.asks !== "none" && q ? { task, question: q } : { task };
+}
+
+/** A box's CSS position over the shown image, in percent of its size: boxes are
+ * [x1, y1, x2, y2] in 0-1000 from the top left; malformed or empty ones are dropped. */
+export function boxStyles(boxes: unknown): { left: number; top: number; width: number;
+  height: number }[] {
+  if (!Array.isArray(boxes)) return [];
+  const out = [];
+  for (const b of boxes) {
+    if (!Array.isArray(b) || b.length !== 4 || !b.every((v) => typeof v === "number" && isFinite(v))) continue;
+    const [x1, y1, x2, y2] = b.map((v: number) => Math.min(1000, Math.max(0, v)) / 10);
+    if (x2 <= x1 || y2 <= y1) continue;
+    out.push({ left: x1, top: y1, width: x2 - x1, height: y2 - y1 });
+  }
+  return out;
+}

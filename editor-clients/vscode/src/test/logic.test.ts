@@ -2,9 +2,13 @@ import { strict as assert } from "assert";
 import { test } from "node:test";
 import {
   GhostStreams,
+  IMAGE_TASKS,
+  ImageTask,
   LANGUAGES,
+  boxStyles,
   escapeHtml,
   imageFromClipboard,
+  imageRequest,
   serverCommand,
   serverSettings,
   throttle,
@@ -75,4 +79,21 @@ test("throttle runs at once, then once more with the last call", async () => {
   assert.equal(n, 1);
   await new Promise((r) => setTimeout(r, 60));
   assert.equal(n, 2);
+});
+
+test("image tasks: locate needs what to find; the words go only where a task takes them", () => {
+  assert.deepEqual(imageRequest("explain"), { task: "explain" });
+  assert.deepEqual(imageRequest("explain", "  why red? "), { task: "explain", question: "why red?" });
+  assert.deepEqual(imageRequest("describe-diagram", "ignored"), { task: "describe-diagram" });
+  assert.deepEqual(imageRequest("locate", "the red circle"), { task: "locate", question: "the red circle" });
+  assert.ok("error" in imageRequest("locate", "  "));
+  assert.ok("error" in imageRequest("paint" as ImageTask));
+  assert.deepEqual(IMAGE_TASKS.map((t) => t.task), ["explain", "describe-diagram", "transcribe", "locate"]);
+});
+
+test("boxes (0-1000) become percent positions over the image; bad ones are dropped", () => {
+  assert.deepEqual(boxStyles([[100, 200, 400, 700]]), [{ left: 10, top: 20, width: 30, height: 50 }]);
+  assert.deepEqual(boxStyles([[-50, 0, 1200, 1000]]), [{ left: 0, top: 0, width: 100, height: 100 }]);
+  assert.deepEqual(boxStyles([[500, 500, 400, 600], [1, 2, 3], ["a", 0, 1, 1], null]), []);
+  assert.deepEqual(boxStyles("nope"), []);
 });
