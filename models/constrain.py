@@ -85,6 +85,11 @@ class DiagramLabels:
         self._closing = frozenset(i for i, t in enumerate(texts)
                                   if t is None or not _word_char(t[0]))
         self._period = [i for i, t in enumerate(texts) if t and t.lstrip().startswith(".")]
+        # tokens that close one label and begin the next (", x", "->y"): what they begin
+        self._opens: dict[int, str] = {}
+        for i, t in enumerate(texts):
+            if t and "." not in t and _SLOT_END.search(t):
+                self._opens[i] = _SLOT_END.split(t)[-1].lstrip()
 
     def _starting_with(self, prefix: str) -> Iterable[int]:
         """Ids whose text starts with `prefix` and goes on with a non-word character."""
@@ -113,9 +118,13 @@ class DiagramLabels:
             for head in [rest] + ([" " + rest] if spaced else []):
                 for k in range(1, len(head) + 1):  # a token that goes on with the label
                     out.update(self._by_text.get(head[:k], ()))
-                out.update(self._starting_with(head))  # one that ends it and goes on
+                if head:
+                    out.update(self._starting_with(head))  # one that ends it and goes on
             if not rest:
                 out.update(self._closing)
         if out and first and not word:  # an empty list ("Edges: .") stays possible
             out.update(self._period)
+        # a token that also begins the next label must begin one of the labels
+        out.difference_update([i for i in out if i in self._opens and not any(
+            label.startswith(self._opens[i]) for label in self.labels)])
         return sorted(out) if out else None  # a word of the model's own: free

@@ -116,6 +116,9 @@ def test_diagram_labels_allow_only_the_read_words(vlm_tok):
     done = after("Nodes: jump")
     assert tok.token_to_id(",") in done and tok.eos_token_id in done
     assert tok.token_to_id("ing") not in done  # "jumping" was not read
+    # a token that closes this label and begins another must begin a read word
+    begins = {i: t for i, t in enumerate(tok.token_texts()) if t in ("->_", ",__")}
+    assert begins and not set(begins) & set(done)
     # the node list names each box once; edges may repeat labels
     listed = _texts(tok, after("Nodes: jump,"))
     assert " j" not in listed and " d" in listed
