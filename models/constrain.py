@@ -59,6 +59,35 @@ def _word_char(c: str) -> bool:
     return c.isalnum() or c == "_"
 
 
+class _Vocabulary(NamedTuple):
+    by_text: dict[str, list[int]]  # a token's text -> its ids
+    sorted: list[str]  # the texts, sorted (prefix search)
+    closing: frozenset[int]  # may follow a finished label: special, or no word start
+    period: list[int]  # begin with "." (after spaces): end a list
+    opens: dict[int, str]  # close one label and begin the next (", x"): what they begin
+
+
+def _vocabulary(tokenizer: Tokenizer) -> _Vocabulary:
+    """The tables a constraint needs of a tokenizer's vocabulary, built once per tokenizer
+    (a request's constraint is built per request; a 150k vocabulary takes a while)."""
+    cached = getattr(tokenizer, "_constrain_vocabulary", None)
+    if cached is not None:
+        return cached
+    texts = tokenizer.token_texts()
+    by_text: dict[str, list[int]] = {}
+    for i, t in enumerate(texts):
+        if t:
+            by_text.setdefault(t, []).append(i)
+    v = _Vocabulary(
+        by_text, sorted(by_text),
+        frozenset(i for i, t in enumerate(texts) if t is None or not _word_char(t[0])),
+        [i for i, t in enumerate(texts) if t and t.lstrip().startswith(".")],
+        {i: _SLOT_END.split(t)[-1].lstrip() for i, t in enumerate(texts)
+         if t and "." not in t and _SLOT_END.search(t)})
+    tokenizer._constrain_vocabulary = v  # type: ignore[attr-defined]
+    return v
+
+
 class DiagramLabels:
     """Labels of a diagram answer limited to the texts of the OCR `lines` and to their
     words. Inside a label, a token may go on with one of the labels, or finish one and
@@ -74,22 +103,9 @@ class DiagramLabels:
             self.counts.update({" ".join(words)} | (set(words) if len(words) > 1 else set()))
         self.counts.pop("", None)
         self.labels = sorted(self.counts)
-        texts = tokenizer.token_texts()
-        self._by_text: dict[str, list[int]] = {}
-        for i, t in enumerate(texts):
-            if t:
-                self._by_text.setdefault(t, []).append(i)
-        self._sorted = sorted(self._by_text)
-        # tokens that may follow a finished label: special ones (the end) and those whose
-        # text does not start with a word character
-        self._closing = frozenset(i for i, t in enumerate(texts)
-                                  if t is None or not _word_char(t[0]))
-        self._period = [i for i, t in enumerate(texts) if t and t.lstrip().startswith(".")]
-        # tokens that close one label and begin the next (", x", "->y"): what they begin
-        self._opens: dict[int, str] = {}
-        for i, t in enumerate(texts):
-            if t and "." not in t and _SLOT_END.search(t):
-                self._opens[i] = _SLOT_END.split(t)[-1].lstrip()
+        v = _vocabulary(tokenizer)
+        self._by_text, self._sorted, self._closing = v.by_text, v.sorted, v.closing
+        self._period, self._opens = v.period, v.opens
 
     def _starting_with(self, prefix: str) -> Iterable[int]:
         """Ids whose text starts with `prefix` and goes on with a non-word character."""

@@ -125,6 +125,8 @@ def test_diagram_labels_allow_only_the_read_words(vlm_tok):
     assert " j" in _texts(tok, after("Nodes: jump, dump. Edges: jump -> dump, jump ->"))
     assert after("Nodes: jump, kic") is None  # a word the constraint did not write: free
     assert DiagramLabels(tok, []).allowed(tok.encode("Nodes:")) is None
+    # the vocabulary's tables are built once per tokenizer, not per request
+    assert DiagramLabels(tok, ["other"])._by_text is c._by_text
 
 
 @needs_vlm
