@@ -136,15 +136,13 @@ def test_the_default_vlm_names_only_the_read_labels_of_held_out_diagrams():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from codevista.models import formats
     from codevista.models.loader import load_model
-    from codevista.models.train.vlm_data import sample
     from codevista.server.features.vision import ocr_copy_bias, ocr_logit_bias
-    from vision_quality import parse_diagram
+    from vision_quality import held_out, parse_diagram
 
     loaded = load_model(VLM)
     tok, vision = loaded.tokenizer, loaded.vision
     image = tok.tok.id_to_token(vision.image_token_id)
-    diagrams = [s for s in (sample("test", 1_000_000 + i) for i in range(120))
-                if s.kind == "diagram"][:12]
+    diagrams = list(held_out(12, ("diagram",)))
     assert len(diagrams) == 12
     strays = {"bias": 0, "kept": 0}
     with Engine(loaded) as eng:

@@ -264,10 +264,9 @@ def test_the_label_constraint_comes_from_the_checkpoint_config(tmp_path):
 def test_served_diagram_descriptions_name_only_words_the_ocr_read():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from codevista.server.features.vision import VisionService
-    from vision_quality import parse_diagram
+    from vision_quality import held_out, parse_diagram
 
-    diagrams = [s for s in (vlm_data.sample("test", 1_000_000 + i) for i in range(120))
-                if s.kind == "diagram"][:6]
+    diagrams = list(held_out(6, ("diagram",)))
     service = VisionService()
     loop = asyncio.new_event_loop()
     try:

@@ -83,6 +83,16 @@ class _Active:
         return self.handle.request
 
 
+def _keep_only(row: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """`row` with every logit but those of `ids` at -inf; `row` itself when that would
+    leave nothing to sample (no ids, or none with a finite logit): never a dead end."""
+    if ids.numel() == 0:
+        return row
+    masked = torch.full_like(row, float("-inf"))
+    masked[ids] = row[ids]
+    return masked if bool(torch.isfinite(masked).any()) else row
+
+
 def _owner(st: _Active | _Guide) -> _Active:
     return st.owner if isinstance(st, _Guide) else st
 
@@ -489,12 +499,9 @@ class Engine:
         if p.constraint is not None:
             allowed = p.constraint.allowed(st.generated)
             if allowed:
-                ids = torch.tensor([i for i in allowed if 0 <= i < row.shape[0]],
-                                   dtype=torch.long, device=row.device)
-                masked = torch.full_like(row, float("-inf"))
-                masked[ids] = row[ids]
-                if bool(torch.isfinite(masked).any()):  # never a dead end
-                    row = masked
+                row = _keep_only(row, torch.tensor(
+                    [i for i in allowed if 0 <= i < row.shape[0]], dtype=torch.long,
+                    device=row.device))
         start = 0
         if p.token_range is not None:
             start = p.token_range[0]
@@ -605,11 +612,7 @@ class Engine:
             if len(self._healing_ids) > 256:
                 self._healing_ids.clear()
             self._healing_ids[required] = allowed
-        if allowed.numel() == 0:
-            return row
-        masked = torch.full_like(row, float("-inf"))
-        masked[allowed] = row[allowed]
-        return masked
+        return _keep_only(row, allowed)
 
     def _accept(self, st: _Active, token: int) -> None:
         if st.first_token_at is None:

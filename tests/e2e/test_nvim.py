@@ -169,12 +169,10 @@ VLM = Path(__file__).resolve().parents[2] / "models" / "default" / "vlm" / "mode
 @pytest.mark.parametrize("nvim", ["default"], indirect=True)
 def test_describe_diagram_and_locate_with_the_default_vlm(nvim):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-    from codevista.models.train.vlm_data import sample
-    from vision_quality import iou, parse_diagram
+    from vision_quality import held_out, iou, parse_diagram
 
-    held_out = [sample("test", 1_000_000 + i) for i in range(60)]
-    diagram = next(s for s in held_out if s.kind == "diagram")
-    scene = next(s for s in held_out if s.kind == "locate")
+    diagram = next(held_out(1, ("diagram",)))
+    scene = next(held_out(1, ("locate",)))
     diagram.image.save(nvim.work / "diagram.png")
     scene.image.save(nvim.work / "scene.png")
     open_file(nvim, "c.py", "x = 1\n")

@@ -15,7 +15,7 @@ import {
 import {
   GhostStreams,
   IMAGE_TASKS,
-  ImageTask,
+  ImageRequest,
   LANGUAGES,
   RESTART_KEYS,
   Settings,
@@ -199,7 +199,7 @@ async function translate(): Promise<void> {
 // -- images -------------------------------------------------------------------------------
 
 async function explainImage(spec: { path?: string; data?: string }, imageSrc: string,
-  label: string, request: { task: ImageTask; question?: string } = { task: "explain" }
+  label: string, request: ImageRequest = { task: "explain" }
 ): Promise<void> {
   if (!client) return;
   const title = (IMAGE_TASKS.find((t) => t.task === request.task)?.label ?? "Explain").replace("…", "");
@@ -227,7 +227,7 @@ async function explainImage(spec: { path?: string; data?: string }, imageSrc: st
 }
 
 /** Asks for the image's task (and the words it takes); undefined when the user cancels. */
-async function pickImageTask(): Promise<{ task: ImageTask; question?: string } | undefined> {
+async function pickImageTask(): Promise<ImageRequest | undefined> {
   const picked = await vscode.window.showQuickPick(
     IMAGE_TASKS.map((t) => ({ label: t.label, detail: t.detail, task: t })),
     { placeHolder: "What should codevista do with the image?" });
@@ -247,7 +247,7 @@ async function pickImageTask(): Promise<{ task: ImageTask; question?: string } |
 
 /** Explains the image, streaming the text so far into the panel as `{text}` messages. */
 async function streamExplanation(panel: vscode.WebviewPanel, spec: object,
-  request: { task: ImageTask; question?: string } = { task: "explain" }): Promise<void> {
+  request: ImageRequest = { task: "explain" }): Promise<void> {
   if (!client) return;
   const token = randomUUID();
   const sub = client.onProgress(anyProgress, token, (v: any) => {

@@ -158,9 +158,11 @@ export const IMAGE_TASKS: { task: ImageTask; label: string; detail: string;
     asks: "required", prompt: "What to find (e.g. the red button)" },
 ];
 
+/** What `codevista.explainImage` is asked besides the image. */
+export type ImageRequest = { task: ImageTask; question?: string };
+
 /** The command's task and question, or an error message (locate needs what to find). */
-export function imageRequest(task: ImageTask, words?: string):
-  { task: ImageTask; question?: string } | { error: string } {
+export function imageRequest(task: ImageTask, words?: string): ImageRequest | { error: string } {
   const spec = IMAGE_TASKS.find((t) => t.task === task);
   if (!spec) return { error: `unknown image task ${task}` };
   const q = (words ?? "").trim();

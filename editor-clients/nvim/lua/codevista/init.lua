@@ -463,6 +463,11 @@ local function map(lhs, fn, fallback)
   end, { expr = true, silent = true, desc = "codevista" })
 end
 
+-- An image command's arguments: the image's path, then the rest as one string.
+local function path_and_words(c)
+  return c.fargs[1], table.concat(vim.list_slice(c.fargs, 2), " ")
+end
+
 function M.setup(opts)
   if M.config then return M end -- guarded: a second call changes nothing
   M.config = vim.tbl_deep_extend("force", defaults, opts or {})
@@ -495,19 +500,19 @@ function M.setup(opts)
     M.translate(c.args, c.range > 0 and c.line1 or nil, c.range > 0 and c.line2 or nil)
   end, { nargs = 1, range = true, desc = "Translate the range (or buffer) into a language" })
   vim.api.nvim_create_user_command("CodevistaExplainImage", function(c)
-    local path, question = c.fargs[1], table.concat(vim.list_slice(c.fargs, 2), " ")
-    M.explain_image(path, question)
+    M.explain_image(path_and_words(c))
   end, { nargs = "+", complete = "file", desc = "Explain an image with the vision model" })
   vim.api.nvim_create_user_command("CodevistaDescribeDiagram", function(c)
-    M.explain_image(c.fargs[1], table.concat(vim.list_slice(c.fargs, 2), " "), "describe-diagram")
+    local path, words = path_and_words(c)
+    M.explain_image(path, words, "describe-diagram")
   end, { nargs = "+", complete = "file",
     desc = "Describe a diagram's nodes and edges (labels as the OCR reads them)" })
   vim.api.nvim_create_user_command("CodevistaLocate", function(c)
-    M.explain_image(c.fargs[1], table.concat(vim.list_slice(c.fargs, 2), " "), "locate")
+    local path, words = path_and_words(c)
+    M.explain_image(path, words, "locate")
   end, { nargs = "+", complete = "file", desc = "Box an object in an image: {path} {what}" })
   vim.api.nvim_create_user_command("CodevistaExplainScreenshot", function(c)
-    local path, question = c.fargs[1], table.concat(vim.list_slice(c.fargs, 2), " ")
-    M.explain_screenshot(path, question)
+    M.explain_screenshot(path_and_words(c))
   end, { nargs = "*", complete = "file",
     desc = "Transcribe and explain a screenshot of an error (a file, or the clipboard's image)" })
   vim.api.nvim_create_user_command("CodevistaInsertTranscription", function()
