@@ -357,13 +357,22 @@ def test_two_training_steps_export_a_checkpoint_both_engines_load(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     cmd = [sys.executable, "-m", "codevista.models.train.vlm"]
     proc = subprocess.run(cmd + ["train", "--run", str(run), "--steps", "2", "--batch", "2",
-                                 "--save-every", "2", "--log-every", "1"],
+                                 "--save-every", "2", "--log-every", "1",
+                                 "--read-weight", "1.0", "--read-batch", "2"],
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "held-out loss" in proc.stderr and (run / "loss.png").is_file()
+    assert re.search(r"reading \d+\.\d+", proc.stderr)
+    assert re.search(r"reading: \d+\.\d % of held-out characters", proc.stderr)
     proc = subprocess.run(cmd + ["export", "--run", str(run), "--out", str(out)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    from safetensors import safe_open
+
+    with safe_open(str(run / "ckpt" / "model.safetensors"), "pt") as f:
+        assert any(k.startswith("read_head.") for k in f.keys())
+    with safe_open(str(out / "model.safetensors"), "pt") as f:  # training only
+        assert not any(k.startswith("read_head.") for k in f.keys())
 
     from codevista.models import formats
     from codevista.models.engine import Engine, SamplingParams
@@ -415,7 +424,8 @@ SHIPPED_VLM = ROOT / "models" / "default" / "vlm"
 needs_shipped_vlm = pytest.mark.skipif(not (SHIPPED_VLM / "model.safetensors").is_file(),
                                        reason="the default VLM is not shipped in this checkout")
 # the flags of the last shipped stage, and a scene share, so every branch of draw() runs
-MIX = dict(ocr_rate=0.9, novel_words=0.8, diagram_share=0.3, scene_share=0.5)
+MIX = dict(ocr_rate=0.9, novel_words=0.8, diagram_share=0.3, scene_share=0.5,
+           read_batch=2, read_transcribe=0.3)
 
 
 def _train_args(run: Path, *extra: str):
@@ -679,3 +689,80 @@ def test_locate_probe_measures_what_it_says(tmp_path):
     # the shipped model looks at the square to name its colour (ratio ~40 on 48 pictures)
     assert max(v["target_vs_other"] for k, v in att["colour_answer"].items()
                if k != "pictures") > 5
+
+
+def test_reading_pictures_say_where_each_character_is():
+    from codevista.models.train.read_data import (
+        CHARSET,
+        GRID,
+        NO_CHAR,
+        PATCH,
+        SLOTS,
+        char_class,
+        patch_targets,
+        reading,
+    )
+
+    held = {w.lower() for w in HELDOUT_WORDS}
+    for seed in range(120):
+        a, b = reading(__import__("random").Random(seed)), reading(
+            __import__("random").Random(seed))
+        assert a.text == b.text and np.array_equal(np.asarray(a.image), np.asarray(b.image))
+        # every character drawn is listed once, at a place with ink around it
+        assert "".join(c for c, _, _ in a.chars) == "".join(a.text.split())
+        img = np.asarray(a.image).astype(int)
+        bg = img[0, 0]
+        for c, x, y in a.chars:
+            win = img[max(0, int(y) - 8):int(y) + 9, max(0, int(x) - 4):int(x) + 5]
+            assert (np.abs(win - bg).sum(-1) > 150).any(), (seed, c, x, y)
+        # the train split never draws a held-out word, in any case
+        assert not {w.lower() for w in re.findall(r"[A-Za-z]+", a.text)} & held, a.text
+        # each character is in its patch's slots, in reading order
+        targets = patch_targets(a.chars)
+        assert len(targets) == GRID * GRID and all(len(t) == SLOTS for t in targets)
+        for cell, t in enumerate(targets):
+            inside = sorted((round(y / 4), x, c) for c, x, y in a.chars
+                            if int(y) // PATCH * GRID + int(x) // PATCH == cell)
+            want = [char_class(c) for _, _, c in inside][:SLOTS]
+            assert t == want + [NO_CHAR] * (SLOTS - len(want))
+    assert char_class("a") == CHARSET.index("a") + 1 and char_class(" ") == NO_CHAR
+    # the test split draws held-out words
+    tests = " ".join(reading(__import__("random").Random(s), "test").text for s in range(40))
+    assert held & {w.lower() for w in re.findall(r"[A-Za-z]+", tests)}
+
+
+def test_the_reading_head_adds_its_loss_and_reading_pictures_become_transcriptions():
+    from codevista.models.tokenizer import Tokenizer
+    from codevista.models.train.model import shape_of
+    from codevista.models.train.read_data import GRID, SLOTS
+    from codevista.models.train.vlm import VISION, Batcher, TrainVLM, read_batch, reading_accuracy
+    from codevista.models.vision.tower import VisionConfig
+
+    tok_dir = ROOT / "models" / "default" / "code"
+    tok = Tokenizer.from_dir(tok_dir)
+    batcher = Batcher(tok, 100, read_batch=3, read_transcribe=1.0)
+    px, x, y, rpx, rt = batcher.batch("train", list(range(8)))
+    assert rpx.shape == (3, 3, 160, 160) and rt.shape == (3, GRID * GRID, SLOTS)
+    assert len(batcher.batch("test", [0, 1])) == 3  # held-out batches: answers only
+    # every sample that is not a scene is now a reading picture to transcribe
+    from codevista.models.train.vlm import SCENE_KINDS
+
+    drawn = [batcher.draw("train", seed) for seed in range(40)]
+    assert all(s.kind in SCENE_KINDS or s.task == "transcribe" for s in drawn)
+    assert Batcher(tok, 100).batch("train", [0, 1])[0].shape[0] == 2
+
+    torch.manual_seed(0)
+    model = TrainVLM(VisionConfig.from_hf(VISION), shape_of(tok_dir))
+    model.eval()
+    with torch.no_grad():
+        plain = float(model(px, x, y))
+        model.with_reading(0.5)
+        both = float(model(px, x, y, rpx, rt))
+        read = float(model.read_loss(model.vision_tower(rpx)[-1], rt))
+        assert float(model(px, x, y)) == pytest.approx(plain, rel=1e-5)
+    assert both == pytest.approx(plain + 0.5 * read, rel=1e-4)
+    assert float(model.last_read_loss) == pytest.approx(read, rel=1e-4)
+    # an untrained head names almost no character; the measure is a share
+    rp, rtt = read_batch("test", range(8))
+    acc = reading_accuracy(model, rp, rtt)
+    assert 0.0 <= acc < 0.2

@@ -67,6 +67,7 @@ from ..vision.image import ImageProcessor
 from ..vision.tower import Projector, VisionConfig, VisionTower
 from .model import CodeLM, ModelShape, shape_of
 from .plot import plot_losses
+from .read_data import CHARSET, SLOTS, patch_targets, reading
 from .train import amp_context, checked_restart, load_checkpoint, lr_at, save_checkpoint
 from .vlm_data import (
     FONT_DIRS,
@@ -75,6 +76,7 @@ from .vlm_data import (
     MONO_FONTS,
     SCENE_QUESTIONS,
     TRAIN_SCENE_QUESTIONS,
+    Sample,
     error_dialog,
     sample,
     shapes,
@@ -117,10 +119,48 @@ class TrainVLM(nn.Module):
         # (weight, id of "[", id of ","): the loss of a box answer's first coordinate
         # weighted (first_coord_weights); None: every answer token alike
         self.first_coord: tuple[float, int, int] | None = None
+        # the reading head (`with_reading`): training only, never exported
+        self.read_head: nn.Linear | None = None
+        self.read_weight = 0.0
+        self.last_read_loss: torch.Tensor | None = None
 
-    def forward(self, pixels: torch.Tensor, ids: torch.Tensor, targets: torch.Tensor
-                ) -> torch.Tensor:
-        feats = self.multi_modal_projector(self.vision_tower(pixels)[-1])  # (B, P, H)
+    def with_reading(self, weight: float) -> None:
+        """Adds the per-patch reading head: from the tower's last layer, SLOTS character
+        classes of each patch (read_data.patch_targets), its loss added with `weight`."""
+        self.read_head = nn.Linear(self.vision_tower.cfg.hidden_size,
+                                   SLOTS * (len(CHARSET) + 1))
+        nn.init.normal_(self.read_head.weight, std=0.02)
+        nn.init.zeros_(self.read_head.bias)
+        self.read_weight = weight
+
+    def read_loss(self, feats: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The reading head's loss on tower features (B, GRID*GRID, D) against
+        `patch_targets` (B, GRID*GRID, SLOTS): the mean cross-entropy of the slots that hold
+        a character plus half that of the empty ones (most slots are empty; an even mean
+        would teach little more than "no text here")."""
+        assert self.read_head is not None
+        logits = self.read_head(feats).float().view(*targets.shape, -1)
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                             reduction="none")
+        char = (targets.reshape(-1) > 0).float()
+        return ((ce * char).sum() / char.sum().clamp(min=1)
+                + 0.5 * (ce * (1 - char)).sum() / (1 - char).sum().clamp(min=1))
+
+    def forward(self, pixels: torch.Tensor, ids: torch.Tensor, targets: torch.Tensor,
+                read_pixels: torch.Tensor | None = None,
+                read_targets: torch.Tensor | None = None) -> torch.Tensor:
+        """The answers' loss; with reading pictures and the reading head, plus
+        `read_weight` times the reading loss (kept in `last_read_loss`)."""
+        if read_pixels is None or self.read_head is None:
+            return self._answer_loss(self.vision_tower(pixels)[-1], ids, targets)
+        both = self.vision_tower(torch.cat([pixels, read_pixels]))[-1]
+        read = self.read_loss(both[len(pixels):], read_targets)
+        self.last_read_loss = read.detach()
+        return self._answer_loss(both[:len(pixels)], ids, targets) + self.read_weight * read
+
+    def _answer_loss(self, tower_out: torch.Tensor, ids: torch.Tensor, targets: torch.Tensor
+                     ) -> torch.Tensor:
+        feats = self.multi_modal_projector(tower_out)  # (B, P, H)
         mask = ids == PLACEHOLDER
         x = self.language_model.model.embed_tokens(ids.clamp(min=0))
         x = x.masked_scatter(mask.unsqueeze(-1), feats.to(x.dtype))
@@ -198,8 +238,15 @@ class Batcher:
                  scene_share: float = 0.0, scene_weights: dict[str, float] | None = None,
                  pad_to_longest: bool = False, regular_boxes: bool = False,
                  sample_offset: int = 0, error_share: float = 0.0,
-                 novel_vocab: float = 0.4, novel_pieces: float = 0.0) -> None:
+                 novel_vocab: float = 0.4, novel_pieces: float = 0.0,
+                 read_batch: int = 0, read_transcribe: float = 0.0) -> None:
         self.tok = tok
+        # reading pictures (read_data.reading) added to each train batch, with their
+        # per-patch character targets, for the tower's reading head
+        self.read_batch = read_batch
+        # that share of the train samples that are not scenes becomes a reading picture to
+        # transcribe (any text, not the code lines' few templates); drawn first
+        self.read_transcribe = read_transcribe
         # train sample k is drawn from seed k + sample_offset: a continuation past the
         # pictures an earlier run of the same mix trained on
         self.sample_offset = sample_offset
@@ -252,6 +299,10 @@ class Batcher:
         seed += self.sample_offset
         s = sample(split, seed, self.novel_words, self.novel_text, self.novel_vocab,
                    self.novel_pieces)
+        if (self.read_transcribe > 0 and s.kind not in SCENE_KINDS
+                and random.Random(seed * 43 + 3).random() < self.read_transcribe):
+            r = reading(random.Random(f"train-read-transcribe:{seed}"))
+            return Sample(r.image, "transcribe", None, r.text, "transcribe")
         if self.scene_weights is not None and s.kind in SCENE_KINDS:
             return shapes(random.Random(f"train-scene-w:{seed}"), split, self.scene_weights)
         if (self.scene_share > 0 and s.kind not in SCENE_KINDS
@@ -289,7 +340,11 @@ class Batcher:
         width = max(map(len, inputs)) if self.pad_to_longest else self.seq_len
         inputs = [x + [self.eot] * (width - len(x)) for x in inputs]
         targets = [y + [-1] * (width - len(y)) for y in targets]
-        return (torch.stack(pixels), torch.tensor(inputs), torch.tensor(targets))
+        out = (torch.stack(pixels), torch.tensor(inputs), torch.tensor(targets))
+        if split != "train" or self.read_batch <= 0:
+            return out
+        first = seeds[0] + self.sample_offset
+        return out + read_batch("train", (f"{first}:{i}" for i in range(self.read_batch)))
 
 
 def build(run: Path, init: Path, init_vlm: Path | None = None) -> tuple[TrainVLM, Tokenizer]:
@@ -390,7 +445,7 @@ class BatchPool:
         self.timeout = timeout  # no batch at all for that long: an error
         self.last = time.time()
         if shm is None:
-            shm = _shm_room(batch, self.depth + 4)
+            shm = _shm_room(batch + batcher_kw.get("read_batch", 0), self.depth + 4)
             if not shm:
                 log.warning("/dev/shm is too small for %d batches in flight: the workers "
                             "send them through pipes", self.depth)
@@ -535,6 +590,31 @@ class Prefetcher:
 
 # the held-out batch of every checkpoint
 HELD_OUT_SEEDS = range(10_000, 10_000 + 64)
+# the held-out reading pictures of every checkpoint of a run with a reading head
+HELD_OUT_READ_SEEDS = range(200)
+
+
+def read_batch(split: str, seeds: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reading pictures of `split` (seeded by name, apart from every other picture) as
+    (pixels, per-patch character targets)."""
+    proc = ImageProcessor.from_dict(PREPROCESSOR, IMAGE_SIZE)
+    read = [reading(random.Random(f"{split}-read:{seed}"), split) for seed in seeds]
+    return (torch.stack([proc(r.image) for r in read]),
+            torch.tensor([patch_targets(r.chars) for r in read]))
+
+
+@torch.no_grad()
+def reading_accuracy(model: TrainVLM, pixels: torch.Tensor, targets: torch.Tensor) -> float:
+    """The share of the characters in `targets` (slots that hold one) that the reading
+    head names, in their slot."""
+    assert model.read_head is not None
+    was = model.training
+    model.eval()
+    logits = model.read_head(model.vision_tower(pixels)[-1]).float()
+    model.train(was)
+    pred = logits.view(*targets.shape, -1).argmax(-1)
+    char = targets > 0
+    return float((pred[char] == targets[char]).float().mean())
 # --time-budget: steps skipped (compilation, warm-up), then steps timed
 CALIBRATION_SKIP = 5
 CALIBRATION_STEPS = 20
@@ -579,6 +659,10 @@ def train(args: argparse.Namespace) -> None:
     coord_weight = getattr(args, "first_coord_weight", 1.0)
     if coord_weight != 1.0:
         model.first_coord = (coord_weight, tok.token_to_id("["), tok.token_to_id(","))
+    read_weight = getattr(args, "read_weight", 0.0)
+    if read_weight > 0:
+        model.with_reading(read_weight)
+        model.read_head.to(device)
     lm = list(model.language_model.parameters())
     lm_ids = {id(p) for p in lm}
     new = [p for p in model.parameters() if id(p) not in lm_ids]
@@ -599,7 +683,9 @@ def train(args: argparse.Namespace) -> None:
                       sample_offset=getattr(args, "sample_offset", 0),
                       error_share=getattr(args, "error_share", 0.0),
                       novel_vocab=getattr(args, "novel_vocab", 0.4),
-                      novel_pieces=getattr(args, "novel_pieces", 0.0))
+                      novel_pieces=getattr(args, "novel_pieces", 0.0),
+                      read_batch=getattr(args, "read_batch", 0) if read_weight > 0 else 0,
+                      read_transcribe=getattr(args, "read_transcribe", 0.0))
     batcher = Batcher(tok, **batcher_kw)
     # --steps 0: only initialise, evaluate and save (e.g. --init-vlm, then export)
     restart = checked_restart(args) if args.steps > 0 or args.restart else 0
@@ -627,6 +713,7 @@ def train(args: argparse.Namespace) -> None:
         log.warning("MISSING FONTS %s (looked in %s): those texts are drawn with Pillow's "
                     "default font", missing, ", ".join(map(str, FONT_DIRS)))
     held_out: list[torch.Tensor] = []
+    held_out_read: list[torch.Tensor] = []
     save_seconds = [0.0, 0.0]  # the longest checkpoint, all of them together
     last_saved = state["step"] if loaded else None
 
@@ -639,7 +726,15 @@ def train(args: argparse.Namespace) -> None:
             vl = float(model(*(v.to(device) for v in held_out)))
         model.train()
         state["valid_loss"].append([state["step"], vl])
-        print(f"step {state['step']} held-out loss {vl:.3f}", file=sys.stderr, flush=True)
+        read = ""
+        if model.read_head is not None:
+            if not held_out_read:
+                held_out_read.extend(read_batch("test", HELD_OUT_READ_SEEDS))
+            acc = reading_accuracy(model, *(v.to(device) for v in held_out_read))
+            state.setdefault("read_accuracy", []).append([state["step"], acc])
+            read = f", reading: {100 * acc:.1f} % of held-out characters"
+        print(f"step {state['step']} held-out loss {vl:.3f}{read}", file=sys.stderr,
+              flush=True)
         save_checkpoint(run, model, opt, state)
         plot_losses({"train": [tuple(p) for p in state["train_loss"]],
                      "held-out": [tuple(p) for p in state["valid_loss"]]},
@@ -649,10 +744,10 @@ def train(args: argparse.Namespace) -> None:
         save_seconds[0] = max(save_seconds[0], time.time() - t)
         save_seconds[1] += time.time() - t
 
-    def one_step(pixels: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def one_step(*tensors: torch.Tensor) -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
         with autocast():
-            loss = step_fn(pixels, x, y)
+            loss = step_fn(*tensors)
         loss.backward()
         return loss
 
@@ -672,7 +767,7 @@ def train(args: argparse.Namespace) -> None:
                                                            CALIBRATION_STEPS)
     t_calib = None
     recal: tuple[int, float, int] | None = None  # (step, time, step to measure again at)
-    t_last, losses = time.time(), []
+    t_last, losses, read_losses = time.time(), [], []
     with contextlib.ExitStack() as stack:
         ahead = None
         if args.workers > 0:
@@ -701,19 +796,21 @@ def train(args: argparse.Namespace) -> None:
                     ahead = None
             if cpu is None:
                 cpu = batcher.batch("train", train_seeds(step, args.batch))
-            pixels, x, y = (t.to(device, non_blocking=True) for t in cpu)
+            tensors = tuple(t.to(device, non_blocking=True) for t in cpu)
             try:
-                loss = one_step(pixels, x, y)
+                loss = one_step(*tensors)
             except Exception as e:
                 if step_fn is model:
                     raise
                 log.error("the compiled model failed (%s: %s); continuing with the eager "
                           "model", type(e).__name__, str(e)[-2000:])
                 step_fn = model
-                loss = one_step(pixels, x, y)
+                loss = one_step(*tensors)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             losses.append(loss.detach())
+            if model.last_read_loss is not None:
+                read_losses.append(model.last_read_loss)
             state["step"] = step + 1
             if state["step"] % args.log_every == 0:
                 dt = time.time() - t_last
@@ -722,7 +819,12 @@ def train(args: argparse.Namespace) -> None:
                 avg = float(torch.stack(losses).float().mean())
                 losses = []
                 state["train_loss"].append([state["step"], avg])
-                print(f"step {state['step']}/{total} loss {avg:.3f} "
+                read = ""
+                if read_losses:
+                    r = float(torch.stack(read_losses).float().mean())
+                    state.setdefault("read_loss", []).append([state["step"], r])
+                    read, read_losses = f" (reading {r:.3f})", []
+                print(f"step {state['step']}/{total} loss {avg:.3f}{read} "
                       f"{args.batch * args.log_every / dt:.1f} samples/s", file=sys.stderr,
                       flush=True)
             if not fixed and state["step"] in (calib_from, calib_to):
@@ -786,7 +888,8 @@ def export(run: Path, out: Path, ocr_copy_bias: float = 0.0) -> None:
 
     tok_dir = run / "tokenizer"
     text = json.loads((tok_dir / "config.json").read_text())
-    state = load_file(str(run / "ckpt" / "model.safetensors"))
+    state = {k: v for k, v in load_file(str(run / "ckpt" / "model.safetensors")).items()
+             if not k.startswith("read_head.")}  # the reading head is for training only
     vision = VisionConfig.from_hf(VISION)
     state["vision_tower.post_layernorm.weight"] = torch.ones(vision.hidden_size)
     state["vision_tower.post_layernorm.bias"] = torch.zeros(vision.hidden_size)
@@ -927,6 +1030,14 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--first-coord-weight", type=float, default=1.0,
                    help="weight of the loss of a box answer's first coordinate (its one or "
                         "two tokens; 1: as every other answer token)")
+    t.add_argument("--read-weight", type=float, default=0.0,
+                   help="weight of the tower's per-patch reading loss on reading pictures "
+                        "(read_data.py); 0: no reading head")
+    t.add_argument("--read-batch", type=int, default=0,
+                   help="reading pictures added to each train batch for that loss")
+    t.add_argument("--read-transcribe", type=float, default=0.0,
+                   help="share of the train samples that are not scenes replaced by a "
+                        "reading picture to transcribe")
     t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     e = sub.add_parser("export")
     e.add_argument("--run", type=Path, required=True)
