@@ -1,0 +1,112 @@
+"""How fast the default VLM's vision tower learns to read: the tower (from a VLM checkpoint)
+and a linear per-patch reading head trained alone on reading pictures
+(models/train/read_data.py), printing the share of held-out characters the head names.
+
+    python benchmarks/reading_probe.py --steps 300            # slots in reading order
+    python benchmarks/reading_probe.py --steps 300 --slots place
+
+`--slots order`: each patch's characters in reading order (read_data.patch_targets, what
+`vlm.py train --read-weight` trains). `--slots place`: one slot per 4 x 8 px cell of the
+patch (4 columns, 2 rows), the character whose centre lies there. The tower's weights are
+not saved: this measures the learning curve, nothing more.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def place_targets(chars: list[tuple[str, float, float]]) -> list[list[int]]:
+    """One slot per 4 x 8 px cell of each patch: the first character centred there."""
+    from codevista.models.train.read_data import GRID, NO_CHAR, PATCH, char_class
+
+    out = [[NO_CHAR] * 8 for _ in range(GRID * GRID)]
+    for c, x, y in chars:
+        k = char_class(c)
+        if k == NO_CHAR:
+            continue
+        cell = int(y) // PATCH * GRID + int(x) // PATCH
+        sub = (int(y) % PATCH) // 8 * 4 + (int(x) % PATCH) // 4
+        if out[cell][sub] == NO_CHAR:
+            out[cell][sub] = k
+    return out
+
+
+def main() -> int:
+    from codevista.models.train.read_data import CHARSET, patch_targets, reading
+    from codevista.models.train.vlm import PREPROCESSOR, VISION
+    from codevista.models.train.vlm_data import IMAGE_SIZE
+    from codevista.models.vision.image import ImageProcessor
+    from codevista.models.vision.tower import VisionConfig, VisionTower
+    from safetensors.torch import load_file
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path, default=ROOT / "models" / "default" / "vlm")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch", type=int, default=48)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--slots", choices=("order", "place"), default="order")
+    p.add_argument("--every", type=int, default=50)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    targets_of = patch_targets if args.slots == "order" else place_targets
+    proc = ImageProcessor.from_dict(PREPROCESSOR, IMAGE_SIZE)
+    tower = VisionTower(VisionConfig.from_hf(VISION))
+    weights = load_file(str(args.model / "model.safetensors"))
+    tower.load_state_dict({k.removeprefix("vision_tower."): v for k, v in weights.items()
+                           if k.startswith("vision_tower.") and "post_layernorm" not in k})
+    classes = len(CHARSET) + 1
+
+    def batch(split: str, seeds: range) -> tuple[torch.Tensor, torch.Tensor]:
+        read = [reading(random.Random(f"probe-{split}:{s}"), split) for s in seeds]
+        return (torch.stack([proc(r.image) for r in read]),
+                torch.tensor([targets_of(r.chars) for r in read]))
+
+    held_px, held_t = batch("test", range(200))
+    slots = held_t.shape[-1]
+    head = torch.nn.Linear(tower.cfg.hidden_size, slots * classes)
+    params = list(tower.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+
+    def accuracy() -> float:
+        tower.eval()
+        with torch.no_grad():
+            pred = head(tower(held_px)[-1]).view(*held_t.shape, classes).argmax(-1)
+        tower.train()
+        char = held_t > 0
+        return float((pred[char] == held_t[char]).float().mean())
+
+    print(f"slots by {args.slots}: step 0, 0 pictures: {100 * accuracy():.1f} % of held-out "
+          "characters", flush=True)
+    t = time.time()
+    for step in range(1, args.steps + 1):
+        px, y = batch("train", range(step * args.batch, (step + 1) * args.batch))
+        ce = F.cross_entropy(head(tower(px)[-1]).reshape(-1, classes), y.reshape(-1),
+                             reduction="none")
+        char = (y.reshape(-1) > 0).float()
+        loss = ((ce * char).sum() / char.sum().clamp(min=1)
+                + 0.5 * (ce * (1 - char)).sum() / (1 - char).sum().clamp(min=1))
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % args.every == 0 or step == args.steps:
+            print(f"slots by {args.slots}: step {step}, {step * args.batch} pictures: "
+                  f"{100 * accuracy():.1f} % of held-out characters ({time.time() - t:.0f} s)",
+                  flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
