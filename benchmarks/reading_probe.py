@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch.nn import functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,7 +42,7 @@ def place_targets(chars: list[tuple[str, float, float]]) -> list[list[int]]:
 
 def main() -> int:
     from codevista.models.train.read_data import CHARSET, patch_targets, reading
-    from codevista.models.train.vlm import PREPROCESSOR, VISION
+    from codevista.models.train.vlm import PREPROCESSOR, VISION, slot_loss
     from codevista.models.train.vlm_data import IMAGE_SIZE
     from codevista.models.vision.image import ImageProcessor
     from codevista.models.vision.tower import VisionConfig, VisionTower
@@ -92,11 +91,7 @@ def main() -> int:
     t = time.time()
     for step in range(1, args.steps + 1):
         px, y = batch("train", range(step * args.batch, (step + 1) * args.batch))
-        ce = F.cross_entropy(head(tower(px)[-1]).reshape(-1, classes), y.reshape(-1),
-                             reduction="none")
-        char = (y.reshape(-1) > 0).float()
-        loss = ((ce * char).sum() / char.sum().clamp(min=1)
-                + 0.5 * (ce * (1 - char)).sum() / (1 - char).sum().clamp(min=1))
+        loss = slot_loss(head(tower(px)[-1]).view(*y.shape, classes), y)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

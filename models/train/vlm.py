@@ -139,12 +139,7 @@ class TrainVLM(nn.Module):
         a character plus half that of the empty ones (most slots are empty; an even mean
         would teach little more than "no text here")."""
         assert self.read_head is not None
-        logits = self.read_head(feats).float().view(*targets.shape, -1)
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                             reduction="none")
-        char = (targets.reshape(-1) > 0).float()
-        return ((ce * char).sum() / char.sum().clamp(min=1)
-                + 0.5 * (ce * (1 - char)).sum() / (1 - char).sum().clamp(min=1))
+        return slot_loss(self.read_head(feats).float().view(*targets.shape, -1), targets)
 
     def forward(self, pixels: torch.Tensor, ids: torch.Tensor, targets: torch.Tensor,
                 read_pixels: torch.Tensor | None = None,
@@ -173,6 +168,17 @@ class TrainVLM(nn.Module):
         w = first_coord_weights(ids, targets, *self.first_coord)
         # divided by the token count, not the weights: the other tokens' gradient is as before
         return (ce * w * valid).sum() / valid.sum().clamp(min=1)
+
+
+def slot_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Reading slots' loss: `logits` (..., classes) against character classes `targets`
+    (..., 0 for an empty slot): the mean cross-entropy of the slots that hold a character
+    plus half that of the empty ones."""
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                         reduction="none")
+    char = (targets.reshape(-1) > 0).float()
+    return ((ce * char).sum() / char.sum().clamp(min=1)
+            + 0.5 * (ce * (1 - char)).sum() / (1 - char).sum().clamp(min=1))
 
 
 def first_coord_weights(ids: torch.Tensor, targets: torch.Tensor, weight: float, open_id: int,
