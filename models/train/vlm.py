@@ -138,8 +138,13 @@ class TrainVLM(nn.Module):
         `patch_targets` (B, GRID*GRID, SLOTS): the mean cross-entropy of the slots that hold
         a character plus half that of the empty ones (most slots are empty; an even mean
         would teach little more than "no text here")."""
+        return slot_loss(self.read_logits(feats, targets.shape), targets)
+
+    def read_logits(self, feats: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """The reading head's logits of tower features, as `shape` (B, patches, slots)
+        by class."""
         assert self.read_head is not None
-        return slot_loss(self.read_head(feats).float().view(*targets.shape, -1), targets)
+        return self.read_head(feats).float().view(*shape, -1)
 
     def forward(self, pixels: torch.Tensor, ids: torch.Tensor, targets: torch.Tensor,
                 read_pixels: torch.Tensor | None = None,
@@ -350,7 +355,8 @@ class Batcher:
         if split != "train" or self.read_batch <= 0:
             return out
         first = seeds[0] + self.sample_offset
-        return out + read_batch("train", (f"{first}:{i}" for i in range(self.read_batch)))
+        return out + read_batch("train", (f"{first}:{i}" for i in range(self.read_batch)),
+                                proc=self.proc)
 
 
 def build(run: Path, init: Path, init_vlm: Path | None = None) -> tuple[TrainVLM, Tokenizer]:
@@ -600,10 +606,11 @@ HELD_OUT_SEEDS = range(10_000, 10_000 + 64)
 HELD_OUT_READ_SEEDS = range(200)
 
 
-def read_batch(split: str, seeds: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def read_batch(split: str, seeds: Any, proc: ImageProcessor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reading pictures of `split` (seeded by name, apart from every other picture) as
-    (pixels, per-patch character targets)."""
-    proc = ImageProcessor.from_dict(PREPROCESSOR, IMAGE_SIZE)
+    (pixels, per-patch character targets); `proc`: the batcher's image processor."""
+    proc = proc or ImageProcessor.from_dict(PREPROCESSOR, IMAGE_SIZE)
     read = [reading(random.Random(f"{split}-read:{seed}"), split) for seed in seeds]
     return (torch.stack([proc(r.image) for r in read]),
             torch.tensor([patch_targets(r.chars) for r in read]))
@@ -613,14 +620,14 @@ def read_batch(split: str, seeds: Any) -> tuple[torch.Tensor, torch.Tensor]:
 def reading_accuracy(model: TrainVLM, pixels: torch.Tensor, targets: torch.Tensor) -> float:
     """The share of the characters in `targets` (slots that hold one) that the reading
     head names, in their slot."""
-    assert model.read_head is not None
     was = model.training
     model.eval()
-    logits = model.read_head(model.vision_tower(pixels)[-1]).float()
+    pred = model.read_logits(model.vision_tower(pixels)[-1], targets.shape).argmax(-1)
     model.train(was)
-    pred = logits.view(*targets.shape, -1).argmax(-1)
     char = targets > 0
     return float((pred[char] == targets[char]).float().mean())
+
+
 # --time-budget: steps skipped (compilation, warm-up), then steps timed
 CALIBRATION_SKIP = 5
 CALIBRATION_STEPS = 20
@@ -735,7 +742,7 @@ def train(args: argparse.Namespace) -> None:
         read = ""
         if model.read_head is not None:
             if not held_out_read:
-                held_out_read.extend(read_batch("test", HELD_OUT_READ_SEEDS))
+                held_out_read.extend(read_batch("test", HELD_OUT_READ_SEEDS, batcher.proc))
             acc = reading_accuracy(model, *(v.to(device) for v in held_out_read))
             state.setdefault("read_accuracy", []).append([state["step"], acc])
             read = f", reading: {100 * acc:.1f} % of held-out characters"
