@@ -725,6 +725,13 @@ def test_reading_pictures_say_where_each_character_is():
                             if int(y) // PATCH * GRID + int(x) // PATCH == cell)
             want = [char_class(c) for _, _, c in inside][:SLOTS]
             assert t == want + [NO_CHAR] * (SLOTS - len(want))
+        # a tower with 8 px patches (reading_probe.py --patch 8): 400 patches, 2 slots each
+        small = patch_targets(a.chars, 8, 2)
+        assert len(small) == 400 and all(len(t) == 2 for t in small)
+        for c, x, y in a.chars:
+            assert char_class(c) in small[int(y) // 8 * 20 + int(x) // 8] or sum(
+                int(y2) // 8 == int(y) // 8 and int(x2) // 8 == int(x) // 8
+                for _, x2, y2 in a.chars) > 2
     assert char_class("a") == CHARSET.index("a") + 1 and char_class(" ") == NO_CHAR
     # the test split draws held-out words
     tests = " ".join(reading(__import__("random").Random(s), "test").text for s in range(40))
@@ -766,3 +773,40 @@ def test_the_reading_head_adds_its_loss_and_reading_pictures_become_transcriptio
     rp, rtt = read_batch("test", range(8))
     acc = reading_accuracy(model, rp, rtt)
     assert 0.0 <= acc < 0.2
+
+
+def test_a_tower_resized_to_smaller_patches_sees_the_image_enlarged():
+    import torch.nn.functional as F
+    from codevista.models.train.vlm import VISION, resize_tower
+    from codevista.models.vision.tower import VisionConfig, VisionTower
+
+    torch.manual_seed(0)
+    big = VisionTower(VisionConfig.from_hf(VISION))
+    # positions that vary smoothly over the grid: row * a + column * b
+    a, b = torch.randn(2, big.cfg.hidden_size)
+    rows, cols = torch.arange(10.0).repeat_interleave(10), torch.arange(10.0).repeat(10)
+    with torch.no_grad():
+        big.embeddings.position_embedding.weight.copy_(rows[:, None] * a + cols[:, None] * b)
+    weights = {f"vision_tower.{k}": v for k, v in big.state_dict().items()}
+    small = VisionTower(VisionConfig.from_hf(dict(VISION, patch_size=8)))
+    resized = resize_tower(weights, 8)
+    small.load_state_dict({k.removeprefix("vision_tower."): v for k, v in resized.items()})
+    assert small.cfg.num_patches == 4 * big.cfg.num_patches
+    # 8 px patches of a picture embed as 16 px ones of the picture with each pixel doubled
+    x = torch.randn(2, 3, 160, 160)
+    with torch.no_grad():
+        fine = small.embeddings.patch_embedding(x)
+        enlarged = big.embeddings.patch_embedding(F.interpolate(x, scale_factor=2))
+    assert torch.allclose(fine, enlarged, atol=1e-4)
+    # a fine patch's position is the coarse grid's at the fine patch's centre, up to the
+    # bicubic kernel's 0.05 of a step (inside the grid, away from the clamped edges)
+    fine_pos = small.embeddings.position_embedding.weight.detach().view(20, 20, -1)
+    at = (torch.arange(20.0) + 0.5) / 2 - 0.5
+    want = at[:, None, None] * a + at[None, :, None] * b
+    off = (fine_pos - want)[3:-3, 3:-3].abs()
+    assert (off <= 0.05 * (a.abs() + b.abs()) + 1e-5).all()
+    # the other weights do not depend on the patch size; a size that does not divide fails
+    assert all(torch.equal(resized[k], v) for k, v in weights.items() if "embeddings" not in k)
+    assert resize_tower(weights, 16) == weights
+    with pytest.raises(ValueError):
+        resize_tower(weights, 6)

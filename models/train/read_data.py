@@ -123,18 +123,20 @@ def reading(rng: random.Random, split: str = "train") -> ReadSample:
     return ReadSample(img, "\n".join(lines), chars)
 
 
-def patch_targets(chars: list[tuple[str, float, float]]) -> list[list[int]]:
-    """For each of the GRID x GRID patches (row-major), SLOTS character classes: the
-    characters whose centre lies in the patch, in reading order (by line, then x), then
-    NO_CHAR. A patch with more than SLOTS keeps the first SLOTS."""
-    cells: list[list[tuple[float, float, int]]] = [[] for _ in range(GRID * GRID)]
+def patch_targets(chars: list[tuple[str, float, float]], patch: int = PATCH,
+                  slots: int = SLOTS) -> list[list[int]]:
+    """For each of the grid x grid patches (row-major; `patch` px square, the tower's patch
+    size), `slots` character classes: the characters whose centre lies in the patch, in
+    reading order (by line, then x), then NO_CHAR. A patch with more keeps the first ones."""
+    grid = IMAGE_SIZE // patch
+    cells: list[list[tuple[float, float, int]]] = [[] for _ in range(grid * grid)]
     for c, x, y in chars:
         k = char_class(c)
         if k == NO_CHAR:
             continue
-        cells[int(y) // PATCH * GRID + int(x) // PATCH].append((round(y / 4), x, k))
+        cells[int(y) // patch * grid + int(x) // patch].append((round(y / 4), x, k))
     out = []
     for cell in cells:
-        ks = [k for _, _, k in sorted(cell)][:SLOTS]
-        out.append(ks + [NO_CHAR] * (SLOTS - len(ks)))
+        ks = [k for _, _, k in sorted(cell)][:slots]
+        out.append(ks + [NO_CHAR] * (slots - len(ks)))
     return out

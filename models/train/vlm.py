@@ -175,6 +175,31 @@ class TrainVLM(nn.Module):
         return (ce * w * valid).sum() / valid.sum().clamp(min=1)
 
 
+def resize_tower(weights: dict[str, torch.Tensor], patch: int, prefix: str = "vision_tower."
+                 ) -> dict[str, torch.Tensor]:
+    """A tower's weights for a smaller patch size (a divisor of its own): what the tower saw
+    of an image it now sees of the image enlarged by the ratio, with as many more patches.
+    Each patch kernel is sum-pooled by the ratio (exact for an image enlarged by repeating
+    pixels) and the position embeddings are interpolated bicubically onto the finer grid.
+    The other weights do not depend on the patch size."""
+    out = dict(weights)
+    kernel = weights[prefix + "embeddings.patch_embedding.weight"]  # (D, C, P, P)
+    r, rem = divmod(kernel.shape[-1], patch)
+    if rem or r < 1:
+        raise ValueError(f"patch size {patch} does not divide {kernel.shape[-1]}")
+    if r == 1:
+        return out
+    out[prefix + "embeddings.patch_embedding.weight"] = (
+        kernel.unflatten(-1, (patch, r)).unflatten(-3, (patch, r)).sum((-1, -3)))
+    pos = weights[prefix + "embeddings.position_embedding.weight"]  # (G*G, D)
+    g = math.isqrt(pos.shape[0])
+    grid = pos.T.reshape(1, -1, g, g).float()
+    fine = F.interpolate(grid, size=(g * r, g * r), mode="bicubic", align_corners=False)
+    out[prefix + "embeddings.position_embedding.weight"] = (
+        fine.reshape(pos.shape[1], -1).T.contiguous().to(pos.dtype))
+    return out
+
+
 def slot_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Reading slots' loss: `logits` (..., classes) against character classes `targets`
     (..., 0 for an empty slot): the mean cross-entropy of the slots that hold a character
