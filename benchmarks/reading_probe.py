@@ -45,7 +45,7 @@ def place_targets(chars: list[tuple[str, float, float]]) -> list[list[int]]:
 
 
 def main() -> int:
-    from codevista.models.train.read_data import CHARSET, patch_targets, reading
+    from codevista.models.train.read_data import CHARSET, patch_targets, reading, slots_for
     from codevista.models.train.vlm import PREPROCESSOR, VISION, resize_tower, slot_loss
     from codevista.models.train.vlm_data import IMAGE_SIZE
     from codevista.models.vision.image import ImageProcessor
@@ -72,7 +72,7 @@ def main() -> int:
         p.error("--slots place is for 16 px patches")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    slot_count = 4 if args.patch >= 12 else 2
+    slot_count = slots_for(args.patch)
     if args.slots == "order":
         def targets_of(chars):
             return patch_targets(chars, args.patch, slot_count)

@@ -810,3 +810,50 @@ def test_a_tower_resized_to_smaller_patches_sees_the_image_enlarged():
     assert resize_tower(weights, 16) == weights
     with pytest.raises(ValueError):
         resize_tower(weights, 6)
+
+
+@needs_shipped_vlm
+def test_a_run_with_8px_patches_continues_the_shipped_vlm_and_exports_a_llava_both_load(
+        tmp_path):
+    import json
+
+    from codevista.models import formats
+    from codevista.models.engine import Engine, SamplingParams
+    from codevista.models.loader import load_model
+    from codevista.models.train import vlm
+    from tiny_models import load_reference
+
+    run, out = tmp_path / "run", tmp_path / "out"
+    vlm.train(_train_args(run, "--init-vlm", str(SHIPPED_VLM), "--patch", "8", "--steps", "2",
+                          "--batch", "2", "--save-every", "2", "--read-weight", "1.0",
+                          "--read-batch", "2", "--ocr-rate", "0.5", "--pad", "longest",
+                          "--export-to", str(out)))
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["vision_config"]["patch_size"] == 8 and cfg["image_seq_length"] == 400
+    # the decoder's positions hold the 400 image tokens, the OCR lines and the answer
+    assert cfg["text_config"]["max_position_embeddings"] == 1024
+    shipped = json.loads((SHIPPED_VLM / "config.json").read_text())
+    assert {k: v for k, v in cfg["vision_config"].items() if k != "patch_size"} == {
+        k: v for k, v in shipped["vision_config"].items() if k != "patch_size"}
+    # a run keeps its patch size: resuming it with another one is refused
+    with pytest.raises(SystemExit):
+        vlm.build(run, ROOT / "models" / "default" / "code", SHIPPED_VLM, 16)
+
+    loaded = load_model(out)
+    assert loaded.vision.tokens_per_image == 400
+    s = sample("test", 5)
+    pixels = loaded.vision.preprocess(s.image)
+    ids = loaded.tokenizer.encode(formats.vision_prompt(
+        formats.vision_question(s.task, s.question)), add_special_tokens=False)
+    with Engine(loaded) as engine:
+        ours = engine.generate(ids, SamplingParams(max_new_tokens=6, ignore_eos=True),
+                               images=[pixels]).token_ids
+    ref = load_reference(out)
+    ref.generation_config.eos_token_id = None
+    full: list[int] = []
+    for t in ids:
+        full.extend([t] * 400 if t == loaded.vision.image_token_id else [t])
+    with torch.no_grad():
+        theirs = ref.generate(input_ids=torch.tensor([full]), pixel_values=pixels[None],
+                              max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert ours == theirs[0, len(full):].tolist()

@@ -123,6 +123,12 @@ def reading(rng: random.Random, split: str = "train") -> ReadSample:
     return ReadSample(img, "\n".join(lines), chars)
 
 
+def slots_for(patch: int) -> int:
+    """Reading slots of a patch of that size: SLOTS for the recipe's 16 px, 2 for 8 px
+    patches (a character or two of a line, rarely of two lines)."""
+    return SLOTS if patch >= 12 else 2
+
+
 def patch_targets(chars: list[tuple[str, float, float]], patch: int = PATCH,
                   slots: int = SLOTS) -> list[list[int]]:
     """For each of the grid x grid patches (row-major; `patch` px square, the tower's patch

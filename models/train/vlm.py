@@ -67,7 +67,7 @@ from ..vision.image import ImageProcessor
 from ..vision.tower import Projector, VisionConfig, VisionTower
 from .model import CodeLM, ModelShape, shape_of
 from .plot import plot_losses
-from .read_data import CHARSET, SLOTS, patch_targets, reading
+from .read_data import CHARSET, patch_targets, reading, slots_for
 from .train import amp_context, checked_restart, load_checkpoint, lr_at, save_checkpoint
 from .vlm_data import (
     FONT_DIRS,
@@ -125,10 +125,12 @@ class TrainVLM(nn.Module):
         self.last_read_loss: torch.Tensor | None = None
 
     def with_reading(self, weight: float) -> None:
-        """Adds the per-patch reading head: from the tower's last layer, SLOTS character
-        classes of each patch (read_data.patch_targets), its loss added with `weight`."""
+        """Adds the per-patch reading head: from the tower's last layer, the character
+        classes of each patch's slots (read_data.patch_targets, slots_for the patch size),
+        its loss added with `weight`."""
         self.read_head = nn.Linear(self.vision_tower.cfg.hidden_size,
-                                   SLOTS * (len(CHARSET) + 1))
+                                   slots_for(self.vision_tower.cfg.patch_size)
+                                   * (len(CHARSET) + 1))
         nn.init.normal_(self.read_head.weight, std=0.02)
         nn.init.zeros_(self.read_head.bias)
         self.read_weight = weight
@@ -309,7 +311,9 @@ class Batcher:
         # from the drawn text; their sequences are longer
         self.ocr_rate = ocr_rate
         self.ocr_tasks = ocr_tasks
-        self.seq_len = SEQ_LEN + (48 if ocr_rate > 0 else 0)
+        # SEQ_LEN holds 100 image tokens (16 px patches); smaller patches take more room
+        self.seq_len = SEQ_LEN + tokens_per_image - 100 + (48 if ocr_rate > 0 else 0)
+        self.patch = IMAGE_SIZE // math.isqrt(tokens_per_image)
         self.proc = ImageProcessor.from_dict(PREPROCESSOR, IMAGE_SIZE)
         self.eot = tok.token_to_id(formats.EOT)
         self.image_id = tok.token_to_id(formats.IMAGE)
@@ -381,18 +385,35 @@ class Batcher:
             return out
         first = seeds[0] + self.sample_offset
         return out + read_batch("train", (f"{first}:{i}" for i in range(self.read_batch)),
-                                proc=self.proc)
+                                proc=self.proc, patch=self.patch)
 
 
-def build(run: Path, init: Path, init_vlm: Path | None = None) -> tuple[TrainVLM, Tokenizer]:
+def run_vision(run: Path) -> dict[str, Any]:
+    """The vision_config of a run (its vision.json, written by `build`; VISION for a run
+    made before the patch size could change)."""
+    path = run / "vision.json"
+    return json.loads(path.read_text()) if path.is_file() else dict(VISION)
+
+
+def build(run: Path, init: Path, init_vlm: Path | None = None, patch: int | None = None
+          ) -> tuple[TrainVLM, Tokenizer]:
     """The model and tokenizer of a run. A new run starts from the code model `init` (new
     tower and projector) or, given `init_vlm`, from an exported VLM (all of it); the run's
     tokenizer/config.json is the decoder's config (a Llava config's text_config), which
-    `export` writes back as text_config."""
+    `export` writes back as text_config. `patch`: the tower's patch size for a new run
+    (VISION's 16 when None); an `init_vlm` with larger patches is resized to it
+    (`resize_tower`), and the decoder's positions are raised to hold the longer image."""
     from safetensors.torch import load_file
 
     src = init_vlm if init_vlm is not None else init
     run.mkdir(parents=True, exist_ok=True)
+    if not (run / "vision.json").is_file():
+        (run / "vision.json").write_text(json.dumps(
+            dict(VISION, patch_size=patch or VISION["patch_size"]), indent=1))
+    vision_cfg = run_vision(run)
+    if patch is not None and patch != vision_cfg["patch_size"]:
+        raise SystemExit(f"{run}: the run's patch size is {vision_cfg['patch_size']}, "
+                         f"not {patch}")
     if not (run / "tokenizer").is_dir():
         tmp = run / "tokenizer.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -402,10 +423,15 @@ def build(run: Path, init: Path, init_vlm: Path | None = None) -> tuple[TrainVLM
         cfg = json.loads((src / "config.json").read_text())
         if cfg.get("model_type") == "llava":
             cfg = cfg["text_config"]
+        # room for the image's tokens, the prompt with OCR lines and the answer (RoPE: the
+        # decoder has no position weights to grow)
+        need = SEQ_LEN + 48 + VisionConfig.from_hf(vision_cfg).num_patches - 100
+        if cfg.get("max_position_embeddings", 0) < need:
+            cfg["max_position_embeddings"] = 1 << (need - 1).bit_length()
         (tmp / "config.json").write_text(json.dumps(cfg, indent=1))
         tmp.rename(run / "tokenizer")
     tok = Tokenizer.from_dir(run / "tokenizer")
-    model = TrainVLM(VisionConfig.from_hf(VISION), shape_of(run / "tokenizer"))
+    model = TrainVLM(VisionConfig.from_hf(vision_cfg), shape_of(run / "tokenizer"))
     if not (run / "ckpt" / "state.json").is_file():
         weights = load_file(str(src / "model.safetensors"))
         if init_vlm is None:
@@ -414,9 +440,12 @@ def build(run: Path, init: Path, init_vlm: Path | None = None) -> tuple[TrainVLM
             cfg = json.loads((init_vlm / "config.json").read_text())
             vision = {k: v for k, v in cfg.get("vision_config", {}).items()
                       if k != "vision_use_head"}
-            if vision != VISION:
+            if dict(vision, patch_size=0) != dict(VISION, patch_size=0) or (
+                    vision.get("patch_size", 0) % vision_cfg["patch_size"]):
                 raise SystemExit(f"{init_vlm}: vision_config {vision} is not this recipe's "
-                                 f"{VISION}")
+                                 f"{VISION} with patches of a multiple of "
+                                 f"{vision_cfg['patch_size']} px")
+            weights = resize_tower(weights, vision_cfg["patch_size"])
             # export adds an identity post_layernorm for transformers; with
             # vision_feature_layer -1 neither engine applies it, and TrainVLM has none
             for name, want in (("weight", 1.0), ("bias", 0.0)):
@@ -631,14 +660,15 @@ HELD_OUT_SEEDS = range(10_000, 10_000 + 64)
 HELD_OUT_READ_SEEDS = range(200)
 
 
-def read_batch(split: str, seeds: Any, proc: ImageProcessor | None = None
+def read_batch(split: str, seeds: Any, proc: ImageProcessor | None = None, patch: int = 16
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reading pictures of `split` (seeded by name, apart from every other picture) as
-    (pixels, per-patch character targets); `proc`: the batcher's image processor."""
+    (pixels, per-patch character targets for the tower's `patch` size); `proc`: the
+    batcher's image processor."""
     proc = proc or ImageProcessor.from_dict(PREPROCESSOR, IMAGE_SIZE)
     read = [reading(random.Random(f"{split}-read:{seed}"), split) for seed in seeds]
     return (torch.stack([proc(r.image) for r in read]),
-            torch.tensor([patch_targets(r.chars) for r in read]))
+            torch.tensor([patch_targets(r.chars, patch, slots_for(patch)) for r in read]))
 
 
 @torch.no_grad()
@@ -692,7 +722,7 @@ def train(args: argparse.Namespace) -> None:
     device = args.device
     amp = amp_of(device, getattr(args, "amp", None))
     init_vlm = getattr(args, "init_vlm", None)
-    model, tok = build(run, args.init, init_vlm)
+    model, tok = build(run, args.init, init_vlm, getattr(args, "patch", None))
     model.to(device)
     coord_weight = getattr(args, "first_coord_weight", 1.0)
     if coord_weight != 1.0:
@@ -767,7 +797,8 @@ def train(args: argparse.Namespace) -> None:
         read = ""
         if model.read_head is not None:
             if not held_out_read:
-                held_out_read.extend(read_batch("test", HELD_OUT_READ_SEEDS, batcher.proc))
+                held_out_read.extend(read_batch("test", HELD_OUT_READ_SEEDS, batcher.proc,
+                                                batcher.patch))
             acc = reading_accuracy(model, *(v.to(device) for v in held_out_read))
             state.setdefault("read_accuracy", []).append([state["step"], acc])
             read = f", reading: {100 * acc:.1f} % of held-out characters"
@@ -928,7 +959,8 @@ def export(run: Path, out: Path, ocr_copy_bias: float = 0.0) -> None:
     text = json.loads((tok_dir / "config.json").read_text())
     state = {k: v for k, v in load_file(str(run / "ckpt" / "model.safetensors")).items()
              if not k.startswith("read_head.")}  # the reading head is for training only
-    vision = VisionConfig.from_hf(VISION)
+    vision_cfg = run_vision(run)
+    vision = VisionConfig.from_hf(vision_cfg)
     state["vision_tower.post_layernorm.weight"] = torch.ones(vision.hidden_size)
     state["vision_tower.post_layernorm.bias"] = torch.zeros(vision.hidden_size)
     tok = Tokenizer.from_dir(tok_dir)
@@ -944,7 +976,7 @@ def export(run: Path, out: Path, ocr_copy_bias: float = 0.0) -> None:
         "vision_feature_select_strategy": "full", "projector_hidden_act": "gelu",
         "multimodal_projector_bias": True, "tie_word_embeddings": True,
         "text_config": text_config,
-        "vision_config": {**VISION, "vision_use_head": False},
+        "vision_config": {**vision_cfg, "vision_use_head": False},
     }
     if ocr_copy_bias > 0:
         config["ocr_copy_bias"] = ocr_copy_bias
@@ -1076,6 +1108,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--read-transcribe", type=float, default=0.0,
                    help="share of the train samples that are not scenes replaced by a "
                         "reading picture to transcribe")
+    t.add_argument("--patch", type=int, default=None,
+                   help="the tower's patch size for a new run (16; 8: 400 image tokens, the "
+                        "--init-vlm tower resized to them, for reading small text)")
     t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     e = sub.add_parser("export")
     e.add_argument("--run", type=Path, required=True)
