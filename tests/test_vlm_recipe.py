@@ -838,6 +838,12 @@ def test_a_run_with_8px_patches_continues_the_shipped_vlm_and_exports_a_llava_bo
     # a run keeps its patch size: resuming it with another one is refused
     with pytest.raises(SystemExit):
         vlm.build(run, ROOT / "models" / "default" / "code", SHIPPED_VLM, 16)
+    # a continuation of the 8 px export keeps 8 px patches unless told otherwise; larger
+    # patches than the init's cannot be made
+    again, _ = vlm.build(tmp_path / "again", ROOT / "models" / "default" / "code", out)
+    assert again.vision_tower.cfg.patch_size == 8
+    with pytest.raises(SystemExit):
+        vlm.build(tmp_path / "bigger", ROOT / "models" / "default" / "code", out, 16)
 
     loaded = load_model(out)
     assert loaded.vision.tokens_per_image == 400

@@ -401,15 +401,20 @@ def build(run: Path, init: Path, init_vlm: Path | None = None, patch: int | None
     tower and projector) or, given `init_vlm`, from an exported VLM (all of it); the run's
     tokenizer/config.json is the decoder's config (a Llava config's text_config), which
     `export` writes back as text_config. `patch`: the tower's patch size for a new run
-    (VISION's 16 when None); an `init_vlm` with larger patches is resized to it
-    (`resize_tower`), and the decoder's positions are raised to hold the longer image."""
+    (when None, the init_vlm's, else VISION's 16); an `init_vlm` with larger patches is
+    resized to it (`resize_tower`), and the decoder's positions are raised to hold the longer
+    image."""
     from safetensors.torch import load_file
 
     src = init_vlm if init_vlm is not None else init
     run.mkdir(parents=True, exist_ok=True)
     if not (run / "vision.json").is_file():
-        (run / "vision.json").write_text(json.dumps(
-            dict(VISION, patch_size=patch or VISION["patch_size"]), indent=1))
+        if patch is None:  # the init's own, or the recipe's
+            patch = VISION["patch_size"]
+            if init_vlm is not None:
+                patch = json.loads((init_vlm / "config.json").read_text()).get(
+                    "vision_config", {}).get("patch_size", patch)
+        (run / "vision.json").write_text(json.dumps(dict(VISION, patch_size=patch), indent=1))
     vision_cfg = run_vision(run)
     if patch is not None and patch != vision_cfg["patch_size"]:
         raise SystemExit(f"{run}: the run's patch size is {vision_cfg['patch_size']}, "
