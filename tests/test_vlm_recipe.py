@@ -373,29 +373,34 @@ def test_two_training_steps_export_a_checkpoint_both_engines_load(tmp_path):
         assert any(k.startswith("read_head.") for k in f.keys())
     with safe_open(str(out / "model.safetensors"), "pt") as f:  # training only
         assert not any(k.startswith("read_head.") for k in f.keys())
+    _both_engines_answer_alike(out, seed=3, tokens=8)
 
+
+def _both_engines_answer_alike(out: Path, seed: int, tokens: int, patches: int = 100) -> None:
+    """An exported VLM's greedy answer to a held-out sample, `tokens` long, is the same in
+    codevista's engine and in transformers; the image takes `patches` tokens."""
     from codevista.models import formats
     from codevista.models.engine import Engine, SamplingParams
     from codevista.models.loader import load_model
     from tiny_models import load_reference
 
     loaded = load_model(out)
-    s = sample("test", 3)
+    assert loaded.vision.tokens_per_image == patches
+    s = sample("test", seed)
     pixels = loaded.vision.preprocess(s.image)
     ids = loaded.tokenizer.encode(formats.vision_prompt(
         formats.vision_question(s.task, s.question)), add_special_tokens=False)
     with Engine(loaded) as engine:
-        ours = engine.generate(ids, SamplingParams(max_new_tokens=8, ignore_eos=True),
+        ours = engine.generate(ids, SamplingParams(max_new_tokens=tokens, ignore_eos=True),
                                images=[pixels]).token_ids
     ref = load_reference(out)
     ref.generation_config.eos_token_id = None
     full: list[int] = []
     for t in ids:
-        full.extend([t] * loaded.vision.tokens_per_image if t == loaded.vision.image_token_id
-                    else [t])
+        full.extend([t] * patches if t == loaded.vision.image_token_id else [t])
     with torch.no_grad():
         theirs = ref.generate(input_ids=torch.tensor([full]), pixel_values=pixels[None],
-                              max_new_tokens=8, do_sample=False, pad_token_id=0)
+                              max_new_tokens=tokens, do_sample=False, pad_token_id=0)
     assert ours == theirs[0, len(full):].tolist()
 
 
@@ -817,11 +822,7 @@ def test_a_run_with_8px_patches_continues_the_shipped_vlm_and_exports_a_llava_bo
         tmp_path):
     import json
 
-    from codevista.models import formats
-    from codevista.models.engine import Engine, SamplingParams
-    from codevista.models.loader import load_model
     from codevista.models.train import vlm
-    from tiny_models import load_reference
 
     run, out = tmp_path / "run", tmp_path / "out"
     vlm.train(_train_args(run, "--init-vlm", str(SHIPPED_VLM), "--patch", "8", "--steps", "2",
@@ -845,21 +846,4 @@ def test_a_run_with_8px_patches_continues_the_shipped_vlm_and_exports_a_llava_bo
     with pytest.raises(SystemExit):
         vlm.build(tmp_path / "bigger", ROOT / "models" / "default" / "code", out, 16)
 
-    loaded = load_model(out)
-    assert loaded.vision.tokens_per_image == 400
-    s = sample("test", 5)
-    pixels = loaded.vision.preprocess(s.image)
-    ids = loaded.tokenizer.encode(formats.vision_prompt(
-        formats.vision_question(s.task, s.question)), add_special_tokens=False)
-    with Engine(loaded) as engine:
-        ours = engine.generate(ids, SamplingParams(max_new_tokens=6, ignore_eos=True),
-                               images=[pixels]).token_ids
-    ref = load_reference(out)
-    ref.generation_config.eos_token_id = None
-    full: list[int] = []
-    for t in ids:
-        full.extend([t] * 400 if t == loaded.vision.image_token_id else [t])
-    with torch.no_grad():
-        theirs = ref.generate(input_ids=torch.tensor([full]), pixel_values=pixels[None],
-                              max_new_tokens=6, do_sample=False, pad_token_id=0)
-    assert ours == theirs[0, len(full):].tolist()
+    _both_engines_answer_alike(out, seed=5, tokens=6, patches=400)
