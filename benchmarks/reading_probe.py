@@ -61,7 +61,7 @@ def main() -> int:
     p.add_argument("--every", type=int, default=50)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--fresh", action="store_true", help="a randomly initialised tower")
-    p.add_argument("--patch", type=int, default=16, help="patch size (with --fresh)")
+    p.add_argument("--patch", type=int, default=16, help="patch size (a divisor of 16)")
     p.add_argument("--layers", type=int, default=0, help="tower layers (with --fresh)")
     p.add_argument("--warmup", type=int, default=0, help="steps of linear warm-up")
     p.add_argument("--held", type=int, default=200, help="held-out reading pictures")
@@ -87,9 +87,11 @@ def main() -> int:
         weights = resize_tower(load_file(str(args.model / "model.safetensors")), args.patch)
         tower.load_state_dict({k.removeprefix("vision_tower."): v for k, v in weights.items()
                                if k.startswith("vision_tower.") and "post_layernorm" not in k})
-    tag = (f"fresh p{args.patch} x{tower.cfg.num_layers}" if args.fresh else "checkpoint"
-           + (f" resized to p{args.patch}" if args.patch != 16 else "")
-           ) + f", slots by {args.slots}"
+    if args.fresh:
+        tag = f"fresh p{args.patch} x{tower.cfg.num_layers}"
+    else:
+        tag = "checkpoint" + (f" resized to p{args.patch}" if args.patch != 16 else "")
+    tag += f", slots by {args.slots}"
     classes = len(CHARSET) + 1
 
     def batch(split: str, seeds: range) -> tuple[torch.Tensor, torch.Tensor]:

@@ -311,8 +311,7 @@ class Batcher:
         # from the drawn text; their sequences are longer
         self.ocr_rate = ocr_rate
         self.ocr_tasks = ocr_tasks
-        # SEQ_LEN holds 100 image tokens (16 px patches); smaller patches take more room
-        self.seq_len = SEQ_LEN + tokens_per_image - 100 + (48 if ocr_rate > 0 else 0)
+        self.seq_len = sequence_length(tokens_per_image, ocr_rate > 0)
         self.patch = IMAGE_SIZE // math.isqrt(tokens_per_image)
         self.proc = ImageProcessor.from_dict(PREPROCESSOR, IMAGE_SIZE)
         self.eot = tok.token_to_id(formats.EOT)
@@ -388,6 +387,12 @@ class Batcher:
                                 proc=self.proc, patch=self.patch)
 
 
+def sequence_length(tokens_per_image: int, ocr: bool) -> int:
+    """The longest training sequence: SEQ_LEN holds 100 image tokens (16 px patches), smaller
+    patches take more room, OCR lines in the prompt 48 tokens more."""
+    return SEQ_LEN + tokens_per_image - 100 + (48 if ocr else 0)
+
+
 def run_vision(run: Path) -> dict[str, Any]:
     """The vision_config of a run (its vision.json, written by `build`; VISION for a run
     made before the patch size could change)."""
@@ -407,13 +412,11 @@ def build(run: Path, init: Path, init_vlm: Path | None = None, patch: int | None
     from safetensors.torch import load_file
 
     src = init_vlm if init_vlm is not None else init
+    src_cfg = json.loads((src / "config.json").read_text())
     run.mkdir(parents=True, exist_ok=True)
     if not (run / "vision.json").is_file():
-        if patch is None:  # the init's own, or the recipe's
-            patch = VISION["patch_size"]
-            if init_vlm is not None:
-                patch = json.loads((init_vlm / "config.json").read_text()).get(
-                    "vision_config", {}).get("patch_size", patch)
+        if patch is None:  # the init VLM's own, or the recipe's
+            patch = src_cfg.get("vision_config", {}).get("patch_size", VISION["patch_size"])
         (run / "vision.json").write_text(json.dumps(dict(VISION, patch_size=patch), indent=1))
     vision_cfg = run_vision(run)
     if patch is not None and patch != vision_cfg["patch_size"]:
@@ -425,12 +428,11 @@ def build(run: Path, init: Path, init_vlm: Path | None = None, patch: int | None
         tmp.mkdir()
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(src / name, tmp / name)
-        cfg = json.loads((src / "config.json").read_text())
-        if cfg.get("model_type") == "llava":
-            cfg = cfg["text_config"]
+        cfg = src_cfg["text_config"] if src_cfg.get("model_type") == "llava" else src_cfg
+        cfg = dict(cfg)
         # room for the image's tokens, the prompt with OCR lines and the answer (RoPE: the
         # decoder has no position weights to grow)
-        need = SEQ_LEN + 48 + VisionConfig.from_hf(vision_cfg).num_patches - 100
+        need = sequence_length(VisionConfig.from_hf(vision_cfg).num_patches, ocr=True)
         if cfg.get("max_position_embeddings", 0) < need:
             cfg["max_position_embeddings"] = 1 << (need - 1).bit_length()
         (tmp / "config.json").write_text(json.dumps(cfg, indent=1))
@@ -442,8 +444,7 @@ def build(run: Path, init: Path, init_vlm: Path | None = None, patch: int | None
         if init_vlm is None:
             model.language_model.load_state_dict(weights)
         else:
-            cfg = json.loads((init_vlm / "config.json").read_text())
-            vision = {k: v for k, v in cfg.get("vision_config", {}).items()
+            vision = {k: v for k, v in src_cfg.get("vision_config", {}).items()
                       if k != "vision_use_head"}
             if dict(vision, patch_size=0) != dict(VISION, patch_size=0) or (
                     vision.get("patch_size", 0) % vision_cfg["patch_size"]):
