@@ -847,3 +847,53 @@ def test_a_run_with_8px_patches_continues_the_shipped_vlm_and_exports_a_llava_bo
         vlm.build(tmp_path / "bigger", ROOT / "models" / "default" / "code", out, 16)
 
     _both_engines_answer_alike(out, seed=5, tokens=6, patches=400)
+
+
+@needs_shipped_vlm
+def test_a_tower_only_run_trains_the_tower_alone_and_exports_without_its_teacher(tmp_path):
+    from codevista.models.tokenizer import Tokenizer
+    from codevista.models.train import vlm
+    from codevista.models.train.model import shape_of
+    from codevista.models.train.vlm import VISION, Batcher, TrainVLM
+    from codevista.models.vision.tower import VisionConfig
+    from safetensors.torch import load_file
+
+    # the keep loss: 0 for the starting tower, the relative squared move of the features
+    tok_dir = ROOT / "models" / "default" / "code"
+    torch.manual_seed(0)
+    model = TrainVLM(VisionConfig.from_hf(VISION), shape_of(tok_dir))
+    model.with_reading(1.0)
+    model.with_keep(2.0)
+    px, x, y, rpx, rt = Batcher(Tokenizer.from_dir(tok_dir), 100, read_batch=2).batch(
+        "train", [0, 1, 2])
+    with torch.no_grad():
+        feats = model.vision_tower(px)[-1]
+        assert float(model.keep_loss(feats, px)) == 0.0
+        assert float(model.keep_loss(feats * 1.5, px)) > 0.01
+        total = float(model(px, x, y, rpx, rt))
+        read = float(model.read_loss(model.vision_tower(rpx)[-1], rt))
+    assert total == pytest.approx(read, rel=1e-5)  # no answers' loss, nothing moved yet
+    assert not any(p.requires_grad for p in model.language_model.parameters())
+    assert not any(p.requires_grad for p in model.multi_modal_projector.parameters())
+    assert not any(p.requires_grad for p in model.keep_teacher.parameters())
+
+    with pytest.raises(SystemExit):  # reading is what it is for
+        vlm.train(_train_args(tmp_path / "bad", "--init-vlm", str(SHIPPED_VLM),
+                              "--keep-tower", "1.0", "--steps", "1"))
+
+    run, out = tmp_path / "run", tmp_path / "out"
+    args = ("--init-vlm", str(SHIPPED_VLM), "--batch", "2", "--save-every", "2",
+            "--read-weight", "1.0", "--read-batch", "2", "--keep-tower", "20",
+            "--pad", "longest", "--lr", "1e-3", "--warmup", "1")
+    vlm.train(_train_args(run, *args, "--steps", "2"))
+    vlm.train(_train_args(run, *args, "--steps", "3", "--export-to", str(out)))  # resumed
+    ckpt = load_file(str(run / "ckpt" / "model.safetensors"))
+    shipped = load_file(str(SHIPPED_VLM / "model.safetensors"))
+    # the teacher is the shipped tower still, after a resume
+    for k, v in ckpt.items():
+        if k.startswith("keep_teacher."):
+            assert torch.equal(v, shipped["vision_tower." + k[len("keep_teacher."):]]), k
+    exported = load_file(str(out / "model.safetensors"))
+    assert set(exported) == set(shipped)
+    changed = {k for k in shipped if not torch.equal(exported[k], shipped[k])}
+    assert changed and all(k.startswith("vision_tower.") for k in changed)

@@ -22,6 +22,12 @@ right by copying them from the OCR lines (the held-out words stay unseen either 
 `--init-vlm DIR` continues an exported vision model (the `export` layout) instead of
 starting the tower and projector from scratch on `--init`'s code model.
 
+`--keep-tower W` (with `--read-weight` and `--read-batch`) trains the tower alone to read, at
+a fraction of a whole step's cost: no decoder runs; the answers' loss is replaced by W times
+how far the projected features of the batch's pictures moved from the starting tower's
+(so what the decoder relies on stays), and the decoder and projector are frozen. A
+continuation with `--init-vlm` of its export then teaches the decoder to use what it reads.
+
 `--workers N` draws the batches in N spawned processes, a few steps ahead; the batch of a
 step is the same as in-process. `--time-budget S` times ~20 steps (after a few warm-up
 ones), then fixes the number of steps (at most `--steps`) so that the run, its periodic
@@ -41,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -123,6 +130,11 @@ class TrainVLM(nn.Module):
         self.read_head: nn.Linear | None = None
         self.read_weight = 0.0
         self.last_read_loss: torch.Tensor | None = None
+        # tower-only training (`with_keep`): a frozen copy of the starting tower, whose
+        # projected features the tower keeps on the batch's pictures; never exported
+        self.keep_teacher: VisionTower | None = None
+        self.keep_weight = 0.0
+        self.last_keep_loss: torch.Tensor | None = None
 
     def with_reading(self, weight: float) -> None:
         """Adds the per-patch reading head: from the tower's last layer, the character
@@ -134,6 +146,25 @@ class TrainVLM(nn.Module):
         nn.init.normal_(self.read_head.weight, std=0.02)
         nn.init.zeros_(self.read_head.bias)
         self.read_weight = weight
+
+    def with_keep(self, weight: float) -> None:
+        """Trains the tower alone: the decoder and projector are frozen and the answers'
+        loss is replaced by `weight` times the keep loss, how far the projected features of
+        the batch's pictures moved from those of a frozen copy of the tower as it is now
+        (mean squared difference over the teacher's mean square), plus the reading loss.
+        What the tower learns to read it must fit beside what the decoder already uses."""
+        self.keep_teacher = copy.deepcopy(self.vision_tower).requires_grad_(False)
+        self.keep_weight = weight
+        self.language_model.requires_grad_(False)
+        self.multi_modal_projector.requires_grad_(False)
+
+    def keep_loss(self, feats: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+        """The keep loss of tower features `feats` of `pixels` (see `with_keep`)."""
+        assert self.keep_teacher is not None
+        with torch.no_grad():
+            want = self.multi_modal_projector(self.keep_teacher(pixels)[-1]).float()
+        got = self.multi_modal_projector(feats).float()
+        return (got - want).pow(2).mean() / want.pow(2).mean().clamp(min=1e-8)
 
     def read_loss(self, feats: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The reading head's loss on tower features (B, GRID*GRID, D) against
@@ -158,6 +189,10 @@ class TrainVLM(nn.Module):
         both = self.vision_tower(torch.cat([pixels, read_pixels]))[-1]
         read = self.read_loss(both[len(pixels):], read_targets)
         self.last_read_loss = read.detach()
+        if self.keep_teacher is not None:  # tower only: no answers, the features kept
+            keep = self.keep_loss(both[:len(pixels)], pixels)
+            self.last_keep_loss = keep.detach()
+            return self.keep_weight * keep + self.read_weight * read
         return self._answer_loss(both[:len(pixels)], ids, targets) + self.read_weight * read
 
     def _answer_loss(self, tower_out: torch.Tensor, ids: torch.Tensor, targets: torch.Tensor
@@ -737,6 +772,13 @@ def train(args: argparse.Namespace) -> None:
     if read_weight > 0:
         model.with_reading(read_weight)
         model.read_head.to(device)
+    keep_weight = getattr(args, "keep_tower", 0.0)
+    if keep_weight > 0:
+        if read_weight <= 0 or getattr(args, "read_batch", 0) <= 0:
+            raise SystemExit("--keep-tower trains the tower to read: it needs --read-weight "
+                             "and --read-batch")
+        model.with_keep(keep_weight)
+        model.keep_teacher.to(device)
     lm = list(model.language_model.parameters())
     lm_ids = {id(p) for p in lm}
     new = [p for p in model.parameters() if id(p) not in lm_ids]
@@ -842,7 +884,7 @@ def train(args: argparse.Namespace) -> None:
                                                            CALIBRATION_STEPS)
     t_calib = None
     recal: tuple[int, float, int] | None = None  # (step, time, step to measure again at)
-    t_last, losses, read_losses = time.time(), [], []
+    t_last, losses, read_losses, keep_losses = time.time(), [], [], []
     with contextlib.ExitStack() as stack:
         ahead = None
         if args.workers > 0:
@@ -886,6 +928,8 @@ def train(args: argparse.Namespace) -> None:
             losses.append(loss.detach())
             if model.last_read_loss is not None:
                 read_losses.append(model.last_read_loss)
+            if model.last_keep_loss is not None:
+                keep_losses.append(model.last_keep_loss)
             state["step"] = step + 1
             if state["step"] % args.log_every == 0:
                 dt = time.time() - t_last
@@ -899,6 +943,10 @@ def train(args: argparse.Namespace) -> None:
                     r = float(torch.stack(read_losses).float().mean())
                     state.setdefault("read_loss", []).append([state["step"], r])
                     read, read_losses = f" (reading {r:.3f})", []
+                if keep_losses:
+                    k = float(torch.stack(keep_losses).float().mean())
+                    state.setdefault("keep_loss", []).append([state["step"], k])
+                    read, keep_losses = read[:-1] + f", kept {k:.4f})", []
                 print(f"step {state['step']}/{total} loss {avg:.3f}{read} "
                       f"{args.batch * args.log_every / dt:.1f} samples/s", file=sys.stderr,
                       flush=True)
@@ -964,7 +1012,8 @@ def export(run: Path, out: Path, ocr_copy_bias: float = 0.0) -> None:
     tok_dir = run / "tokenizer"
     text = json.loads((tok_dir / "config.json").read_text())
     state = {k: v for k, v in load_file(str(run / "ckpt" / "model.safetensors")).items()
-             if not k.startswith("read_head.")}  # the reading head is for training only
+             # the reading head and the kept tower are for training only
+             if not k.startswith(("read_head.", "keep_teacher."))}
     vision_cfg = run_vision(run)
     vision = VisionConfig.from_hf(vision_cfg)
     state["vision_tower.post_layernorm.weight"] = torch.ones(vision.hidden_size)
@@ -1114,6 +1163,11 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--read-transcribe", type=float, default=0.0,
                    help="share of the train samples that are not scenes replaced by a "
                         "reading picture to transcribe")
+    t.add_argument("--keep-tower", type=float, default=0.0,
+                   help="train the tower alone to read (needs --read-weight, --read-batch): "
+                        "the answers' loss replaced by this weight times how far the "
+                        "projected features of the batch's pictures moved from the starting "
+                        "tower's; the decoder and projector frozen")
     t.add_argument("--patch", type=int, default=None,
                    help="the tower's patch size for a new run (16; 8: 400 image tokens, the "
                         "--init-vlm tower resized to them, for reading small text)")
