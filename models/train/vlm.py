@@ -820,9 +820,13 @@ def train(args: argparse.Namespace) -> None:
                 "ocr_copy_bias", 0.0)
     autocast = amp_context(amp, device)
     step_fn = torch.compile(model) if args.compile else model
+    # (the kept tower, a frozen copy for training only, is not counted)
+    copy_ids = {id(p) for p in model.keep_teacher.parameters()} if model.keep_teacher else set()
     log.info("VLM: %.2fM parameters (%.2fM new); resuming at step %d; amp %s; %d batch "
-             "workers; %s", sum(p.numel() for p in model.parameters()) / 1e6,
-             sum(p.numel() for p in new) / 1e6, state["step"], amp, args.workers,
+             "workers; %s", sum(p.numel() for p in model.parameters()
+                                if id(p) not in copy_ids) / 1e6,
+             sum(p.numel() for p in new if id(p) not in copy_ids) / 1e6, state["step"], amp,
+             args.workers,
              f"{total} steps" if fixed else f"time budget {budget:.0f} s, at most "
                                                f"{args.steps} steps")
     if missing := missing_fonts():
