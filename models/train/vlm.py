@@ -780,8 +780,10 @@ def train(args: argparse.Namespace) -> None:
         model.with_keep(keep_weight)
         model.keep_teacher.to(device)
     lm = list(model.language_model.parameters())
-    lm_ids = {id(p) for p in lm}
-    new = [p for p in model.parameters() if id(p) not in lm_ids]
+    # the kept tower is a frozen copy for training only: neither optimised nor counted
+    frozen_copy = model.keep_teacher.parameters() if model.keep_teacher is not None else ()
+    skip = {id(p) for p in lm} | {id(p) for p in frozen_copy}
+    new = [p for p in model.parameters() if id(p) not in skip]
     opt = torch.optim.AdamW([{"params": new, "lr": args.lr},
                              {"params": lm, "lr": args.lr * args.lm_lr_scale}],
                             betas=(0.9, 0.95), weight_decay=0.05)
@@ -820,13 +822,9 @@ def train(args: argparse.Namespace) -> None:
                 "ocr_copy_bias", 0.0)
     autocast = amp_context(amp, device)
     step_fn = torch.compile(model) if args.compile else model
-    # (the kept tower, a frozen copy for training only, is not counted)
-    copy_ids = {id(p) for p in model.keep_teacher.parameters()} if model.keep_teacher else set()
     log.info("VLM: %.2fM parameters (%.2fM new); resuming at step %d; amp %s; %d batch "
-             "workers; %s", sum(p.numel() for p in model.parameters()
-                                if id(p) not in copy_ids) / 1e6,
-             sum(p.numel() for p in new if id(p) not in copy_ids) / 1e6, state["step"], amp,
-             args.workers,
+             "workers; %s", sum(p.numel() for p in lm + new) / 1e6,
+             sum(p.numel() for p in new) / 1e6, state["step"], amp, args.workers,
              f"{total} steps" if fixed else f"time budget {budget:.0f} s, at most "
                                                f"{args.steps} steps")
     if missing := missing_fonts():
@@ -942,15 +940,15 @@ def train(args: argparse.Namespace) -> None:
                 avg = float(torch.stack(losses).float().mean())
                 losses = []
                 state["train_loss"].append([state["step"], avg])
-                read = ""
-                if read_losses:
-                    r = float(torch.stack(read_losses).float().mean())
-                    state.setdefault("read_loss", []).append([state["step"], r])
-                    read, read_losses = f" (reading {r:.3f})", []
-                if keep_losses:
-                    k = float(torch.stack(keep_losses).float().mean())
-                    state.setdefault("keep_loss", []).append([state["step"], k])
-                    read, keep_losses = read[:-1] + f", kept {k:.4f})", []
+                parts = []
+                for key, name, kept in (("read_loss", "reading {:.3f}", read_losses),
+                                        ("keep_loss", "kept {:.4f}", keep_losses)):
+                    if kept:
+                        v = float(torch.stack(kept).float().mean())
+                        state.setdefault(key, []).append([state["step"], v])
+                        parts.append(name.format(v))
+                        kept.clear()
+                read = f" ({', '.join(parts)})" if parts else ""
                 print(f"step {state['step']}/{total} loss {avg:.3f}{read} "
                       f"{args.batch * args.log_every / dt:.1f} samples/s", file=sys.stderr,
                       flush=True)
