@@ -84,6 +84,12 @@ def held_out(per_kind: int, kinds: tuple[str, ...] = KINDS) -> Iterator[Any]:
             yield s
 
 
+# room for the longest held-out answer written one character per token (a diagram
+# description of up to 123 characters, as `vlm.py train --spell` teaches); a model that
+# writes the tokenizer's pieces ends far sooner
+MAX_ANSWER = 160
+
+
 class _ImageOnly:
     """Asks with the image-only prompt on the engine directly."""
 
@@ -111,7 +117,7 @@ class _ImageOnly:
         prompt = formats.vision_prompt(formats.vision_question(s.task, s.question),
                                        tok.tok.id_to_token(vision.image_token_id))
         ids = tok.encode(prompt, add_special_tokens=False)
-        out = self.engine.generate(ids, SamplingParams(max_new_tokens=96),
+        out = self.engine.generate(ids, SamplingParams(max_new_tokens=MAX_ANSWER),
                                    images=[vision.preprocess(s.image)]).text
         return _trim(s, out)
 
@@ -144,7 +150,7 @@ class _ServerPath:
         buf = io.BytesIO()
         s.image.save(buf, "PNG")
         r = self.loop.run_until_complete(self.service.explain(
-            self.backend, open_image(buf.getvalue()), s.task, s.question, max_tokens=96))
+            self.backend, open_image(buf.getvalue()), s.task, s.question, max_tokens=MAX_ANSWER))
         return _trim(s, r.text)
 
 

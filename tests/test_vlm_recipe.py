@@ -897,3 +897,47 @@ def test_a_tower_only_run_trains_the_tower_alone_and_exports_without_its_teacher
     assert set(exported) == set(shipped)
     changed = {k for k in shipped if not torch.equal(exported[k], shipped[k])}
     assert changed and all(k.startswith("vision_tower.") for k in changed)
+
+
+def test_spelled_answers_are_one_character_a_token_where_read_off_the_picture():
+    from codevista.models.tokenizer import Tokenizer
+    from codevista.models.train.vlm import Batcher, spelled_ids
+
+    tok = Tokenizer.from_dir(ROOT / "models" / "default" / "vlm")
+    text = "def trim(patch):\n    return x + 1\nNodes: a, b. Edges: a -> b. é"
+    ids = spelled_ids(tok, text)
+    assert tok.decode(ids) == text
+    assert len(ids) == len(text) + 1  # "é" is two bytes, every other character one token
+    assert len(tok.encode(text, add_special_tokens=False)) < len(text) // 2
+
+    def answers(batcher, split, seeds):
+        _, _, y = batcher.batch(split, seeds)
+        return [[t for t in row.tolist() if t >= 0][:-1] for row in y]  # less end-of-text
+
+    kinds = {k: [sd for sd in range(400) if sample("test", sd).kind == k][:2]
+             for k in ("transcribe", "diagram", "count", "error")}
+    seeds = [sd for group in kinds.values() for sd in group]
+    plain, spelled = Batcher(tok, 4), Batcher(tok, 4, spell=True)
+    changed = []
+    for sd, a, b in zip(seeds, answers(plain, "test", seeds), answers(spelled, "test", seeds),
+                        strict=True):
+        s = sample("test", sd)
+        assert tok.decode(a) == tok.decode(b) == s.answer
+        read_off = s.task in ("transcribe", "describe-diagram")
+        assert b == (spelled_ids(tok, s.answer) if read_off else a)
+        changed.append(a != b)
+    assert changed == [True] * 4 + [False] * 4  # transcriptions, diagrams; counts, errors
+    # With OCR lines in the prompt, a diagram keeps the tokenizer's pieces (the words are
+    # copied from those lines); without them it is spelled.
+    with_ocr = Batcher(tok, 4, ocr_rate=0.5, spell=True)
+    train = [sd for sd in range(400) if with_ocr.draw("train", sd).kind == "diagram"][:12]
+    _, x, y = with_ocr.batch("train", train)
+    seen = set()
+    for sd, row, ans in zip(train, x, answers(with_ocr, "train", train), strict=True):
+        ocr = "Text in the image (OCR" in tok.decode([i for i in row.tolist() if i >= 0])
+        answer = with_ocr.draw("train", sd).answer
+        assert tok.decode(ans) == answer
+        assert ans == (tok.encode(answer, add_special_tokens=False) if ocr
+                       else spelled_ids(tok, answer))
+        seen.add(ocr)
+    assert seen == {True, False}

@@ -312,8 +312,13 @@ class Batcher:
                  pad_to_longest: bool = False, regular_boxes: bool = False,
                  sample_offset: int = 0, error_share: float = 0.0,
                  novel_vocab: float = 0.4, novel_pieces: float = 0.0,
-                 read_batch: int = 0, read_transcribe: float = 0.0) -> None:
+                 read_batch: int = 0, read_transcribe: float = 0.0,
+                 spell: bool = False) -> None:
         self.tok = tok
+        # answers read off the picture (transcriptions; diagram descriptions without OCR
+        # lines) trained one character per token (`spelled_ids`) rather than in the
+        # tokenizer's pieces, in both splits
+        self.spell = spell
         # reading pictures (read_data.reading) added to each train batch, with their
         # per-patch character targets, for the tower's reading head
         self.read_batch = read_batch
@@ -354,17 +359,22 @@ class Batcher:
         self.p = tokens_per_image
         assert self.eot is not None and self.image_id is not None
 
-    def encode(self, task: str, question: str | None, answer: str | None, ocr: str = ""
-               ) -> tuple[list[int], int]:
-        """(ids with the image expanded to placeholders, length of the prompt part)."""
+    def encode(self, task: str, question: str | None, answer: str | None, ocr: str = "",
+               spell: bool = False) -> tuple[list[int], int]:
+        """(ids with the image expanded to placeholders, length of the prompt part);
+        `spell`: the answer one character per token."""
         prompt = formats.vision_prompt(formats.vision_question(task, question), ocr=ocr)
         ids: list[int] = []
         for t in self.tok.encode(prompt, add_special_tokens=False):
             ids.extend([PLACEHOLDER] * self.p if t == self.image_id else [t])
         n = len(ids)
         if answer is not None:
-            boxed = box_ids(self.tok, answer) if task == "locate" and self.regular_boxes else None
-            ids += (boxed or self.tok.encode(answer, add_special_tokens=False)) + [self.eot]
+            own = None  # the answer's ids where not the tokenizer's own pieces
+            if spell:
+                own = spelled_ids(self.tok, answer)
+            elif task == "locate" and self.regular_boxes:
+                own = box_ids(self.tok, answer)
+            ids += (own or self.tok.encode(answer, add_special_tokens=False)) + [self.eot]
         return ids, n
 
     def draw(self, split: str, seed: int):
@@ -405,7 +415,9 @@ class Batcher:
                 rng = random.Random(seed * 7919 + 17)
                 if rng.random() < self.ocr_rate:
                     ocr = formats.ocr_context(simulated_ocr(s, rng))
-            ids, n = self.encode(s.task, s.question, s.answer, ocr)
+            spell = self.spell and (s.task == "transcribe"
+                                    or (s.task == "describe-diagram" and not ocr))
+            ids, n = self.encode(s.task, s.question, s.answer, ocr, spell)
             ids = ids[:self.seq_len + 1]
             x, y = ids[:-1], ids[1:]
             inputs.append(x)
@@ -420,6 +432,15 @@ class Batcher:
         first = seeds[0] + self.sample_offset
         return out + read_batch("train", (f"{first}:{i}" for i in range(self.read_batch)),
                                 proc=self.proc, patch=self.patch)
+
+
+def spelled_ids(tok: Tokenizer, text: str) -> list[int]:
+    """`text` one character per token (a character outside the byte-level alphabet in its
+    bytes' tokens): it decodes to `text`. A new word read off a picture is then written with
+    the tokens every transcription trains, letter by letter, instead of with pieces of the
+    tokenizer that a held-out word may be the only one to use ("trim" is one token, never
+    an answer in training)."""
+    return [i for c in text for i in tok.encode(c, add_special_tokens=False)]
 
 
 def sequence_length(tokens_per_image: int, ocr: bool) -> int:
@@ -803,7 +824,8 @@ def train(args: argparse.Namespace) -> None:
                       novel_vocab=getattr(args, "novel_vocab", 0.4),
                       novel_pieces=getattr(args, "novel_pieces", 0.0),
                       read_batch=getattr(args, "read_batch", 0) if read_weight > 0 else 0,
-                      read_transcribe=getattr(args, "read_transcribe", 0.0))
+                      read_transcribe=getattr(args, "read_transcribe", 0.0),
+                      spell=getattr(args, "spell", False))
     batcher = Batcher(tok, **batcher_kw)
     # --steps 0: only initialise, evaluate and save (e.g. --init-vlm, then export)
     restart = checked_restart(args) if args.steps > 0 or args.restart else 0
@@ -1165,6 +1187,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--read-transcribe", type=float, default=0.0,
                    help="share of the train samples that are not scenes replaced by a "
                         "reading picture to transcribe")
+    t.add_argument("--spell", action="store_true",
+                   help="train transcriptions, and diagram descriptions without OCR lines, "
+                        "one character per token (held-out answers too)")
     t.add_argument("--keep-tower", type=float, default=0.0,
                    help="train the tower alone to read (needs --read-weight, --read-batch): "
                         "the answers' loss replaced by this weight times how far the "
