@@ -359,10 +359,9 @@ class Batcher:
         self.p = tokens_per_image
         assert self.eot is not None and self.image_id is not None
 
-    def encode(self, task: str, question: str | None, answer: str | None, ocr: str = "",
-               spell: bool = False) -> tuple[list[int], int]:
-        """(ids with the image expanded to placeholders, length of the prompt part);
-        `spell`: the answer one character per token."""
+    def encode(self, task: str, question: str | None, answer: str | None, ocr: str = ""
+               ) -> tuple[list[int], int]:
+        """(ids with the image expanded to placeholders, length of the prompt part)."""
         prompt = formats.vision_prompt(formats.vision_question(task, question), ocr=ocr)
         ids: list[int] = []
         for t in self.tok.encode(prompt, add_special_tokens=False):
@@ -370,7 +369,7 @@ class Batcher:
         n = len(ids)
         if answer is not None:
             own = None  # the answer's ids where not the tokenizer's own pieces
-            if spell:
+            if self.spell and (task == "transcribe" or task == "describe-diagram" and not ocr):
                 own = spelled_ids(self.tok, answer)
             elif task == "locate" and self.regular_boxes:
                 own = box_ids(self.tok, answer)
@@ -415,9 +414,7 @@ class Batcher:
                 rng = random.Random(seed * 7919 + 17)
                 if rng.random() < self.ocr_rate:
                     ocr = formats.ocr_context(simulated_ocr(s, rng))
-            spell = self.spell and (s.task == "transcribe"
-                                    or (s.task == "describe-diagram" and not ocr))
-            ids, n = self.encode(s.task, s.question, s.answer, ocr, spell)
+            ids, n = self.encode(s.task, s.question, s.answer, ocr)
             ids = ids[:self.seq_len + 1]
             x, y = ids[:-1], ids[1:]
             inputs.append(x)
