@@ -249,3 +249,23 @@ def test_ocr_copy_bias_comes_from_the_checkpoint_and_covers_the_ocr_words(tmp_pa
         tok.encode(" audit log", add_special_tokens=False))
     assert set(bias) == want and set(bias.values()) == {3.0}
     assert ocr_logit_bias(tok, lines, 0.0) == () and ocr_logit_bias(tok, [], 3.0) == ()
+    # at an answer's start a word has no space before it ("jump", which bar is highest)
+    first = dict(ocr_logit_bias(tok, lines, 3.0, first_word=True))
+    starts = set().union(*(tok.encode(w, add_special_tokens=False)
+                           for w in ("jump", "audit", "log")))
+    assert set(first) == want | starts and starts - want
+
+
+def test_the_copy_bias_tasks_come_from_the_checkpoint_config(tmp_path):
+    from types import SimpleNamespace
+
+    from codevista.server.features.vision import ocr_copy_bias_tasks
+
+    loaded = SimpleNamespace(path=tmp_path)
+    assert ocr_copy_bias_tasks(loaded) == {"describe-diagram"}  # no config
+    for bad in ({}, {"ocr_copy_bias_tasks": "explain"}, {"ocr_copy_bias_tasks": [1]}):
+        (tmp_path / "config.json").write_text(json.dumps(bad))
+        assert ocr_copy_bias_tasks(loaded) == {"describe-diagram"}
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"ocr_copy_bias_tasks": ["describe-diagram", "explain"]}))
+    assert ocr_copy_bias_tasks(loaded) == {"describe-diagram", "explain"}

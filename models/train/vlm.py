@@ -84,6 +84,7 @@ from .vlm_data import (
     SCENE_QUESTIONS,
     TRAIN_SCENE_QUESTIONS,
     Sample,
+    bar_chart,
     error_dialog,
     sample,
     shapes,
@@ -301,6 +302,22 @@ def box_ids(tok: Tokenizer, answer: str) -> list[int] | None:
 
 # the tasks trained with OCR lines in the prompt (at --ocr-rate)
 OCR_TASKS = ("describe-diagram",)
+VISION_TASK_NAMES = ("explain", "describe-diagram", "transcribe", "locate")
+
+
+def ocr_tasks_arg(value: str | tuple[str, ...] | list[str] | None) -> tuple[str, ...]:
+    """The tasks whose training prompts may carry OCR lines, from `--ocr-tasks` ("a,b"; a
+    run's state keeps it as the string of a tuple); None: OCR_TASKS."""
+    if value is None or value == "None":
+        return OCR_TASKS
+    if isinstance(value, str):
+        value = [t.strip(" ()'\"") for t in value.split(",")]
+    tasks = tuple(t for t in value if t)
+    unknown = [t for t in tasks if t not in VISION_TASK_NAMES]
+    if unknown or not tasks:
+        raise ValueError(f"--ocr-tasks: unknown vision task(s) {unknown or value!r}; "
+                         f"choose from {', '.join(VISION_TASK_NAMES)}")
+    return tasks
 
 
 class Batcher:
@@ -313,8 +330,12 @@ class Batcher:
                  sample_offset: int = 0, error_share: float = 0.0,
                  novel_vocab: float = 0.4, novel_pieces: float = 0.0,
                  read_batch: int = 0, read_transcribe: float = 0.0,
-                 spell: bool = False) -> None:
+                 spell: bool = False, chart_share: float = 0.0) -> None:
         self.tok = tok
+        # that share of the train samples that stay neither scenes nor charts becomes a bar
+        # chart (charts asked with OCR lines: which bar is highest, a bar's value); drawn
+        # after scene_share, before error_share
+        self.chart_share = chart_share
         # answers read off the picture (transcriptions; diagram descriptions without OCR
         # lines) trained one character per token (`spelled_ids`) rather than in the
         # tokenizer's pieces, in both splits
@@ -392,6 +413,9 @@ class Batcher:
                 and random.Random(seed * 37 + 11).random() < self.scene_share):
             # a scene from its own namespace of seeds, never a held-out one
             return shapes(random.Random(f"train-scene:{seed}"), split, self.scene_weights)
+        if (self.chart_share > 0 and s.kind not in SCENE_KINDS | {"chart"}
+                and random.Random(seed * 47 + 13).random() < self.chart_share):
+            return bar_chart(random.Random(f"train-chart:{seed}"), split)
         if (self.error_share > 0 and s.kind not in SCENE_KINDS | {"error"}
                 and random.Random(seed * 41 + 7).random() < self.error_share):
             return error_dialog(random.Random(f"train-error:{seed}"), split, self.novel_text,
@@ -442,8 +466,9 @@ def spelled_ids(tok: Tokenizer, text: str) -> list[int]:
 
 def sequence_length(tokens_per_image: int, ocr: bool) -> int:
     """The longest training sequence: SEQ_LEN holds 100 image tokens (16 px patches), smaller
-    patches take more room, OCR lines in the prompt 48 tokens more."""
-    return SEQ_LEN + tokens_per_image - 100 + (48 if ocr else 0)
+    patches take more room, OCR lines in the prompt 112 tokens more (a bar chart's ten
+    lines, or a five-node flowchart's, with the longest answer)."""
+    return SEQ_LEN + tokens_per_image - 100 + (112 if ocr else 0)
 
 
 def run_vision(run: Path) -> dict[str, Any]:
@@ -822,7 +847,9 @@ def train(args: argparse.Namespace) -> None:
                       novel_pieces=getattr(args, "novel_pieces", 0.0),
                       read_batch=getattr(args, "read_batch", 0) if read_weight > 0 else 0,
                       read_transcribe=getattr(args, "read_transcribe", 0.0),
-                      spell=getattr(args, "spell", False))
+                      spell=getattr(args, "spell", False),
+                      ocr_tasks=ocr_tasks_arg(getattr(args, "ocr_tasks", None)),
+                      chart_share=getattr(args, "chart_share", 0.0))
     batcher = Batcher(tok, **batcher_kw)
     # --steps 0: only initialise, evaluate and save (e.g. --init-vlm, then export)
     restart = checked_restart(args) if args.steps > 0 or args.restart else 0
@@ -1040,6 +1067,8 @@ def export(run: Path, out: Path, ocr_copy_bias: float = 0.0) -> None:
     state["vision_tower.post_layernorm.weight"] = torch.ones(vision.hidden_size)
     state["vision_tower.post_layernorm.bias"] = torch.zeros(vision.hidden_size)
     tok = Tokenizer.from_dir(tok_dir)
+    st = json.loads((run / "ckpt" / "state.json").read_text())
+    ocr_tasks = ocr_tasks_arg(st.get("args", {}).get("ocr_tasks"))
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"),
               metadata={"format": "pt"})
@@ -1058,7 +1087,7 @@ def export(run: Path, out: Path, ocr_copy_bias: float = 0.0) -> None:
         config["ocr_copy_bias"] = ocr_copy_bias
         # the tasks whose prompts carried OCR lines in training: the server puts the lines
         # only into those (an explanation asked with lines it never saw goes astray)
-        config["ocr_prompt_tasks"] = list(OCR_TASKS)
+        config["ocr_prompt_tasks"] = list(ocr_tasks)
         # its diagram answers ("Nodes: ... . Edges: ... .") may keep their labels to the
         # words the OCR read (models/constrain.py)
         config["ocr_label_constraint"] = True
@@ -1070,7 +1099,6 @@ def export(run: Path, out: Path, ocr_copy_bias: float = 0.0) -> None:
         shutil.copy(tok_dir / name, out / name)
     if (run / "loss.png").is_file():
         shutil.copy(run / "loss.png", out / "loss.png")
-    st = json.loads((run / "ckpt" / "state.json").read_text())
     (out / "training.json").write_text(json.dumps(
         {k: st[k] for k in ("step", "seconds", "device", "args")} |
         {"final_held_out_loss": st["valid_loss"][-1][1] if st["valid_loss"] else None},
@@ -1184,6 +1212,13 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--read-transcribe", type=float, default=0.0,
                    help="share of the train samples that are not scenes replaced by a "
                         "reading picture to transcribe")
+    t.add_argument("--ocr-tasks", default=None,
+                   help="the tasks whose prompts carry OCR lines at --ocr-rate, comma "
+                        "separated (describe-diagram); export writes them as the "
+                        "checkpoint's ocr_prompt_tasks")
+    t.add_argument("--chart-share", type=float, default=0.0,
+                   help="share of train samples that are neither scenes nor charts made "
+                        "a bar chart (after --scene-share, before --error-share)")
     t.add_argument("--spell", action="store_true",
                    help="train transcriptions, and diagram descriptions without OCR lines, "
                         "one character per token (held-out answers too)")

@@ -92,16 +92,30 @@ def ocr_copy_bias(loaded: Any) -> float:
     return bias if 0 < bias <= 20 else 0.0
 
 
-def ocr_logit_bias(tokenizer: Any, lines: list[tuple[str, list[int]]], bias: float
-                   ) -> tuple[tuple[int, float], ...]:
+def ocr_copy_bias_tasks(loaded: Any) -> frozenset[str]:
+    """The tasks whose answers get the copy bias (`ocr_copy_bias_tasks` in config.json;
+    `describe-diagram` when absent or malformed, the task the bias was first made for)."""
+    tasks = _ocr_setting(loaded, "ocr_copy_bias_tasks")
+    if not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
+        return frozenset({"describe-diagram"})
+    return frozenset(tasks)
+
+
+def ocr_logit_bias(tokenizer: Any, lines: list[tuple[str, list[int]]], bias: float,
+                   first_word: bool = False) -> tuple[tuple[int, float], ...]:
     """`bias` on every token of the OCR lines' text as it is written after a space in an
     answer ("Nodes: jump, kick"): a soft copy mechanism that helps a small model quote
-    the words it was shown rather than words it memorised."""
+    the words it was shown rather than words it memorised. `first_word`: also as each
+    word is written at the answer's start, with no space before it ("jump", the answer
+    to "Which bar is the highest?")."""
     if bias <= 0 or not lines:
         return ()
     ids: set[int] = set()
     for text, _ in lines:
         ids.update(tokenizer.encode(" " + " ".join(text.split()), add_special_tokens=False))
+        if first_word:
+            for word in text.split():
+                ids.update(tokenizer.encode(word, add_special_tokens=False))
     return tuple((i, bias) for i in sorted(ids))
 
 
@@ -254,10 +268,12 @@ class VisionService:
         room = backend.max_positions - (len(ids) + loaded.vision.tokens_per_image - 1)
         if room < 8:
             raise ImageRequestError("the question is too long for the vision model's context")
-        # Diagram labels are quoted from the OCR lines the prompt holds (see ocr_copy_bias),
-        # and, for a checkpoint that asks for it, kept to them (ocr_label_constraint).
+        # Words are quoted from the OCR lines the prompt holds (ocr_copy_bias, in the tasks
+        # of ocr_copy_bias_tasks); diagram labels, for a checkpoint that asks for it, are
+        # kept to them (ocr_label_constraint).
         diagram = task == "describe-diagram"
-        bias = ocr_logit_bias(tok, lines[:held], ocr_copy_bias(loaded)) if diagram else ()
+        bias = (ocr_logit_bias(tok, lines[:held], ocr_copy_bias(loaded), first_word=not diagram)
+                if task in ocr_copy_bias_tasks(loaded) else ())
         constraint = (DiagramLabels(tok, [t for t, _ in lines[:held]])
                       if diagram and held and ocr_label_constraint(loaded) else None)
         params = SamplingParams(max_new_tokens=min(max_tokens, room), temperature=0.0,
