@@ -16,7 +16,8 @@ count        exact match of the number (scenes of 1-9 objects; per-shape questio
 color/shape  exact match of the colour / shape word
 locate       share of predicted boxes with IoU >= 0.5 against the drawn object's box
 diagram      F1 of node labels and F1 of edges (`A -> B`) recovered from the description
-chart        exact match (highest bar, a bar's value, or the whole description)
+chart        exact match (highest bar, a bar's value, or the whole description), also
+             per question (chart_highest, chart_value, chart_describe)
 transcribe   character error rate: Levenshtein distance / reference length (code pictures
              and error dialogs, also apart: a dialog's answer leaves out its "Error" title)
 describe / error  exact match and edit similarity of the description / explanation
@@ -192,6 +193,10 @@ def evaluate(model_dir: Path, per_kind: int, kinds: tuple[str, ...] = KINDS,
                 scores[s.kind].append(float(out == gold))
                 if s.kind in ("describe", "error"):
                     extra[f"{s.kind}_edit_similarity"].append(edit_similarity(out, gold))
+                if s.kind == "chart":  # the three questions apart
+                    q = ("highest" if s.question and "highest" in s.question
+                         else "value" if s.question else "describe")
+                    extra[f"chart_{q}"].append(scores["chart"][-1])
             if len(examples[s.kind]) < 3:
                 examples[s.kind].append({"question": s.question or s.task, "answer": gold,
                                          "model": out})
@@ -213,7 +218,9 @@ def markdown(r: dict[str, Any]) -> str:
             ("grounding accuracy, IoU ≥ 0.5", m.get("locate"), "≥ 80"),
             ("diagram edge F1 (node F1)",
              f"{m.get('diagram_edge_f1')} ({m.get('diagram_nodes')})", "≥ 80"),
-            ("bar chart QA exact match", m.get("chart"), ""),
+            ("bar chart QA exact match (highest bar / a bar's value / description)",
+             f"{m.get('chart')} ({m.get('chart_highest')} / {m.get('chart_value')} / "
+             f"{m.get('chart_describe')})", ""),
             ("transcription character error rate (code / error dialogs)",
              f"{m.get('transcribe_cer')} ({m.get('transcribe_cer_code')} / "
              f"{m.get('transcribe_cer_dialog')})", "≤ 5"),

@@ -998,6 +998,19 @@ def test_chart_share_draws_more_charts_whose_ocr_lines_come_in_reading_order():
     n = 400
     charts = [sum(b.draw("train", sd).kind == "chart" for sd in range(n)) for b in (plain, more)]
     assert charts[1] > 2.5 * charts[0]
+    # most of those charts are labelled with made-up words (--novel-words), never held out
+    novel = Batcher(tok, 4, chart_share=0.5, novel_words=0.8)
+    from codevista.models.train.vlm_data import HELDOUT_WORDS, TRAIN_WORDS
+
+    labels = [[t for t, _ in s.meta["text_boxes"] if not t.isdigit()]
+              for s in (novel.draw("train", sd) for sd in range(n)) if s.kind == "chart"]
+    made = [ls for ls in labels if not set(ls) & set(TRAIN_WORDS)]
+    # (the generators' own charts keep the training words: only the added ones change)
+    assert 0.3 * len(labels) < len(made) < len(labels)
+    assert not any(set(ls) - set(TRAIN_WORDS) for ls in
+                   ([t for t, _ in s.meta["text_boxes"] if not t.isdigit()]
+                    for s in (more.draw("train", sd) for sd in range(n)) if s.kind == "chart"))
+    assert all(len(w) <= 5 and w not in HELDOUT_WORDS for ls in made for w in ls)
     # scenes stay scenes: the share is drawn from the other samples only
     for sd in range(n):
         if plain.draw("train", sd).kind in ("count", "color", "shape", "locate", "describe"):

@@ -415,7 +415,8 @@ class Batcher:
             return shapes(random.Random(f"train-scene:{seed}"), split, self.scene_weights)
         if (self.chart_share > 0 and s.kind not in SCENE_KINDS | {"chart"}
                 and random.Random(seed * 47 + 13).random() < self.chart_share):
-            return bar_chart(random.Random(f"train-chart:{seed}"), split)
+            return bar_chart(random.Random(f"train-chart:{seed}"), split, self.novel_words,
+                             random.Random(f"train-chart-novel:{seed}"))
         if (self.error_share > 0 and s.kind not in SCENE_KINDS | {"error"}
                 and random.Random(seed * 41 + 7).random() < self.error_share):
             return error_dialog(random.Random(f"train-error:{seed}"), split, self.novel_text,

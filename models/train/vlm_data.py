@@ -361,13 +361,24 @@ def reading_order(texts: list[tuple[str, list[int]]]) -> list[tuple[str, list[in
     return [b for row in rows for b in sorted(row, key=lambda b: b[1][0])]
 
 
-def bar_chart(rng: random.Random, split: str) -> Sample:
+def bar_chart(rng: random.Random, split: str, novel: float = 0.0,
+              novel_rng: random.Random | None = None) -> Sample:
+    """`novel`, `novel_rng`: in the train split, with probability `novel` the bars are
+    labelled with made-up words of 3-5 letters (`novel_word`), which a model can only
+    answer from what it reads or is given to read (0 draws exactly as before)."""
     from PIL import ImageDraw
 
     img = _canvas(rng)
     d = ImageDraw.Draw(img)
     k = rng.randint(3, 5)
     labels = rng.sample([w for w in words(split) if len(w) <= 5], k)
+    if novel_rng is not None and split != "test" and novel_rng.random() < novel:
+        made: list[str] = []
+        while len(made) < k:
+            w = novel_word(novel_rng)
+            if len(w) <= 5 and w not in made:
+                made.append(w)
+        labels = made
     values = [rng.randint(1, 9) for _ in range(k)]
     while values.count(max(values)) > 1:
         values[values.index(max(values))] -= 1
