@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import random
 import sys
 import threading
@@ -143,8 +144,12 @@ def test_ocr_prompt_tasks_come_from_the_checkpoint_config(tmp_path):
     assert ocr_prompt_tasks(loaded) == {"describe-diagram"}
     (tmp_path / "config.json").write_text(json.dumps({"ocr_prompt_tasks": "all"}))
     assert ocr_prompt_tasks(loaded) is None  # malformed: as absent
+    # the shipped VLM's: the tasks its last training stage put OCR lines into
     shipped = json.loads((ROOT / "models/default/vlm/config.json").read_text())
-    assert shipped["ocr_prompt_tasks"] == ["describe-diagram"]
+    stage = json.loads((ROOT / "models/default/vlm/training.json").read_text())["stages"][-1]
+    trained = stage["args"].get("ocr_tasks") or "describe-diagram"
+    assert shipped["ocr_prompt_tasks"] == trained.split(",")
+    assert "describe-diagram" in shipped["ocr_prompt_tasks"]
 
 
 def test_ocr_block_in_the_prompt():
@@ -233,13 +238,14 @@ def test_the_server_path_answers_scenes_and_errors_as_the_image_alone_does():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import vision_quality
 
-    # scenes (no text: no OCR line may reach the prompt) and error dialogs (the default VLM
-    # was trained with OCR lines for diagrams only: config.json's ocr_prompt_tasks)
-    kinds = ("count", "locate", "error")
+    # scenes (no text: no OCR line may reach the prompt) and, when the default VLM was
+    # trained with OCR lines for diagrams only (config.json's ocr_prompt_tasks), error dialogs
+    config = json.loads((ROOT / "models/default/vlm/config.json").read_text())
+    kinds = ("count", "locate") + (() if "explain" in config["ocr_prompt_tasks"] else ("error",))
     alone = vision_quality.evaluate(ROOT / "models/default/vlm", 8, kinds)
     served = vision_quality.evaluate(ROOT / "models/default/vlm", 8, kinds, server=True)
     assert served["path"] == "server" and alone["path"] == "image only"
-    assert served["per_kind"] == alone["per_kind"] == {"count": 8, "locate": 8, "error": 8}
+    assert served["per_kind"] == alone["per_kind"] == {k: 8 for k in kinds}
     assert served["examples"] == alone["examples"]
     assert served["metrics"] == alone["metrics"]
 
