@@ -14,7 +14,8 @@
 #   BUDGET=450 INPUT=.gpu OUT=/tmp/out bash models/train/gpu_vlm.sh
 #
 # LR_A, LRS_A, LR_B, LRS_B: learning rate and language-model scale of each run (3e-4 x 1.0,
-# 1e-3 x 0.5); WARMUP (100); EXTRA: more arguments for both (e.g. --novel-text 0.8; for
+# 1e-3 x 0.5); WARMUP (100); EXTRA: more arguments for both (e.g. --novel-text 0.8; OCR
+# lines in explanations too: --ocr-tasks describe-diagram,explain --chart-share 0.35; for
 # reading: --patch 8 --read-weight 1.0 --read-batch 128 --read-transcribe 0.3, the init's
 # tower resized to 8 px patches, as the VLM's model card explains).
 # COPY_BIAS: the exported models' OCR copy bias (the shipped model's 3.0).
