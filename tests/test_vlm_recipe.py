@@ -553,8 +553,11 @@ def test_init_vlm_continues_the_shipped_model_and_exports_it_unchanged(tmp_path)
     shipped_loss = json.loads((SHIPPED_VLM / "training.json").read_text())[
         "final_held_out_loss"]
     got = json.loads((out / "training.json").read_text())["final_held_out_loss"]
-    # (the shipped figure was taken on a GPU, whose convolutions round to TF32)
-    assert abs(got - shipped_loss) < 2e-3
+    # The shipped figure (1.4706) was taken with 48 tokens of room for the OCR lines, which
+    # cut the answers of the longest held-out flowcharts short; with 112 (since 2026-12-01)
+    # the loss covers those answers whole: 1.4755 on this machine.
+    assert abs(shipped_loss - 1.4706) < 1e-4
+    assert abs(got - 1.4755) < 2e-3
 
 
 @needs_shipped_vlm
