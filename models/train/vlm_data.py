@@ -344,21 +344,13 @@ def flowchart(rng: random.Random, split: str, novel: float = 0.0, vocab: float =
 # -- bar charts ----------------------------------------------------------------------------
 
 def reading_order(texts: list[tuple[str, list[int]]]) -> list[tuple[str, list[int]]]:
-    """Text boxes (text, [x1, y1, x2, y2]) grouped into rows, top to bottom, each row left
-    to right: a box joins the row above when its centre lies within 0.45 of the taller
-    height of that row's mean centre (the server's OCR orders its lines the same way)."""
-    rows: list[list[tuple[str, list[int]]]] = []
-    for t in sorted(texts, key=lambda b: ((b[1][1] + b[1][3]) / 2, b[1][0])):
-        yc, h = (t[1][1] + t[1][3]) / 2, t[1][3] - t[1][1]
-        if rows:
-            row = rows[-1]
-            ref_y = sum((b[1][1] + b[1][3]) / 2 for b in row) / len(row)
-            ref_h = sorted(b[1][3] - b[1][1] for b in row)[len(row) // 2]
-            if abs(yc - ref_y) < 0.45 * max(ref_h, h):
-                row.append(t)
-                continue
-        rows.append([t])
-    return [b for row in rows for b in sorted(row, key=lambda b: b[1][0])]
+    """Text boxes (text, [x1, y1, x2, y2]) in the order the server's OCR gives its lines:
+    rows top to bottom, each left to right (`ocr.rows`)."""
+    from codevista.server.ocr import OcrLine, rows
+
+    lines = [OcrLine(t, tuple(float(v) for v in box), 1.0) for t, box in texts]
+    index = {id(ln): i for i, ln in enumerate(lines)}
+    return [texts[index[id(ln)]] for row in rows(lines) for ln in row]
 
 
 def bar_chart(rng: random.Random, split: str, novel: float = 0.0,
